@@ -1,0 +1,67 @@
+# infmoe: build, test, run, bench, data, deps. `make help` lists the targets.
+CC      := gcc
+PKGS    := hdf5-openmpi yaml-0.1 ompi-c
+CFLAGS  ?= -O3 -march=native
+CFLAGS  += -std=c11 -fopenmp -Wall -Wextra -Wno-unused-parameter -Iinclude \
+           $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS  := -ldnnl $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
+MPIRUN  := mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe
+
+LIB_SRC := $(filter-out src/main.c,$(wildcard src/*.c))
+LIB_OBJ := $(LIB_SRC:src/%.c=build/obj/%.o)
+HEADERS := $(wildcard include/infmoe/*.h)
+TESTS   := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
+BENCHES := $(patsubst bench/%.c,build/bench/%,$(wildcard bench/*.c))
+
+.PHONY: all deps data run test bench clean help
+all: build/infmoe $(TESTS) $(BENCHES)
+
+help:
+	@echo "make run    install dependencies, build, prepare the demo corpus, train a demo model on 2 ranks"
+	@echo "make test   build and run every test (prints 'N passed, N failed')"
+	@echo "make bench  build and run the benchmarks (prints figures; not tests)"
+	@echo "make data   build the demo corpus in data/demo from Debian's fortunes text"
+	@echo "make deps   install the Debian packages infmoe needs (scripts/install-deps.sh)"
+	@echo "make all    build build/infmoe, the tests and the benchmarks"
+
+deps:
+	@bash scripts/install-deps.sh
+
+build/obj/%.o: src/%.c $(HEADERS) | build/obj
+	$(CC) $(CFLAGS) -c $< -o $@
+
+build/libinfmoe.a: $(LIB_OBJ)
+	ar rcs $@ $^
+
+build/infmoe: src/main.c build/libinfmoe.a
+	$(CC) $(CFLAGS) $< build/libinfmoe.a $(LDLIBS) -o $@
+
+build/tests/%: tests/%.c tests/check.h build/libinfmoe.a | build/tests
+	$(CC) $(CFLAGS) -Itests $< build/libinfmoe.a $(LDLIBS) -o $@
+
+build/bench/%: bench/%.c build/libinfmoe.a | build/bench
+	$(CC) $(CFLAGS) $< build/libinfmoe.a $(LDLIBS) -o $@
+
+build/obj build/tests build/bench:
+	mkdir -p $@
+
+DEMO_TEXT := $(filter-out %.dat %.u8,$(wildcard /usr/share/games/fortunes/*))
+data: data/demo/train.bin
+
+data/demo/train.bin: build/infmoe
+	@if [ -z "$(DEMO_TEXT)" ]; then echo "make data: no text in /usr/share/games/fortunes (run 'make deps')"; exit 1; fi
+	build/infmoe prep --text $(DEMO_TEXT) --out data/demo
+
+run:
+	@bash scripts/install-deps.sh --if-missing
+	$(MAKE) all data
+	OMP_NUM_THREADS=1 $(MPIRUN) -np 2 build/infmoe train configs/tiny-dense.yaml
+
+test: all data
+	@bash tests/run.sh
+
+bench: all
+	@bash bench/run.sh
+
+clean:
+	rm -rf build

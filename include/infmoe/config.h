@@ -1,0 +1,66 @@
+/*
+ * config: one YAML file per run, read with libyaml into struct run_config.
+ *
+ * Every key has a default (docs/config.md lists them); the file and then any
+ * `--set section.key=value` overrides change them. Anything wrong (unknown key,
+ * wrong type, value out of range, inconsistent values, malformed YAML) ends the
+ * run with one line `file:line:col: message`. Checks that need the rank count
+ * (batch split, ep) run later, in config_check_layout().
+ */
+#ifndef INFMOE_CONFIG_H
+#define INFMOE_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+typedef enum {
+    FFN_DENSE = 0, /* GPT-2 MLP: C -> hidden -> C with GELU */
+} ffn_kind;
+
+typedef struct {
+    /* model */
+    int32_t n_layer, n_embd, n_head, seq_len, vocab_size;
+    /* ffn */
+    ffn_kind ffn_kind;
+    int32_t ffn_hidden; /* units of the dense FFN; 0 in the file means 4 * n_embd */
+    /* train */
+    int32_t steps, batch_size, warmup;
+    float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;
+    int64_t seed;
+    int32_t log_every, eval_every, eval_batches, ckpt_every, stats_every;
+    /* data */
+    char data_train[1024], data_val[1024];
+    /* parallel */
+    int32_t ep;
+    /* output */
+    char output_dir[1024];
+    /* provenance: the file it came from and its full text plus overrides */
+    char path[1024];
+    char *text;
+} run_config;
+
+/* Defaults for every key (data.train left empty: it is required). */
+void config_defaults(run_config *cfg);
+
+/*
+ * Load `path`, apply `n_sets` overrides of the form "section.key=value", fill
+ * derived defaults and validate. On any error prints one line and exits with
+ * status 1 (before MPI is up, every rank prints the same; callers print on rank
+ * 0 only by passing quiet=1 on the others).
+ */
+void config_load(run_config *cfg, const char *path, int n_sets, char **sets, int quiet);
+
+/* Same as config_load but from text already in memory (tests, checkpoints). */
+void config_load_text(run_config *cfg, const char *name, const char *text, int n_sets,
+                      char **sets, int quiet);
+
+/* Checks that need the number of ranks: batch split and expert-parallel groups. */
+void config_check_layout(const run_config *cfg, int nranks, int quiet);
+
+/* Free what config_load allocated. */
+void config_free(run_config *cfg);
+
+/* Print every key and its value as YAML (the effective config). */
+void config_print(const run_config *cfg, FILE *f);
+
+#endif

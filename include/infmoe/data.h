@@ -1,0 +1,68 @@
+/*
+ * data: token shards in the llm.c format and the distributed sampler.
+ *
+ * A shard is a 256 x int32 header (magic 20240520, version 1, token count)
+ * followed by that many uint16 tokens. Shards are memory-mapped and validated
+ * on open. A dataset is one file or a glob of files; it is cut into windows of
+ * seq_len + 1 tokens (inputs and shifted targets) starting every seq_len tokens.
+ *
+ * Sampling: global sequence g (= step * batch_size + i) lives in epoch
+ * g / n_windows at position g % n_windows of that epoch's seeded shuffle, so
+ * the sequences of a step do not depend on the rank count; rank r of P takes
+ * the r-th slice of batch_size / P sequences.
+ */
+#ifndef INFMOE_DATA_H
+#define INFMOE_DATA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SHARD_MAGIC 20240520
+#define SHARD_VERSION 1
+#define SHARD_HEADER_INTS 256
+
+typedef struct {
+    int n_shards;
+    char **paths;
+    const uint16_t **tokens; /* mapped token arrays */
+    size_t *n_tokens;
+    void **maps;
+    size_t *map_len;
+    int seq_len;
+    uint64_t n_windows;
+    uint64_t *window_start; /* first global window of each shard (prefix sums) */
+    /* shuffled order of the current epoch */
+    uint64_t seed;
+    int64_t perm_epoch;
+    uint64_t *perm;
+} token_dataset;
+
+/*
+ * Open `pattern` (a file or a glob), validate every shard (size, magic, version,
+ * tokens below vocab_size) and index windows of seq_len + 1 tokens. Any problem
+ * is fatal with a message naming the file.
+ */
+void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_size,
+               uint64_t seed);
+void data_close(token_dataset *ds);
+
+/*
+ * Fill inputs/targets (n_seq, seq_len) with global sequences first .. first+n_seq-1
+ * of the shuffled stream (training).
+ */
+void data_train_batch(token_dataset *ds, uint64_t first, int n_seq, int32_t *inputs,
+                      int32_t *targets);
+/* Same for the unshuffled stream, wrapping around (evaluation). */
+void data_eval_batch(token_dataset *ds, uint64_t first, int n_seq, int32_t *inputs,
+                     int32_t *targets);
+
+/* Write tokens as one shard; returns 0 or -1 with errno set. */
+int data_write_shard(const char *path, const uint16_t *tokens, size_t n);
+
+/*
+ * infmoe prep: byte-level tokenisation (vocabulary 256) of text files into
+ * DIR/train.bin and DIR/val.bin (the last val_fraction of the bytes).
+ */
+int data_prep_main(int argc, char **argv);
+
+#endif

@@ -1,0 +1,80 @@
+/*
+ * model: a GPT-2 pre-LN decoder assembled from ops and ffn over flat buffers.
+ *
+ *   x = wte[tokens] + wpe[t]
+ *   for each block: x += Attn(LN1(x)); x += FFN(LN2(x))
+ *   logits = LNf(x) . wte^T   (tied embeddings; vocabulary padded to Vp)
+ *   loss = mean cross-entropy over the tokens
+ *
+ * Parameters, gradients and AdamW's m and v are four buffers laid out by one
+ * tensor table (see tensor.h); activations are one more buffer for the local
+ * micro-batch of B sequences of T tokens. Nothing is allocated after build.
+ */
+#ifndef INFMOE_MODEL_H
+#define INFMOE_MODEL_H
+
+#include <stdint.h>
+
+#include "infmoe/config.h"
+#include "infmoe/ffn.h"
+#include "infmoe/tensor.h"
+
+typedef struct {
+    size_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b;
+} block_offsets;
+
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd; /* (N,C), (N), (N) */
+    float *qkv;                       /* (N,3C) */
+    float *att;                       /* (B,NH,T,T) softmax probabilities */
+    float *atty;                      /* (N,C) heads' outputs */
+    float *res2;                      /* (N,C) x after attention */
+    float *ln2, *ln2_mean, *ln2_rstd; /* (N,C), (N), (N) */
+    float *res3;                      /* (N,C) x after the FFN */
+} block_acts;
+
+typedef struct {
+    int L, C, NH, T, V, Vp, B; /* B: local sequences per step */
+    int64_t N;                 /* B * T */
+    tensor_table tensors;
+    size_t wte, wpe, lnf_w, lnf_b;
+    block_offsets *block;
+    ffn_layer *ffn;
+    float *params, *grads, *m, *v; /* tensors.total floats each */
+    /* activations */
+    float *act_mem;
+    block_acts *acts;
+    float *encoded;                   /* (N,C) */
+    float *lnf, *lnf_mean, *lnf_rstd; /* (N,C), (N), (N) */
+    float *logits;                    /* (N,Vp): logits, then probs, then dlogits */
+    float *losses;                    /* (N) */
+    int32_t *inputs, *targets;        /* (N) copies of the batch */
+    /* backward scratch, shared by all blocks */
+    float *grad_mem;
+    float *dres, *dln, *dqkv, *datty, *datt, *dffn;
+    float mean_loss;
+} gpt_model;
+
+/* Size the model from cfg for B local sequences and allocate every buffer. */
+void model_build(gpt_model *m, const run_config *cfg, int B);
+/* GPT-2 init from seed: N(0, 0.02), residual projections / sqrt(2L), LN 1 and 0. */
+void model_init_params(gpt_model *m, uint64_t seed);
+/*
+ * Forward pass over inputs (B,T). With targets, computes the losses and returns
+ * their mean (and leaves probabilities for backward); with targets NULL, leaves
+ * the logits in m->logits and returns 0.
+ */
+float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets);
+void model_zero_grad(gpt_model *m);
+/*
+ * Backward of the mean loss of the last forward (which must have had targets).
+ * Accumulates into grads; averaging over ranks is the caller's.
+ */
+void model_backward(gpt_model *m);
+/* Training FLOPs per token (DESIGN.md 6): 6 x matmul params + 12 L T C. */
+double model_flops_per_token(const gpt_model *m);
+/* Parameters in the model (alignment gaps excluded). */
+size_t model_num_params(const gpt_model *m);
+void model_free(gpt_model *m);
+
+#endif

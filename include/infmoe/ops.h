@@ -1,0 +1,62 @@
+/*
+ * ops: the layers of a GPT-2 decoder, forward and backward, on raw float
+ * buffers. One function per layer and direction; shapes in the comments
+ * ((N,C): N = B*T tokens, C channels). Backward functions accumulate into
+ * their gradient outputs (+=), so callers zero gradients once per step.
+ * Matrix products go through gemm (oneDNN); the loops here are the cheap,
+ * memory-bound parts, parallelised with OpenMP over tokens.
+ */
+#ifndef INFMOE_OPS_H
+#define INFMOE_OPS_H
+
+#include <stdint.h>
+
+/* out (B,T,C) = wte[inp] + wpe[t] */
+void encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe, int B,
+                     int T, int C);
+/* dwte (V,C) += , dwpe (T,C) += from dout (B,T,C) */
+void encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp, int B,
+                      int T, int C);
+
+/* out (N,C), mean (N), rstd (N) = LayerNorm(inp (N,C)) * weight (C) + bias (C), eps 1e-5 */
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *weight, const float *bias, int64_t N, int C);
+void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                        const float *inp, const float *weight, const float *mean,
+                        const float *rstd, int64_t N, int C);
+
+/* out (N,OC) = inp (N,C) . weight (OC,C)^T + bias (OC); accumulate: out += instead */
+void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    int64_t N, int C, int OC, int accumulate);
+/* dinp (N,C) +=, dweight (OC,C) +=, dbias (OC) += (dbias may be NULL) */
+void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, int64_t N, int C, int OC);
+
+/*
+ * Causal multi-head self-attention. qkv (B,T,3C) holds q, k, v side by side,
+ * each split into NH heads of C/NH. att (B,NH,T,T) keeps the softmax
+ * probabilities for backward; out (B,T,C) is the heads' outputs side by side.
+ */
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+/* dqkv (B,T,3C) += ; scratch holds T*T floats */
+void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                        const float *att, int B, int T, int C, int NH);
+
+/* GELU, tanh form: out (N) = GELU(inp (N)); backward dinp += GELU'(inp) * dout */
+void gelu_forward(float *out, const float *inp, int64_t N);
+void gelu_backward(float *dinp, const float *inp, const float *dout, int64_t N);
+
+/* out (N) = a (N) + b (N) */
+void residual_forward(float *out, const float *a, const float *b, int64_t N);
+
+/*
+ * Softmax over the first V of Vp logits per row (the rest are vocabulary
+ * padding) and cross-entropy: probs (N,Vp), losses (N).
+ */
+void crossentropy_forward(float *losses, float *probs, const float *logits,
+                          const int32_t *targets, int64_t N, int V, int Vp);
+/* dlogits (N,Vp) = (probs - onehot(target)) * dloss; padding columns get 0 */
+void crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+                           float dloss, int64_t N, int V, int Vp);
+
+#endif

@@ -1,0 +1,42 @@
+/*
+ * tensor: the table of named parameter tensors inside one flat buffer.
+ *
+ * The model registers every tensor once (name, shape, weight decay, init); the
+ * table gives each an offset, so params, gradients and AdamW's m and v are four
+ * buffers of table.total floats with identical layouts. Offsets are aligned to
+ * 16 floats (64 bytes); the gaps are zero and stay zero.
+ */
+#ifndef INFMOE_TENSOR_H
+#define INFMOE_TENSOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { INIT_ZERO, INIT_ONE, INIT_NORMAL } tensor_init;
+
+typedef struct {
+    char name[64];
+    int ndim;
+    int64_t shape[4];
+    size_t offset, numel;
+    int decay;         /* AdamW weight decay applies (matrices, not biases or norms) */
+    tensor_init init;
+    float std;         /* INIT_NORMAL */
+} tensor_spec;
+
+typedef struct {
+    tensor_spec *t;
+    int n, cap;
+    size_t total; /* floats in the buffer, alignment gaps included */
+} tensor_table;
+
+/* Register a tensor; returns its offset. Names must be unique. */
+size_t tensor_add(tensor_table *tab, const char *name, int ndim, const int64_t *shape, int decay,
+                  tensor_init init, float std);
+/* The tensor called `name`, or NULL. */
+const tensor_spec *tensor_find(const tensor_table *tab, const char *name);
+/* Fill `buf` with every tensor's initial values, drawn in table order from `seed`. */
+void tensor_init_values(const tensor_table *tab, float *buf, uint64_t seed);
+void tensor_table_free(tensor_table *tab);
+
+#endif

@@ -1,0 +1,65 @@
+/*
+ * util: the few helpers every module needs: fatal errors that name where they
+ * happened, checked allocation, a wall clock, and the project's random numbers.
+ *
+ * Errors: infmoe_die() prints "infmoe: <message>" (prefixed with the MPI rank once
+ * dist has set it) and ends the whole job. User-facing messages say what was
+ * wrong and what is expected; internal failures add the source file and line.
+ */
+#ifndef INFMOE_UTIL_H
+#define INFMOE_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+/* Set by dist once MPI is up: the rank printed before messages (-1: none yet). */
+extern int infmoe_rank_for_messages;
+/* Set by dist: called by infmoe_die to end every rank (MPI_Abort); NULL before MPI. */
+extern void (*infmoe_abort_hook)(int status);
+
+/* Print "infmoe: <fmt>" (with "[rank N]" when known) to stderr and end the job. */
+void infmoe_die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+/* Internal failure: as infmoe_die, plus the source location. */
+void infmoe_fail_at(const char *file, int line, const char *fmt, ...)
+    __attribute__((noreturn, format(printf, 3, 4)));
+
+#define INFMOE_FAIL(...) infmoe_fail_at(__FILE__, __LINE__, __VA_ARGS__)
+/* A condition the code relies on; failing it is a bug, never user error. */
+#define ALWAYS(cond)                                                          \
+    do {                                                                      \
+        if (!(cond)) INFMOE_FAIL("internal error: expected %s", #cond);       \
+    } while (0)
+
+/* 64-byte aligned, zeroed allocation; dies with the size on failure. */
+void *xcalloc(size_t count, size_t size);
+void *xmalloc(size_t size);
+void *xrealloc(void *p, size_t size);
+char *xstrdup(const char *s);
+
+/* Seconds on a monotonic clock. */
+double wall_time(void);
+
+/* Read a whole file into a NUL-terminated buffer; NULL and errno on failure. */
+char *read_text_file(const char *path, size_t *len);
+
+/* mkdir -p: 0, or -1 with errno set. */
+int mkdir_p(const char *path);
+
+/*
+ * Random numbers: a SplitMix64-seeded xoshiro256** stream. Every rank that
+ * seeds the same stream draws the same numbers, which is how parameters are
+ * initialised identically everywhere without a broadcast.
+ */
+typedef struct {
+    uint64_t s[4];
+} rng_state;
+
+void rng_seed(rng_state *r, uint64_t seed);
+uint64_t rng_u64(rng_state *r);
+/* Uniform in [0, 1) with 24 random bits. */
+float rng_uniform(rng_state *r);
+/* Standard normal (Box-Muller, one value per call). */
+float rng_normal(rng_state *r);
+
+#endif

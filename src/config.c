@@ -1,0 +1,466 @@
+/* config: YAML run configs with a schema, overrides and validation (see config.h). */
+#define _POSIX_C_SOURCE 200809L
+#include "infmoe/config.h"
+
+#include <errno.h>
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+#include "infmoe/util.h"
+
+typedef enum { KEY_INT, KEY_INT64, KEY_FLOAT, KEY_STRING, KEY_ENUM } key_type;
+
+typedef struct {
+    const char *section, *key;
+    key_type type;
+    size_t offset;
+    double min, max;          /* inclusive range for numbers */
+    const char *const *names; /* KEY_ENUM: accepted values, index = enum value */
+} key_spec;
+
+static const char *const ffn_kind_names[] = {"dense", NULL};
+
+#define OFF(field) offsetof(run_config, field)
+static const key_spec schema[] = {
+    {"model", "n_layer", KEY_INT, OFF(n_layer), 1, 1024, NULL},
+    {"model", "n_embd", KEY_INT, OFF(n_embd), 1, 65536, NULL},
+    {"model", "n_head", KEY_INT, OFF(n_head), 1, 4096, NULL},
+    {"model", "seq_len", KEY_INT, OFF(seq_len), 1, 1 << 20, NULL},
+    {"model", "vocab_size", KEY_INT, OFF(vocab_size), 2, 65536, NULL},
+    {"ffn", "kind", KEY_ENUM, OFF(ffn_kind), 0, 0, ffn_kind_names},
+    {"ffn", "hidden", KEY_INT, OFF(ffn_hidden), 0, 1 << 24, NULL},
+    {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL},
+    {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL},
+    {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL},
+    {"train", "warmup", KEY_INT, OFF(warmup), 0, INT_MAX, NULL},
+    {"train", "min_lr", KEY_FLOAT, OFF(min_lr), 0, 10, NULL},
+    {"train", "weight_decay", KEY_FLOAT, OFF(weight_decay), 0, 10, NULL},
+    {"train", "grad_clip", KEY_FLOAT, OFF(grad_clip), 0, 1e30, NULL},
+    {"train", "beta1", KEY_FLOAT, OFF(beta1), 0, 0.999999, NULL},
+    {"train", "beta2", KEY_FLOAT, OFF(beta2), 0, 0.999999999, NULL},
+    {"train", "eps", KEY_FLOAT, OFF(adam_eps), 1e-30, 1, NULL},
+    {"train", "seed", KEY_INT64, OFF(seed), 0, 9.2e18, NULL},
+    {"train", "log_every", KEY_INT, OFF(log_every), 1, INT_MAX, NULL},
+    {"train", "eval_every", KEY_INT, OFF(eval_every), 0, INT_MAX, NULL},
+    {"train", "eval_batches", KEY_INT, OFF(eval_batches), 1, INT_MAX, NULL},
+    {"train", "ckpt_every", KEY_INT, OFF(ckpt_every), 0, INT_MAX, NULL},
+    {"train", "stats_every", KEY_INT, OFF(stats_every), 0, INT_MAX, NULL},
+    {"data", "train", KEY_STRING, OFF(data_train), 0, 0, NULL},
+    {"data", "val", KEY_STRING, OFF(data_val), 0, 0, NULL},
+    {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL},
+    {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL},
+};
+#undef OFF
+enum { N_KEYS = sizeof schema / sizeof schema[0] };
+
+/* Where each key was set (line 0: not set in the file), for messages. */
+typedef struct {
+    const char *name; /* file name, or "--set" */
+    int line[N_KEYS], col[N_KEYS];
+    int quiet;
+} load_ctx;
+
+static void config_error(const load_ctx *ctx, int line, int col, const char *fmt, ...)
+    __attribute__((noreturn, format(printf, 4, 5)));
+
+static void config_error(const load_ctx *ctx, int line, int col, const char *fmt, ...) {
+    if (!ctx->quiet) {
+        char msg[1536];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+        if (line > 0)
+            fprintf(stderr, "%s:%d:%d: %s\n", ctx->name, line, col, msg);
+        else
+            fprintf(stderr, "%s: %s\n", ctx->name, msg);
+        fflush(stderr);
+    }
+    if (infmoe_abort_hook) infmoe_abort_hook(1);
+    exit(1);
+}
+
+void config_defaults(run_config *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->n_layer = 2;
+    cfg->n_embd = 64;
+    cfg->n_head = 4;
+    cfg->seq_len = 64;
+    cfg->vocab_size = 256;
+    cfg->ffn_kind = FFN_DENSE;
+    cfg->ffn_hidden = 0;
+    cfg->steps = 100;
+    cfg->batch_size = 8;
+    cfg->lr = 3e-4f;
+    cfg->warmup = 0;
+    cfg->min_lr = 0.0f;
+    cfg->weight_decay = 0.1f;
+    cfg->grad_clip = 1.0f;
+    cfg->beta1 = 0.9f;
+    cfg->beta2 = 0.95f;
+    cfg->adam_eps = 1e-8f;
+    cfg->seed = 1337;
+    cfg->log_every = 10;
+    cfg->eval_every = 0;
+    cfg->eval_batches = 4;
+    cfg->ckpt_every = 0;
+    cfg->stats_every = 0;
+    cfg->ep = 1;
+}
+
+static const key_spec *find_key(const char *section, const char *key, int *index) {
+    for (int i = 0; i < N_KEYS; i++)
+        if (strcmp(schema[i].section, section) == 0 && strcmp(schema[i].key, key) == 0) {
+            *index = i;
+            return &schema[i];
+        }
+    return NULL;
+}
+
+static int is_section(const char *section) {
+    for (int i = 0; i < N_KEYS; i++)
+        if (strcmp(schema[i].section, section) == 0) return 1;
+    return 0;
+}
+
+/* Keys of one section, comma separated, for "expected one of" messages. */
+static void section_keys(const char *section, char *out, size_t cap) {
+    out[0] = '\0';
+    for (int i = 0; i < N_KEYS; i++) {
+        if (strcmp(schema[i].section, section) != 0) continue;
+        if (out[0]) strncat(out, ", ", cap - strlen(out) - 1);
+        strncat(out, schema[i].key, cap - strlen(out) - 1);
+    }
+}
+
+static const char *type_name(key_type t) {
+    switch (t) {
+    case KEY_INT:
+    case KEY_INT64: return "an integer";
+    case KEY_FLOAT: return "a number";
+    case KEY_STRING: return "a string";
+    case KEY_ENUM: return "one of the names listed";
+    }
+    return "?";
+}
+
+/* Parse `value` into the field of `spec`; returns NULL or an error message. */
+static const char *set_value(run_config *cfg, const key_spec *spec, const char *value,
+                             char *err, size_t errcap) {
+    char *field = (char *)cfg + spec->offset;
+    char *end = NULL;
+    if (value[0] == '\0') {
+        snprintf(err, errcap, "%s.%s: expected %s, got an empty value", spec->section, spec->key,
+                 type_name(spec->type));
+        return err;
+    }
+    switch (spec->type) {
+    case KEY_INT:
+    case KEY_INT64: {
+        errno = 0;
+        long long v = strtoll(value, &end, 10);
+        if (errno || *end != '\0') {
+            snprintf(err, errcap, "%s.%s: expected an integer, got '%s'", spec->section,
+                     spec->key, value);
+            return err;
+        }
+        if ((double)v < spec->min || (double)v > spec->max) {
+            snprintf(err, errcap, "%s.%s: %lld is out of range [%.0f, %.0f]", spec->section,
+                     spec->key, v, spec->min, spec->max);
+            return err;
+        }
+        if (spec->type == KEY_INT)
+            *(int32_t *)field = (int32_t)v;
+        else
+            *(int64_t *)field = (int64_t)v;
+        return NULL;
+    }
+    case KEY_FLOAT: {
+        errno = 0;
+        double v = strtod(value, &end);
+        if (errno || *end != '\0' || !isfinite(v)) {
+            snprintf(err, errcap, "%s.%s: expected a number, got '%s'", spec->section, spec->key,
+                     value);
+            return err;
+        }
+        if (v < spec->min || v > spec->max) {
+            snprintf(err, errcap, "%s.%s: %g is out of range [%g, %g]", spec->section, spec->key,
+                     v, spec->min, spec->max);
+            return err;
+        }
+        *(float *)field = (float)v;
+        return NULL;
+    }
+    case KEY_STRING:
+        if (strlen(value) >= 1024) {
+            snprintf(err, errcap, "%s.%s: value longer than 1023 characters", spec->section,
+                     spec->key);
+            return err;
+        }
+        strcpy(field, value);
+        return NULL;
+    case KEY_ENUM:
+        for (int i = 0; spec->names[i]; i++)
+            if (strcmp(spec->names[i], value) == 0) {
+                *(int *)field = i;
+                return NULL;
+            }
+        {
+            char list[256] = "";
+            for (int i = 0; spec->names[i]; i++) {
+                if (i) strncat(list, ", ", sizeof list - strlen(list) - 1);
+                strncat(list, spec->names[i], sizeof list - strlen(list) - 1);
+            }
+            snprintf(err, errcap, "%s.%s: expected one of %s, got '%s'", spec->section, spec->key,
+                     list, value);
+        }
+        return err;
+    }
+    return NULL;
+}
+
+static const char *node_kind(const yaml_node_t *n) {
+    switch (n->type) {
+    case YAML_MAPPING_NODE: return "a mapping";
+    case YAML_SEQUENCE_NODE: return "a list";
+    default: return "a scalar";
+    }
+}
+
+static void apply_document(run_config *cfg, load_ctx *ctx, yaml_document_t *doc) {
+    yaml_node_t *root = yaml_document_get_root_node(doc);
+    if (!root) return; /* an empty file: all defaults */
+    if (root->type != YAML_MAPPING_NODE)
+        config_error(ctx, (int)root->start_mark.line + 1, (int)root->start_mark.column + 1,
+                     "expected a mapping of sections (model, ffn, train, data, parallel, "
+                     "output), got %s",
+                     node_kind(root));
+    for (yaml_node_pair_t *p = root->data.mapping.pairs.start; p < root->data.mapping.pairs.top;
+         p++) {
+        yaml_node_t *k = yaml_document_get_node(doc, p->key);
+        yaml_node_t *v = yaml_document_get_node(doc, p->value);
+        int kl = (int)k->start_mark.line + 1, kc = (int)k->start_mark.column + 1;
+        if (k->type != YAML_SCALAR_NODE)
+            config_error(ctx, kl, kc, "expected a section name, got %s", node_kind(k));
+        const char *section = (const char *)k->data.scalar.value;
+        if (!is_section(section))
+            config_error(ctx, kl, kc,
+                         "unknown section '%s' (expected model, ffn, train, data, parallel or "
+                         "output)",
+                         section);
+        for (yaml_node_pair_t *q = root->data.mapping.pairs.start; q < p; q++) {
+            yaml_node_t *k2 = yaml_document_get_node(doc, q->key);
+            if (k2->type == YAML_SCALAR_NODE &&
+                strcmp((const char *)k2->data.scalar.value, section) == 0)
+                config_error(ctx, kl, kc, "section '%s' appears twice", section);
+        }
+        if (v->type == YAML_SCALAR_NODE && v->data.scalar.length == 0) continue; /* "model:" */
+        if (v->type != YAML_MAPPING_NODE)
+            config_error(ctx, (int)v->start_mark.line + 1, (int)v->start_mark.column + 1,
+                         "section '%s': expected a mapping of keys, got %s", section,
+                         node_kind(v));
+        for (yaml_node_pair_t *e = v->data.mapping.pairs.start; e < v->data.mapping.pairs.top;
+             e++) {
+            yaml_node_t *ek = yaml_document_get_node(doc, e->key);
+            yaml_node_t *ev = yaml_document_get_node(doc, e->value);
+            int el = (int)ek->start_mark.line + 1, ec = (int)ek->start_mark.column + 1;
+            if (ek->type != YAML_SCALAR_NODE)
+                config_error(ctx, el, ec, "%s: expected a key name, got %s", section,
+                             node_kind(ek));
+            const char *key = (const char *)ek->data.scalar.value;
+            int index;
+            const key_spec *spec = find_key(section, key, &index);
+            if (!spec) {
+                char keys[512];
+                section_keys(section, keys, sizeof keys);
+                config_error(ctx, el, ec, "unknown key '%s.%s' (keys of %s: %s)", section, key,
+                             section, keys);
+            }
+            if (ctx->line[index] > 0)
+                config_error(ctx, el, ec, "key '%s.%s' appears twice (first at line %d)", section,
+                             key, ctx->line[index]);
+            int vl = (int)ev->start_mark.line + 1, vc = (int)ev->start_mark.column + 1;
+            if (ev->type != YAML_SCALAR_NODE)
+                config_error(ctx, vl, vc, "%s.%s: expected %s, got %s", section, key,
+                             type_name(spec->type), node_kind(ev));
+            char err[1024];
+            if (set_value(cfg, spec, (const char *)ev->data.scalar.value, err, sizeof err))
+                config_error(ctx, vl, vc, "%s", err);
+            ctx->line[index] = vl;
+            ctx->col[index] = vc;
+        }
+    }
+}
+
+static void parse_yaml(run_config *cfg, load_ctx *ctx, const char *text) {
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    if (!yaml_parser_initialize(&parser)) INFMOE_FAIL("libyaml: cannot initialise the parser");
+    yaml_parser_set_input_string(&parser, (const unsigned char *)text, strlen(text));
+    if (!yaml_parser_load(&parser, &doc)) {
+        const char *problem = parser.problem ? parser.problem : "malformed YAML";
+        int line = (int)parser.problem_mark.line + 1, col = (int)parser.problem_mark.column + 1;
+        char msg[512];
+        if (parser.context)
+            snprintf(msg, sizeof msg, "malformed YAML: %s %s", problem, parser.context);
+        else
+            snprintf(msg, sizeof msg, "malformed YAML: %s", problem);
+        yaml_parser_delete(&parser);
+        config_error(ctx, line, col, "%s", msg);
+    }
+    apply_document(cfg, ctx, &doc);
+    yaml_document_delete(&doc);
+    yaml_parser_delete(&parser);
+}
+
+static void apply_sets(run_config *cfg, load_ctx *ctx, int n_sets, char **sets) {
+    for (int i = 0; i < n_sets; i++) {
+        char buf[2048];
+        if (strlen(sets[i]) >= sizeof buf)
+            config_error(ctx, 0, 0, "--set %.40s...: too long", sets[i]);
+        strcpy(buf, sets[i]);
+        char *eq = strchr(buf, '=');
+        char *dot = strchr(buf, '.');
+        if (!eq || !dot || dot > eq)
+            config_error(ctx, 0, 0, "--set %s: expected section.key=value", sets[i]);
+        *eq = '\0';
+        *dot = '\0';
+        int index;
+        const key_spec *spec = find_key(buf, dot + 1, &index);
+        if (!spec) {
+            if (!is_section(buf))
+                config_error(ctx, 0, 0, "--set %s: unknown section '%s'", sets[i], buf);
+            char keys[512];
+            section_keys(buf, keys, sizeof keys);
+            config_error(ctx, 0, 0, "--set %s: unknown key '%s.%s' (keys of %s: %s)", sets[i],
+                         buf, dot + 1, buf, keys);
+        }
+        char err[1024];
+        if (set_value(cfg, spec, eq + 1, err, sizeof err))
+            config_error(ctx, 0, 0, "--set: %s", err);
+        ctx->line[index] = 0; /* an override has no file position */
+    }
+}
+
+/* Error at the position of `section.key` if the file set it, else without one. */
+#define KEY_ERROR(ctx, section, key, ...)                                                     \
+    do {                                                                                     \
+        int i_;                                                                              \
+        find_key(section, key, &i_);                                                         \
+        config_error(ctx, (ctx)->line[i_], (ctx)->col[i_], __VA_ARGS__);                      \
+    } while (0)
+
+static void validate(run_config *cfg, load_ctx *ctx) {
+    if (cfg->n_embd % cfg->n_head != 0)
+        KEY_ERROR(ctx, "model", "n_head",
+                  "model.n_embd (%d) must be divisible by model.n_head (%d)", cfg->n_embd,
+                  cfg->n_head);
+    if (cfg->ffn_hidden == 0) cfg->ffn_hidden = 4 * cfg->n_embd;
+    if (cfg->data_train[0] == '\0')
+        config_error(ctx, 0, 0, "data.train is required: the token shard(s) to train on, "
+                                "e.g. data/demo/train.bin (make data builds them)");
+    if (cfg->min_lr > cfg->lr)
+        KEY_ERROR(ctx, "train", "min_lr", "train.min_lr (%g) must not exceed train.lr (%g)",
+                  cfg->min_lr, cfg->lr);
+    if (cfg->warmup > cfg->steps)
+        KEY_ERROR(ctx, "train", "warmup", "train.warmup (%d) must not exceed train.steps (%d)",
+                  cfg->warmup, cfg->steps);
+    if (cfg->eval_every > 0 && cfg->data_val[0] == '\0')
+        KEY_ERROR(ctx, "train", "eval_every",
+                  "train.eval_every is %d but data.val is not set: give a validation shard",
+                  cfg->eval_every);
+    if (cfg->output_dir[0] == '\0') {
+        /* checkpoints/<config file name without directories and extension> */
+        const char *base = strrchr(cfg->path, '/');
+        base = base ? base + 1 : cfg->path;
+        char stem[1024];
+        snprintf(stem, sizeof stem, "%s", base);
+        char *dot = strrchr(stem, '.');
+        if (dot && dot != stem) *dot = '\0';
+        snprintf(cfg->output_dir, sizeof cfg->output_dir, "checkpoints/%.1000s", stem);
+    }
+}
+
+static void load(run_config *cfg, const char *name, const char *text, int n_sets, char **sets,
+                 int quiet) {
+    load_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.name = name;
+    ctx.quiet = quiet;
+    config_defaults(cfg);
+    snprintf(cfg->path, sizeof cfg->path, "%s", name);
+    parse_yaml(cfg, &ctx, text);
+    apply_sets(cfg, &ctx, n_sets, sets);
+    validate(cfg, &ctx);
+    /* Keep the text that produced this config: the file plus its overrides. */
+    size_t len = strlen(text) + 64;
+    for (int i = 0; i < n_sets; i++) len += strlen(sets[i]) + 16;
+    cfg->text = xrealloc(NULL, len);
+    strcpy(cfg->text, text);
+    for (int i = 0; i < n_sets; i++) {
+        strcat(cfg->text, "\n# --set ");
+        strcat(cfg->text, sets[i]);
+    }
+}
+
+void config_load_text(run_config *cfg, const char *name, const char *text, int n_sets,
+                      char **sets, int quiet) {
+    load(cfg, name, text, n_sets, sets, quiet);
+}
+
+void config_load(run_config *cfg, const char *path, int n_sets, char **sets, int quiet) {
+    char *text = read_text_file(path, NULL);
+    if (!text) {
+        if (!quiet) fprintf(stderr, "%s: cannot read config file: %s\n", path, strerror(errno));
+        if (infmoe_abort_hook) infmoe_abort_hook(1);
+        exit(1);
+    }
+    load(cfg, path, text, n_sets, sets, quiet);
+    free(text);
+}
+
+void config_check_layout(const run_config *cfg, int nranks, int quiet) {
+    load_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.name = cfg->path;
+    ctx.quiet = quiet;
+    if (cfg->batch_size % nranks != 0)
+        config_error(&ctx, 0, 0,
+                     "train.batch_size (%d) must be divisible by the number of ranks (%d)",
+                     cfg->batch_size, nranks);
+    if (nranks % cfg->ep != 0)
+        config_error(&ctx, 0, 0, "parallel.ep (%d) must divide the number of ranks (%d)",
+                     cfg->ep, nranks);
+}
+
+void config_free(run_config *cfg) {
+    free(cfg->text);
+    cfg->text = NULL;
+}
+
+void config_print(const run_config *cfg, FILE *f) {
+    const char *section = "";
+    for (int i = 0; i < N_KEYS; i++) {
+        const key_spec *s = &schema[i];
+        const char *field = (const char *)cfg + s->offset;
+        if (strcmp(section, s->section) != 0) {
+            fprintf(f, "%s:\n", s->section);
+            section = s->section;
+        }
+        switch (s->type) {
+        case KEY_INT: fprintf(f, "  %s: %d\n", s->key, *(const int32_t *)field); break;
+        case KEY_INT64:
+            fprintf(f, "  %s: %lld\n", s->key, (long long)*(const int64_t *)field);
+            break;
+        case KEY_FLOAT: fprintf(f, "  %s: %g\n", s->key, (double)*(const float *)field); break;
+        case KEY_STRING: fprintf(f, "  %s: \"%s\"\n", s->key, field); break;
+        case KEY_ENUM: fprintf(f, "  %s: %s\n", s->key, s->names[*(const int *)field]); break;
+        }
+    }
+}

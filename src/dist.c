@@ -1,0 +1,105 @@
+/* dist: MPI initialisation, communicators, checked collectives, rank-0 log (see dist.h). */
+#include "infmoe/dist.h"
+
+#include <limits.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infmoe/util.h"
+
+static int g_rank = 0;
+static FILE *g_log = NULL;
+
+static void abort_all(int status) { MPI_Abort(MPI_COMM_WORLD, status); }
+
+void mpi_check_at(int rc, const char *call, const char *file, int line) {
+    if (rc == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    infmoe_fail_at(file, line, "MPI call failed: %s: %s", call, msg);
+}
+
+void dist_init(dist_ctx *d, int *argc, char ***argv) {
+    memset(d, 0, sizeof *d);
+    int provided;
+    MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+    /* Errors come back as codes so MPI_CHECK can say where they happened. */
+    MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &d->rank));
+    MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &d->size));
+    d->world = MPI_COMM_WORLD;
+    g_rank = d->rank;
+    if (d->size > 1) infmoe_rank_for_messages = d->rank;
+    infmoe_abort_hook = abort_all;
+    dist_set_layout(d, 1);
+}
+
+void dist_set_layout(dist_ctx *d, int ep) {
+    ALWAYS(ep >= 1 && d->size % ep == 0);
+    if (d->ep_comm && d->ep_comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(&d->ep_comm));
+    if (d->edp_comm && d->edp_comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(&d->edp_comm));
+    d->ep = ep;
+    /* Groups of `ep` consecutive ranks; the same position across groups forms edp. */
+    MPI_CHECK(MPI_Comm_split(d->world, d->rank / ep, d->rank % ep, &d->ep_comm));
+    MPI_CHECK(MPI_Comm_split(d->world, d->rank % ep, d->rank / ep, &d->edp_comm));
+    MPI_CHECK(MPI_Comm_rank(d->ep_comm, &d->ep_rank));
+    MPI_CHECK(MPI_Comm_rank(d->edp_comm, &d->edp_rank));
+    MPI_CHECK(MPI_Comm_size(d->edp_comm, &d->edp_size));
+}
+
+void dist_finalize(dist_ctx *d) {
+    if (d->ep_comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(&d->ep_comm));
+    if (d->edp_comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(&d->edp_comm));
+    dist_log_close();
+    infmoe_abort_hook = NULL;
+    MPI_CHECK(MPI_Finalize());
+}
+
+void dist_allreduce_mean(float *buf, size_t n, MPI_Comm comm) {
+    int size;
+    MPI_CHECK(MPI_Comm_size(comm, &size));
+    if (size == 1) return;
+    /* MPI counts are int: reduce in pieces of at most 1 GiB of floats. */
+    for (size_t off = 0; off < n; off += (size_t)1 << 28) {
+        size_t len = n - off < ((size_t)1 << 28) ? n - off : ((size_t)1 << 28);
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + off, (int)len, MPI_FLOAT, MPI_SUM, comm));
+    }
+    float inv = 1.0f / (float)size;
+    for (size_t i = 0; i < n; i++) buf[i] *= inv;
+}
+
+void dist_allreduce_sum_d(double *buf, int n, MPI_Comm comm) {
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, comm));
+}
+
+void dist_allreduce_max_d(double *buf, int n, MPI_Comm comm) {
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_MAX, comm));
+}
+
+void dist_log_open(const char *path) {
+    if (g_rank != 0) return;
+    g_log = fopen(path, "a");
+    if (!g_log) infmoe_die("cannot open the log file %s for appending", path);
+}
+
+void dist_log(const char *fmt, ...) {
+    if (g_rank != 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stdout, fmt, ap);
+    va_end(ap);
+    fflush(stdout);
+    if (g_log) {
+        va_start(ap, fmt);
+        vfprintf(g_log, fmt, ap);
+        va_end(ap);
+        fflush(g_log);
+    }
+}
+
+void dist_log_close(void) {
+    if (g_log) fclose(g_log);
+    g_log = NULL;
+}

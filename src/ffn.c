@@ -1,0 +1,66 @@
+/* ffn: the dense GPT-2 MLP behind the FFN interface (see ffn.h). */
+#include "infmoe/ffn.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infmoe/ops.h"
+#include "infmoe/util.h"
+
+void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
+              int64_t max_tokens) {
+    memset(f, 0, sizeof *f);
+    f->kind = cfg->ffn_kind;
+    f->C = cfg->n_embd;
+    f->H = cfg->ffn_hidden;
+    f->max_tokens = max_tokens;
+    char name[64];
+    const float std = 0.02f;
+    /* GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L). */
+    const float proj_std = 0.02f / sqrtf(2.0f * (float)cfg->n_layer);
+    int64_t s_fc_w[2] = {f->H, f->C}, s_fc_b[1] = {f->H};
+    int64_t s_pr_w[2] = {f->C, f->H}, s_pr_b[1] = {f->C};
+    snprintf(name, sizeof name, "h.%d.ffn.fc.w", layer);
+    f->fc_w = tensor_add(tab, name, 2, s_fc_w, 1, INIT_NORMAL, std);
+    snprintf(name, sizeof name, "h.%d.ffn.fc.b", layer);
+    f->fc_b = tensor_add(tab, name, 1, s_fc_b, 0, INIT_ZERO, 0);
+    snprintf(name, sizeof name, "h.%d.ffn.proj.w", layer);
+    f->proj_w = tensor_add(tab, name, 2, s_pr_w, 1, INIT_NORMAL, proj_std);
+    snprintf(name, sizeof name, "h.%d.ffn.proj.b", layer);
+    f->proj_b = tensor_add(tab, name, 1, s_pr_b, 0, INIT_ZERO, 0);
+    f->pre = xcalloc((size_t)(max_tokens * f->H), sizeof(float));
+    f->act = xcalloc((size_t)(max_tokens * f->H), sizeof(float));
+}
+
+size_t ffn_scratch_floats(const ffn_layer *f, int64_t n) { return (size_t)(n * f->H); }
+
+void ffn_forward(ffn_layer *f, const float *params, float *out, const float *in, int64_t n) {
+    ALWAYS(n <= f->max_tokens);
+    matmul_forward(f->pre, in, params + f->fc_w, params + f->fc_b, n, f->C, f->H, 0);
+    gelu_forward(f->act, f->pre, n * f->H);
+    matmul_forward(out, f->act, params + f->proj_w, params + f->proj_b, n, f->H, f->C, 1);
+}
+
+void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, const float *dout,
+                  const float *in, int64_t n, float *scratch) {
+    float *dact = scratch; /* (n,H), reused for the pre-activation gradient */
+    memset(dact, 0, (size_t)(n * f->H) * sizeof(float));
+    matmul_backward(dact, grads + f->proj_w, grads + f->proj_b, dout, f->act,
+                    params + f->proj_w, n, f->H, f->C);
+    /* GELU backward in place: dpre = GELU'(pre) * dact */
+    float *dpre = f->act; /* the GELU output is not needed any more */
+    memset(dpre, 0, (size_t)(n * f->H) * sizeof(float));
+    gelu_backward(dpre, f->pre, dact, n * f->H);
+    matmul_backward(din, grads + f->fc_w, grads + f->fc_b, dpre, in, params + f->fc_w, n, f->C,
+                    f->H);
+}
+
+double ffn_matmul_params_per_token(const ffn_layer *f) { return 2.0 * f->C * f->H; }
+
+void ffn_free(ffn_layer *f) {
+    free(f->pre);
+    free(f->act);
+    memset(f, 0, sizeof *f);
+}

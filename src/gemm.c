@@ -1,0 +1,182 @@
+/* gemm: cached oneDNN matmul primitives and the naive reference (see gemm.h). */
+#include "infmoe/gemm.h"
+
+#include <dnnl.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infmoe/util.h"
+
+static void dnnl_check_at(dnnl_status_t st, const char *call, const char *file, int line) {
+    if (st == dnnl_success) return;
+    infmoe_fail_at(file, line, "oneDNN call failed: %s: status %d", call, (int)st);
+}
+#define DNNL_CHECK(call) dnnl_check_at((call), #call, __FILE__, __LINE__)
+
+typedef struct {
+    int64_t M, N, K, lda, ldb, ldc;
+    int trans_a, trans_b, accumulate, bias;
+} gemm_key;
+
+typedef struct {
+    gemm_key key;
+    int used;
+    dnnl_primitive_t prim;
+    dnnl_memory_t src, wei, dst, bia;
+} gemm_entry;
+
+static dnnl_engine_t g_engine;
+static dnnl_stream_t g_stream;
+static gemm_entry *g_table;
+static int64_t g_cap, g_count, g_created;
+
+static uint64_t key_hash(const gemm_key *k) {
+    const int64_t v[10] = {k->M, k->N, k->K, k->lda, k->ldb, k->ldc,
+                           k->trans_a, k->trans_b, k->accumulate, k->bias};
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < 10; i++) h = (h ^ (uint64_t)v[i]) * 1099511628211ULL;
+    return h;
+}
+
+static int key_eq(const gemm_key *a, const gemm_key *b) {
+    return a->M == b->M && a->N == b->N && a->K == b->K && a->lda == b->lda &&
+           a->ldb == b->ldb && a->ldc == b->ldc && a->trans_a == b->trans_a &&
+           a->trans_b == b->trans_b && a->accumulate == b->accumulate && a->bias == b->bias;
+}
+
+static void init_engine(void) {
+    if (g_engine) return;
+    DNNL_CHECK(dnnl_engine_create(&g_engine, dnnl_cpu, 0));
+    DNNL_CHECK(dnnl_stream_create(&g_stream, g_engine, dnnl_stream_default_flags));
+    g_cap = 64;
+    g_table = xcalloc((size_t)g_cap, sizeof(gemm_entry));
+}
+
+static gemm_entry *slot_for(gemm_entry *table, int64_t cap, const gemm_key *k) {
+    int64_t i = (int64_t)(key_hash(k) & (uint64_t)(cap - 1));
+    while (table[i].used && !key_eq(&table[i].key, k)) i = (i + 1) & (cap - 1);
+    return &table[i];
+}
+
+static void grow(void) {
+    int64_t cap = g_cap * 2;
+    gemm_entry *t = xcalloc((size_t)cap, sizeof(gemm_entry));
+    for (int64_t i = 0; i < g_cap; i++)
+        if (g_table[i].used) *slot_for(t, cap, &g_table[i].key) = g_table[i];
+    free(g_table);
+    g_table = t;
+    g_cap = cap;
+}
+
+static void create_entry(gemm_entry *e, const gemm_key *k) {
+    dnnl_memory_desc_t a_md, b_md, c_md, bias_md;
+    dnnl_dims_t a_dims = {k->M, k->K}, b_dims = {k->K, k->N}, c_dims = {k->M, k->N};
+    dnnl_dims_t a_str = {k->trans_a ? 1 : k->lda, k->trans_a ? k->lda : 1};
+    dnnl_dims_t b_str = {k->trans_b ? 1 : k->ldb, k->trans_b ? k->ldb : 1};
+    dnnl_dims_t c_str = {k->ldc, 1};
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&a_md, 2, a_dims, dnnl_f32, a_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&b_md, 2, b_dims, dnnl_f32, b_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_str));
+    dnnl_dims_t bias_dims = {1, k->N}, bias_str = {k->N, 1};
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&bias_md, 2, bias_dims, dnnl_f32, bias_str));
+
+    dnnl_matmul_desc_t desc;
+    DNNL_CHECK(dnnl_matmul_desc_init(&desc, &a_md, &b_md, k->bias ? &bias_md : NULL, &c_md));
+    dnnl_primitive_attr_t attr;
+    DNNL_CHECK(dnnl_primitive_attr_create(&attr));
+    if (k->accumulate) {
+        dnnl_post_ops_t po;
+        DNNL_CHECK(dnnl_post_ops_create(&po));
+        DNNL_CHECK(dnnl_post_ops_append_sum(po, 1.0f));
+        DNNL_CHECK(dnnl_primitive_attr_set_post_ops(attr, po));
+        DNNL_CHECK(dnnl_post_ops_destroy(po));
+    }
+    dnnl_primitive_desc_t pd;
+    dnnl_status_t st = dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL);
+    if (st != dnnl_success)
+        INFMOE_FAIL("oneDNN has no matmul for M=%lld N=%lld K=%lld trans=(%d,%d) "
+                    "ld=(%lld,%lld,%lld) (status %d)",
+                    (long long)k->M, (long long)k->N, (long long)k->K, k->trans_a, k->trans_b,
+                    (long long)k->lda, (long long)k->ldb, (long long)k->ldc, (int)st);
+    DNNL_CHECK(dnnl_primitive_create(&e->prim, pd));
+    DNNL_CHECK(dnnl_primitive_desc_destroy(pd));
+    DNNL_CHECK(dnnl_primitive_attr_destroy(attr));
+    /* Memory objects are created once and re-pointed at each call's buffers. */
+    DNNL_CHECK(dnnl_memory_create(&e->src, &a_md, g_engine, DNNL_MEMORY_NONE));
+    DNNL_CHECK(dnnl_memory_create(&e->wei, &b_md, g_engine, DNNL_MEMORY_NONE));
+    DNNL_CHECK(dnnl_memory_create(&e->dst, &c_md, g_engine, DNNL_MEMORY_NONE));
+    if (k->bias) DNNL_CHECK(dnnl_memory_create(&e->bia, &bias_md, g_engine, DNNL_MEMORY_NONE));
+    e->key = *k;
+    e->used = 1;
+    g_created++;
+}
+
+void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+          int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
+          const float *bias) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) { /* an empty sum: oneDNN rejects it, the answer is just the bias */
+        gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
+        return;
+    }
+    init_engine();
+    gemm_key k = {M, N, K, lda, ldb, ldc, trans_a != 0, trans_b != 0, accumulate != 0,
+                  bias != NULL};
+    gemm_entry *e = slot_for(g_table, g_cap, &k);
+    if (!e->used) {
+        if (2 * (g_count + 1) > g_cap) {
+            grow();
+            e = slot_for(g_table, g_cap, &k);
+        }
+        create_entry(e, &k);
+        g_count++;
+    }
+    DNNL_CHECK(dnnl_memory_set_data_handle(e->src, (void *)A));
+    DNNL_CHECK(dnnl_memory_set_data_handle(e->wei, (void *)B));
+    DNNL_CHECK(dnnl_memory_set_data_handle(e->dst, C));
+    dnnl_exec_arg_t args[4] = {
+        {DNNL_ARG_SRC, e->src}, {DNNL_ARG_WEIGHTS, e->wei}, {DNNL_ARG_DST, e->dst}, {0, NULL}};
+    int nargs = 3;
+    if (bias) {
+        DNNL_CHECK(dnnl_memory_set_data_handle(e->bia, (void *)bias));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, e->bia};
+    }
+    DNNL_CHECK(dnnl_primitive_execute(e->prim, g_stream, nargs, args));
+    DNNL_CHECK(dnnl_stream_wait(g_stream));
+}
+
+void gemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
+                const float *bias) {
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++) {
+            double s = bias ? bias[j] : 0.0;
+            for (int64_t p = 0; p < K; p++) {
+                float a = trans_a ? A[p * lda + i] : A[i * lda + p];
+                float b = trans_b ? B[j * ldb + p] : B[p * ldb + j];
+                s += (double)a * (double)b;
+            }
+            C[i * ldc + j] = accumulate ? C[i * ldc + j] + (float)s : (float)s;
+        }
+}
+
+int64_t gemm_primitives_created(void) { return g_created; }
+
+void gemm_shutdown(void) {
+    if (!g_engine) return;
+    for (int64_t i = 0; i < g_cap; i++) {
+        gemm_entry *e = &g_table[i];
+        if (!e->used) continue;
+        dnnl_primitive_destroy(e->prim);
+        dnnl_memory_destroy(e->src);
+        dnnl_memory_destroy(e->wei);
+        dnnl_memory_destroy(e->dst);
+        if (e->bia) dnnl_memory_destroy(e->bia);
+    }
+    free(g_table);
+    g_table = NULL;
+    g_cap = g_count = 0;
+    dnnl_stream_destroy(g_stream);
+    dnnl_engine_destroy(g_engine);
+    g_engine = NULL;
+}

@@ -1,0 +1,37 @@
+/*
+ * infmoe: training Mixture-of-Experts GPT-2 models on CPU clusters with MPI.
+ * main only dispatches subcommands; each lives in its module.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "infmoe/data.h"
+#include "infmoe/train.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: infmoe COMMAND [ARGS]\n"
+            "\n"
+            "commands:\n"
+            "  train CONFIG   train a model (run under mpirun for several ranks)\n"
+            "  prep           tokenise text files into token shards\n"
+            "\n"
+            "'infmoe COMMAND --help' describes each command. Configs: docs/config.md.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 1;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "train") == 0) return train_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "prep") == 0) return data_prep_main(argc - 1, argv + 1);
+    fprintf(stderr, "infmoe: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 1;
+}

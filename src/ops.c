@@ -1,0 +1,229 @@
+/* ops: GPT-2 layers forward and backward (see ops.h). */
+#include "infmoe/ops.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "infmoe/gemm.h"
+
+void encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe, int B,
+                     int T, int C) {
+#pragma omp parallel for
+    for (int64_t bt = 0; bt < (int64_t)B * T; bt++) {
+        const float *e = wte + (int64_t)inp[bt] * C, *p = wpe + (bt % T) * (int64_t)C;
+        float *o = out + bt * C;
+        for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
+    }
+}
+
+void encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp, int B,
+                      int T, int C) {
+    /* Tokens repeat, so rows of dwte are shared: parallelise over channels instead. */
+#pragma omp parallel for
+    for (int i = 0; i < C; i++)
+        for (int64_t bt = 0; bt < (int64_t)B * T; bt++) {
+            float d = dout[bt * C + i];
+            dwte[(int64_t)inp[bt] * C + i] += d;
+            dwpe[(bt % T) * (int64_t)C + i] += d;
+        }
+}
+
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *weight, const float *bias, int64_t N, int C) {
+#pragma omp parallel for
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = inp + n * C;
+        float m = 0.0f;
+        for (int i = 0; i < C; i++) m += x[i];
+        m /= (float)C;
+        float v = 0.0f;
+        for (int i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
+        v /= (float)C;
+        float s = 1.0f / sqrtf(v + 1e-5f);
+        float *o = out + n * C;
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * s * weight[i] + bias[i];
+        mean[n] = m;
+        rstd[n] = s;
+    }
+}
+
+void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                        const float *inp, const float *weight, const float *mean,
+                        const float *rstd, int64_t N, int C) {
+#pragma omp parallel for
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = inp + n * C, *g = dout + n * C;
+        float m = mean[n], s = rstd[n];
+        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+        for (int i = 0; i < C; i++) {
+            float norm = (x[i] - m) * s, dnorm = weight[i] * g[i];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+        }
+        dnorm_mean /= (float)C;
+        dnorm_norm_mean /= (float)C;
+        float *d = dinp + n * C;
+        for (int i = 0; i < C; i++) {
+            float norm = (x[i] - m) * s, dnorm = weight[i] * g[i];
+            d[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+        }
+    }
+    /* Parameter gradients sum over tokens: parallelise over channels. */
+#pragma omp parallel for
+    for (int i = 0; i < C; i++) {
+        float dw = 0.0f, db = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            float g = dout[n * C + i];
+            dw += (inp[n * C + i] - mean[n]) * rstd[n] * g;
+            db += g;
+        }
+        dweight[i] += dw;
+        dbias[i] += db;
+    }
+}
+
+void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    int64_t N, int C, int OC, int accumulate) {
+    gemm(0, 1, N, OC, C, inp, C, weight, C, out, OC, accumulate, bias);
+}
+
+void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, int64_t N, int C, int OC) {
+    gemm(0, 0, N, C, OC, dout, OC, weight, C, dinp, C, 1, NULL);
+    gemm(1, 0, OC, C, N, dout, OC, inp, C, dweight, C, 1, NULL);
+    if (dbias) {
+#pragma omp parallel for
+        for (int o = 0; o < OC; o++) {
+            float s = 0.0f;
+            for (int64_t n = 0; n < N; n++) s += dout[n * OC + o];
+            dbias[o] += s;
+        }
+    }
+}
+
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            const float *q = qkv + (int64_t)b * T * 3 * C + h * hs;
+            const float *k = q + C, *v = q + 2 * C;
+            float *a = att + ((int64_t)b * NH + h) * T * T;
+            /* scores (T,T) = q (T,hs) . k^T; the upper triangle is masked below */
+            gemm(0, 1, T, T, hs, q, 3 * C, k, 3 * C, a, T, 0, NULL);
+#pragma omp parallel for
+            for (int t = 0; t < T; t++) {
+                float *row = a + (int64_t)t * T;
+                float max = -INFINITY;
+                for (int j = 0; j <= t; j++) {
+                    row[j] *= scale;
+                    if (row[j] > max) max = row[j];
+                }
+                float sum = 0.0f;
+                for (int j = 0; j <= t; j++) {
+                    row[j] = expf(row[j] - max);
+                    sum += row[j];
+                }
+                float inv = 1.0f / sum;
+                for (int j = 0; j <= t; j++) row[j] *= inv;
+                for (int j = t + 1; j < T; j++) row[j] = 0.0f;
+            }
+            /* out_h (T,hs) = att (T,T) . v (T,hs) */
+            gemm(0, 0, T, hs, T, a, T, v, 3 * C, out + (int64_t)b * T * C + h * hs, C, 0, NULL);
+        }
+}
+
+void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                        const float *att, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            int64_t off = (int64_t)b * T * 3 * C + h * hs;
+            const float *q = qkv + off, *k = q + C, *v = q + 2 * C;
+            float *dq = dqkv + off, *dk = dq + C, *dv = dq + 2 * C;
+            const float *a = att + ((int64_t)b * NH + h) * T * T;
+            const float *dy = dout + (int64_t)b * T * C + h * hs;
+            float *da = scratch;
+            /* datt (T,T) = dy (T,hs) . v^T ; dv (T,hs) += att^T . dy */
+            gemm(0, 1, T, T, hs, dy, C, v, 3 * C, da, T, 0, NULL);
+            gemm(1, 0, T, hs, T, a, T, dy, C, dv, 3 * C, 1, NULL);
+            /* softmax backward, then the 1/sqrt(hs) scale; masked entries have att = 0 */
+#pragma omp parallel for
+            for (int t = 0; t < T; t++) {
+                const float *ar = a + (int64_t)t * T;
+                float *dr = da + (int64_t)t * T;
+                float dot = 0.0f;
+                for (int j = 0; j <= t; j++) dot += ar[j] * dr[j];
+                for (int j = 0; j <= t; j++) dr[j] = ar[j] * (dr[j] - dot) * scale;
+                for (int j = t + 1; j < T; j++) dr[j] = 0.0f;
+            }
+            /* dq += dscores . k ; dk += dscores^T . q */
+            gemm(0, 0, T, hs, T, da, T, k, 3 * C, dq, 3 * C, 1, NULL);
+            gemm(1, 0, T, hs, T, da, T, q, 3 * C, dk, 3 * C, 1, NULL);
+        }
+}
+
+#define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
+
+void gelu_forward(float *out, const float *inp, int64_t N) {
+#pragma omp parallel for
+    for (int64_t i = 0; i < N; i++) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+    }
+}
+
+void gelu_backward(float *dinp, const float *inp, const float *dout, int64_t N) {
+#pragma omp parallel for
+    for (int64_t i = 0; i < N; i++) {
+        float x = inp[i];
+        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+        float th = tanhf(u);
+        float sech2 = 1.0f - th * th;
+        float grad = 0.5f * (1.0f + th) +
+                     0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] += grad * dout[i];
+    }
+}
+
+void residual_forward(float *out, const float *a, const float *b, int64_t N) {
+#pragma omp parallel for
+    for (int64_t i = 0; i < N; i++) out[i] = a[i] + b[i];
+}
+
+void crossentropy_forward(float *losses, float *probs, const float *logits,
+                          const int32_t *targets, int64_t N, int V, int Vp) {
+#pragma omp parallel for
+    for (int64_t n = 0; n < N; n++) {
+        /* probs may alias logits: read the target's logit before overwriting */
+        const float *l = logits + n * Vp;
+        float *p = probs + n * Vp;
+        float target_logit = l[targets[n]];
+        float max = -INFINITY;
+        for (int i = 0; i < V; i++)
+            if (l[i] > max) max = l[i];
+        double sum = 0.0;
+        for (int i = 0; i < V; i++) {
+            p[i] = expf(l[i] - max);
+            sum += p[i];
+        }
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < V; i++) p[i] *= inv;
+        for (int i = V; i < Vp; i++) p[i] = 0.0f;
+        /* log p = l - max - log(sum), exact even when p underflows */
+        losses[n] = -(target_logit - max - (float)log(sum));
+    }
+}
+
+void crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+                           float dloss, int64_t N, int V, int Vp) {
+#pragma omp parallel for
+    for (int64_t n = 0; n < N; n++) {
+        const float *p = probs + n * Vp;
+        float *d = dlogits + n * Vp;
+        for (int i = 0; i < V; i++) d[i] = p[i] * dloss;
+        for (int i = V; i < Vp; i++) d[i] = 0.0f;
+        d[targets[n]] -= dloss;
+    }
+}

@@ -1,0 +1,45 @@
+/* optim: AdamW, the LR schedule and gradient clipping (see optim.h). */
+#include "infmoe/optim.h"
+
+#include <math.h>
+
+float optim_lr(const run_config *cfg, int step) {
+    if (step < cfg->warmup) return cfg->lr * (float)(step + 1) / (float)cfg->warmup;
+    if (cfg->steps <= cfg->warmup) return cfg->lr;
+    double d = (double)(step - cfg->warmup) / (double)(cfg->steps - cfg->warmup);
+    if (d > 1.0) d = 1.0;
+    double coeff = 0.5 * (1.0 + cos(3.14159265358979323846 * d));
+    return (float)(cfg->min_lr + coeff * (cfg->lr - cfg->min_lr));
+}
+
+double optim_sum_squares(const float *g, size_t n) {
+    double s = 0.0;
+#pragma omp parallel for reduction(+ : s)
+    for (size_t i = 0; i < n; i++) s += (double)g[i] * (double)g[i];
+    return s;
+}
+
+float optim_clip_scale(float grad_clip, double norm) {
+    if (grad_clip > 0.0f && norm > grad_clip) return (float)(grad_clip / (norm + 1e-6));
+    return 1.0f;
+}
+
+void optim_adamw_step(const tensor_table *tab, float *params, const float *grads, float *m,
+                      float *v, const run_config *cfg, float lr, int step, float grad_scale) {
+    const float b1 = cfg->beta1, b2 = cfg->beta2, eps = cfg->adam_eps;
+    const float c1 = 1.0f - powf(b1, (float)(step + 1)), c2 = 1.0f - powf(b2, (float)(step + 1));
+    for (int t = 0; t < tab->n; t++) {
+        const tensor_spec *s = &tab->t[t];
+        const float wd = s->decay ? cfg->weight_decay : 0.0f;
+        float *p = params + s->offset, *mm = m + s->offset, *vv = v + s->offset;
+        const float *g = grads + s->offset;
+#pragma omp parallel for
+        for (size_t i = 0; i < s->numel; i++) {
+            float gi = g[i] * grad_scale;
+            mm[i] = b1 * mm[i] + (1.0f - b1) * gi;
+            vv[i] = b2 * vv[i] + (1.0f - b2) * gi * gi;
+            float mhat = mm[i] / c1, vhat = vv[i] / c2;
+            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        }
+    }
+}

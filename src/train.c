@@ -1,0 +1,173 @@
+/* train: the training loop, evaluation and logging (see train.h). */
+#define _POSIX_C_SOURCE 200809L
+#include "infmoe/train.h"
+
+#include <errno.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infmoe/config.h"
+#include "infmoe/data.h"
+#include "infmoe/dist.h"
+#include "infmoe/model.h"
+#include "infmoe/optim.h"
+#include "infmoe/peak.h"
+#include "infmoe/util.h"
+
+static void train_usage(FILE *f) {
+    fprintf(f,
+            "usage: infmoe train CONFIG [--set section.key=value]...\n"
+            "\n"
+            "Train the model CONFIG (YAML; keys in docs/config.md) on the ranks of the MPI\n"
+            "job (mpirun -np P infmoe train CONFIG). train.batch_size is the global batch\n"
+            "in sequences, split evenly over the ranks.\n"
+            "\n"
+            "options:\n"
+            "  --set section.key=value   override one config key (repeatable)\n"
+            "  --help                    this text\n"
+            "\n"
+            "Rank 0 logs progress to stdout and appends it to <output.dir>/train.log.\n");
+}
+
+/* Mean validation loss over eval_batches global batches, averaged over all ranks. */
+static float evaluate(gpt_model *m, token_dataset *val, const run_config *cfg,
+                      const dist_ctx *d, int32_t *inputs, int32_t *targets) {
+    double sum = 0.0;
+    for (int b = 0; b < cfg->eval_batches; b++) {
+        uint64_t first = (uint64_t)b * cfg->batch_size + (uint64_t)d->rank * m->B;
+        data_eval_batch(val, first, m->B, inputs, targets);
+        sum += model_forward(m, inputs, targets);
+    }
+    dist_allreduce_sum_d(&sum, 1, d->world);
+    return (float)(sum / ((double)cfg->eval_batches * d->size));
+}
+
+int train_main(int argc, char **argv) {
+    const char *config_path = NULL;
+    char **sets = xcalloc((size_t)argc, sizeof(char *));
+    int n_sets = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            train_usage(stdout);
+            free(sets);
+            return 0;
+        } else if (strcmp(argv[i], "--set") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "infmoe train: --set needs section.key=value\n");
+                return 1;
+            }
+            sets[n_sets++] = argv[++i];
+        } else if (strncmp(argv[i], "--set=", 6) == 0) {
+            sets[n_sets++] = argv[i] + 6;
+        } else if (argv[i][0] == '-') {
+            fprintf(stderr, "infmoe train: unknown option '%s' (see infmoe train --help)\n", argv[i]);
+            return 1;
+        } else if (!config_path) {
+            config_path = argv[i];
+        } else {
+            fprintf(stderr, "infmoe train: more than one config given ('%s' and '%s')\n",
+                    config_path, argv[i]);
+            return 1;
+        }
+    }
+    if (!config_path) {
+        fprintf(stderr, "infmoe train: no config given\n");
+        train_usage(stderr);
+        return 1;
+    }
+
+    dist_ctx d;
+    dist_init(&d, &argc, &argv);
+    run_config cfg;
+    config_load(&cfg, config_path, n_sets, sets, d.rank != 0);
+    config_check_layout(&cfg, d.size, d.rank != 0);
+    dist_set_layout(&d, cfg.ep);
+    const int B = cfg.batch_size / d.size, T = cfg.seq_len;
+    const int threads = omp_get_max_threads();
+
+    if (d.rank == 0 && mkdir_p(cfg.output_dir) != 0)
+        infmoe_die("cannot create the run directory %s: %s", cfg.output_dir, strerror(errno));
+    MPI_CHECK(MPI_Barrier(d.world));
+    char log_path[1200];
+    snprintf(log_path, sizeof log_path, "%s/train.log", cfg.output_dir);
+    dist_log_open(log_path);
+
+    token_dataset train, val;
+    data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed);
+    int have_val = cfg.data_val[0] != '\0';
+    if (have_val) data_open(&val, cfg.data_val, T, cfg.vocab_size, (uint64_t)cfg.seed);
+
+    gpt_model m;
+    model_build(&m, &cfg, B);
+    model_init_params(&m, (uint64_t)cfg.seed);
+    int32_t *inputs = xcalloc((size_t)B * T, sizeof(int32_t));
+    int32_t *targets = xcalloc((size_t)B * T, sizeof(int32_t));
+
+    /* Peak of the cores this job uses: every rank measures its own threads at once. */
+    double peak = peak_fma_gflops(0.05);
+    dist_allreduce_sum_d(&peak, 1, d.world);
+    const double flops_per_token = model_flops_per_token(&m);
+    const double tokens_per_step = (double)cfg.batch_size * T;
+
+    dist_log("infmoe train %s | ranks %d x threads %d | ep %d | params %.2fM | "
+             "batch %d x %d tokens | data %llu sequences | peak %.0f GFLOP/s\n",
+             config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,
+             cfg.batch_size, T, (unsigned long long)train.n_windows, peak);
+
+    double t_train = 0.0, mfu_sum = 0.0;
+    int timed_steps = 0;
+    float loss = 0.0f, val_loss = NAN;
+    for (int step = 0; step < cfg.steps; step++) {
+        double t0 = wall_time();
+        uint64_t first = (uint64_t)step * cfg.batch_size + (uint64_t)d.rank * B;
+        data_train_batch(&train, first, B, inputs, targets);
+        double local_loss = model_forward(&m, inputs, targets);
+        model_zero_grad(&m);
+        model_backward(&m);
+        dist_allreduce_mean(m.grads, m.tensors.total, d.world);
+        dist_allreduce_sum_d(&local_loss, 1, d.world);
+        loss = (float)(local_loss / d.size);
+        double norm = sqrt(optim_sum_squares(m.grads, m.tensors.total));
+        float lr = optim_lr(&cfg, step);
+        optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, lr, step,
+                         optim_clip_scale(cfg.grad_clip, norm));
+        double dt = wall_time() - t0;
+        double tok_s = tokens_per_step / dt;
+        double mfu = tok_s * flops_per_token / (peak * 1e9) * 100.0;
+        if (step > 0) { /* the first step pays for primitive creation and page faults */
+            t_train += dt;
+            mfu_sum += mfu;
+            timed_steps++;
+        }
+        if (!isfinite(loss))
+            infmoe_die("loss became %f at step %d: lower train.lr or check the data", loss,
+                       step + 1);
+        if ((step + 1) % cfg.log_every == 0 || step == 0 || step + 1 == cfg.steps)
+            dist_log("step %d/%d | loss %.6f | lr %.2e | grad_norm %.4f | ms %.1f | tok/s %.0f | "
+                     "mfu %.1f%%\n",
+                     step + 1, cfg.steps, loss, lr, norm, dt * 1e3, tok_s, mfu);
+        if (have_val && cfg.eval_every > 0 &&
+            ((step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps)) {
+            val_loss = evaluate(&m, &val, &cfg, &d, inputs, targets);
+            dist_log("eval %d/%d | val_loss %.6f\n", step + 1, cfg.steps, val_loss);
+        }
+    }
+    double tok_s = timed_steps ? tokens_per_step * timed_steps / t_train : 0.0;
+    dist_log("done %d steps | train_loss %.6f | val_loss %.6f | tok/s %.0f | mfu %.1f%% | "
+             "ranks %d x threads %d\n",
+             cfg.steps, loss, val_loss, tok_s, timed_steps ? mfu_sum / timed_steps : 0.0, d.size,
+             threads);
+
+    free(inputs);
+    free(targets);
+    model_free(&m);
+    data_close(&train);
+    if (have_val) data_close(&val);
+    config_free(&cfg);
+    free(sets);
+    dist_finalize(&d);
+    return 0;
+}
