@@ -82,8 +82,7 @@ static void config_error(const load_ctx *ctx, int line, int col, const char *fmt
             fprintf(stderr, "%s: %s\n", ctx->name, msg);
         fflush(stderr);
     }
-    if (infmoe_abort_hook) infmoe_abort_hook(1);
-    exit(1);
+    infmoe_exit(1);
 }
 
 void config_defaults(run_config *cfg) {
@@ -308,7 +307,9 @@ static void parse_yaml(run_config *cfg, load_ctx *ctx, const char *text) {
         int line = (int)parser.problem_mark.line + 1, col = (int)parser.problem_mark.column + 1;
         char msg[512];
         if (parser.context)
-            snprintf(msg, sizeof msg, "malformed YAML: %s %s", problem, parser.context);
+            snprintf(msg, sizeof msg, "malformed YAML: %s %s started at line %d, column %d",
+                     problem, parser.context, (int)parser.context_mark.line + 1,
+                     (int)parser.context_mark.column + 1);
         else
             snprintf(msg, sizeof msg, "malformed YAML: %s", problem);
         yaml_parser_delete(&parser);
@@ -418,8 +419,7 @@ void config_load(run_config *cfg, const char *path, int n_sets, char **sets, int
     char *text = read_text_file(path, NULL);
     if (!text) {
         if (!quiet) fprintf(stderr, "%s: cannot read config file: %s\n", path, strerror(errno));
-        if (infmoe_abort_hook) infmoe_abort_hook(1);
-        exit(1);
+        infmoe_exit(1);
     }
     load(cfg, path, text, n_sets, sets, quiet);
     free(text);

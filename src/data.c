@@ -17,40 +17,40 @@
 static void open_shard(token_dataset *ds, int i, int vocab_size) {
     const char *path = ds->paths[i];
     int fd = open(path, O_RDONLY);
-    if (fd < 0) infmoe_die("%s: cannot open token shard: %s", path, strerror(errno));
+    if (fd < 0) infmoe_die_all("%s: cannot open token shard: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) infmoe_die("%s: cannot stat: %s", path, strerror(errno));
+    if (fstat(fd, &st) != 0) infmoe_die_all("%s: cannot stat: %s", path, strerror(errno));
     size_t header_bytes = SHARD_HEADER_INTS * sizeof(int32_t);
     if ((size_t)st.st_size < header_bytes)
-        infmoe_die("%s: not a token shard: %lld bytes, shorter than the %zu-byte header "
+        infmoe_die_all("%s: not a token shard: %lld bytes, shorter than the %zu-byte header "
                    "(write shards with 'infmoe prep')",
                    path, (long long)st.st_size, header_bytes);
     void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (map == MAP_FAILED) infmoe_die("%s: cannot map: %s", path, strerror(errno));
+    if (map == MAP_FAILED) infmoe_die_all("%s: cannot map: %s", path, strerror(errno));
     const int32_t *h = map;
     if (h[0] != SHARD_MAGIC)
-        infmoe_die("%s: not a token shard: magic %d, expected %d (write shards with "
+        infmoe_die_all("%s: not a token shard: magic %d, expected %d (write shards with "
                    "'infmoe prep')",
                    path, h[0], SHARD_MAGIC);
     if (h[1] != SHARD_VERSION)
-        infmoe_die("%s: token shard version %d, expected %d", path, h[1], SHARD_VERSION);
-    if (h[2] < 0) infmoe_die("%s: negative token count %d in the header", path, h[2]);
+        infmoe_die_all("%s: token shard version %d, expected %d", path, h[1], SHARD_VERSION);
+    if (h[2] < 0) infmoe_die_all("%s: negative token count %d in the header", path, h[2]);
     size_t n = (size_t)(uint32_t)h[2];
     size_t expect = header_bytes + n * sizeof(uint16_t);
     if ((size_t)st.st_size != expect)
-        infmoe_die("%s: truncated or padded token shard: header says %zu tokens (%zu bytes), "
+        infmoe_die_all("%s: truncated or padded token shard: header says %zu tokens (%zu bytes), "
                    "file has %lld bytes",
                    path, n, expect, (long long)st.st_size);
     if (n < (size_t)ds->seq_len + 1)
-        infmoe_die("%s: %zu tokens, fewer than one sequence of seq_len + 1 = %d", path, n,
+        infmoe_die_all("%s: %zu tokens, fewer than one sequence of seq_len + 1 = %d", path, n,
                    ds->seq_len + 1);
     const uint16_t *tok = (const uint16_t *)((const char *)map + header_bytes);
     uint16_t max = 0;
     for (size_t k = 0; k < n; k++)
         if (tok[k] > max) max = tok[k];
     if (max >= vocab_size)
-        infmoe_die("%s: token id %u is outside model.vocab_size %d", path, (unsigned)max,
+        infmoe_die_all("%s: token id %u is outside model.vocab_size %d", path, (unsigned)max,
                    vocab_size);
     ds->maps[i] = map;
     ds->map_len[i] = (size_t)st.st_size;
@@ -66,8 +66,8 @@ void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_si
     ds->perm_epoch = -1;
     glob_t g;
     int rc = glob(pattern, 0, NULL, &g);
-    if (rc == GLOB_NOMATCH) infmoe_die("%s: no such token shard (run 'make data' or 'infmoe prep')", pattern);
-    if (rc != 0) infmoe_die("%s: cannot list token shards", pattern);
+    if (rc == GLOB_NOMATCH) infmoe_die_all("%s: no such token shard (run 'make data' or 'infmoe prep')", pattern);
+    if (rc != 0) infmoe_die_all("%s: cannot list token shards", pattern);
     ds->n_shards = (int)g.gl_pathc;
     ds->paths = xcalloc((size_t)ds->n_shards, sizeof(char *));
     ds->tokens = xcalloc((size_t)ds->n_shards, sizeof(uint16_t *));

@@ -13,6 +13,13 @@ static FILE *g_log = NULL;
 
 static void abort_all(int status) { MPI_Abort(MPI_COMM_WORLD, status); }
 
+/* Every rank reached the same error: leave MPI together, no abort needed. */
+static void finalize_quietly(void) {
+    infmoe_abort_hook = NULL;
+    infmoe_exit_hook = NULL;
+    MPI_Finalize();
+}
+
 void mpi_check_at(int rc, const char *call, const char *file, int line) {
     if (rc == MPI_SUCCESS) return;
     char msg[MPI_MAX_ERROR_STRING];
@@ -33,6 +40,8 @@ void dist_init(dist_ctx *d, int *argc, char ***argv) {
     g_rank = d->rank;
     if (d->size > 1) infmoe_rank_for_messages = d->rank;
     infmoe_abort_hook = abort_all;
+    infmoe_exit_hook = finalize_quietly;
+    infmoe_quiet_rank = d->rank != 0;
     dist_set_layout(d, 1);
 }
 
@@ -54,6 +63,7 @@ void dist_finalize(dist_ctx *d) {
     if (d->edp_comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(&d->edp_comm));
     dist_log_close();
     infmoe_abort_hook = NULL;
+    infmoe_exit_hook = NULL;
     MPI_CHECK(MPI_Finalize());
 }
 

@@ -14,7 +14,7 @@ float optim_lr(const run_config *cfg, int step) {
 
 double optim_sum_squares(const float *g, size_t n) {
     double s = 0.0;
-#pragma omp parallel for reduction(+ : s)
+#pragma omp parallel for simd reduction(+ : s)
     for (size_t i = 0; i < n; i++) s += (double)g[i] * (double)g[i];
     return s;
 }
@@ -31,9 +31,10 @@ void optim_adamw_step(const tensor_table *tab, float *params, const float *grads
     for (int t = 0; t < tab->n; t++) {
         const tensor_spec *s = &tab->t[t];
         const float wd = s->decay ? cfg->weight_decay : 0.0f;
-        float *p = params + s->offset, *mm = m + s->offset, *vv = v + s->offset;
-        const float *g = grads + s->offset;
-#pragma omp parallel for
+        float *restrict p = params + s->offset, *restrict mm = m + s->offset,
+                        *restrict vv = v + s->offset;
+        const float *restrict g = grads + s->offset;
+#pragma omp parallel for simd
         for (size_t i = 0; i < s->numel; i++) {
             float gi = g[i] * grad_scale;
             mm[i] = b1 * mm[i] + (1.0f - b1) * gi;

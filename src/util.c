@@ -12,6 +12,8 @@
 
 int infmoe_rank_for_messages = -1;
 void (*infmoe_abort_hook)(int status) = NULL;
+void (*infmoe_exit_hook)(void) = NULL;
+int infmoe_quiet_rank = 0;
 
 static void vreport(const char *where, const char *fmt, va_list ap) {
     char msg[2048];
@@ -36,6 +38,25 @@ void infmoe_die(const char *fmt, ...) {
     vreport("", fmt, ap);
     va_end(ap);
     end_job();
+}
+
+void infmoe_exit(int status) {
+    fflush(stdout);
+    fflush(stderr);
+    if (infmoe_exit_hook) infmoe_exit_hook();
+    exit(status);
+}
+
+void infmoe_die_all(const char *fmt, ...) {
+    if (!infmoe_quiet_rank) {
+        char msg[2048];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+        fprintf(stderr, "infmoe: %s\n", msg);
+    }
+    infmoe_exit(1);
 }
 
 void infmoe_fail_at(const char *file, int line, const char *fmt, ...) {

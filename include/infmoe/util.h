@@ -17,9 +17,21 @@
 extern int infmoe_rank_for_messages;
 /* Set by dist: called by infmoe_die to end every rank (MPI_Abort); NULL before MPI. */
 extern void (*infmoe_abort_hook)(int status);
+/* Set by dist: ends this rank cleanly (MPI_Finalize) before exit; NULL before MPI. */
+extern void (*infmoe_exit_hook)(void);
+/* Set by dist: nonzero on ranks other than 0, which stay silent in infmoe_die_all. */
+extern int infmoe_quiet_rank;
 
 /* Print "infmoe: <fmt>" (with "[rank N]" when known) to stderr and end the job. */
 void infmoe_die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+/*
+ * An error every rank meets identically (a bad config, flag or data file): rank
+ * 0 prints "infmoe: <fmt>", every rank finalises MPI and exits with status 1, so
+ * the user sees one message and no abort banner.
+ */
+void infmoe_die_all(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+/* Exit with `status` after finalising MPI if it is up (the end of infmoe_die_all). */
+void infmoe_exit(int status) __attribute__((noreturn));
 /* Internal failure: as infmoe_die, plus the source location. */
 void infmoe_fail_at(const char *file, int line, const char *fmt, ...)
     __attribute__((noreturn, format(printf, 3, 4)));
