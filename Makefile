@@ -50,10 +50,11 @@ data: data/demo/train.bin
 
 data/demo/train.bin: build/infmoe
 	@if [ -z "$(DEMO_TEXT)" ]; then echo "make data: no text in /usr/share/games/fortunes (run 'make deps')"; exit 1; fi
-	build/infmoe prep --text $(DEMO_TEXT) --out data/demo
+	@echo "prep: demo corpus from $(words $(DEMO_TEXT)) fortunes files"
+	@build/infmoe prep --text $(DEMO_TEXT) --out data/demo
 
 run:
-	@bash scripts/install-deps.sh --if-missing
+	@bash scripts/install-deps.sh
 	$(MAKE) all data
 	OMP_NUM_THREADS=1 $(MPIRUN) -np 2 build/infmoe train configs/tiny-dense.yaml
 

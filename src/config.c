@@ -22,39 +22,40 @@ typedef struct {
     size_t offset;
     double min, max;          /* inclusive range for numbers */
     const char *const *names; /* KEY_ENUM: accepted values, index = enum value */
+    const char *def;          /* default, parsed like a value from a file; NULL: empty */
 } key_spec;
 
 static const char *const ffn_kind_names[] = {"dense", NULL};
 
 #define OFF(field) offsetof(run_config, field)
 static const key_spec schema[] = {
-    {"model", "n_layer", KEY_INT, OFF(n_layer), 1, 1024, NULL},
-    {"model", "n_embd", KEY_INT, OFF(n_embd), 1, 65536, NULL},
-    {"model", "n_head", KEY_INT, OFF(n_head), 1, 4096, NULL},
-    {"model", "seq_len", KEY_INT, OFF(seq_len), 1, 1 << 20, NULL},
-    {"model", "vocab_size", KEY_INT, OFF(vocab_size), 2, 65536, NULL},
-    {"ffn", "kind", KEY_ENUM, OFF(ffn_kind), 0, 0, ffn_kind_names},
-    {"ffn", "hidden", KEY_INT, OFF(ffn_hidden), 0, 1 << 24, NULL},
-    {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL},
-    {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL},
-    {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL},
-    {"train", "warmup", KEY_INT, OFF(warmup), 0, INT_MAX, NULL},
-    {"train", "min_lr", KEY_FLOAT, OFF(min_lr), 0, 10, NULL},
-    {"train", "weight_decay", KEY_FLOAT, OFF(weight_decay), 0, 10, NULL},
-    {"train", "grad_clip", KEY_FLOAT, OFF(grad_clip), 0, 1e30, NULL},
-    {"train", "beta1", KEY_FLOAT, OFF(beta1), 0, 0.999999, NULL},
-    {"train", "beta2", KEY_FLOAT, OFF(beta2), 0, 0.999999999, NULL},
-    {"train", "eps", KEY_FLOAT, OFF(adam_eps), 1e-30, 1, NULL},
-    {"train", "seed", KEY_INT64, OFF(seed), 0, 9.2e18, NULL},
-    {"train", "log_every", KEY_INT, OFF(log_every), 1, INT_MAX, NULL},
-    {"train", "eval_every", KEY_INT, OFF(eval_every), 0, INT_MAX, NULL},
-    {"train", "eval_batches", KEY_INT, OFF(eval_batches), 1, INT_MAX, NULL},
-    {"train", "ckpt_every", KEY_INT, OFF(ckpt_every), 0, INT_MAX, NULL},
-    {"train", "stats_every", KEY_INT, OFF(stats_every), 0, INT_MAX, NULL},
-    {"data", "train", KEY_STRING, OFF(data_train), 0, 0, NULL},
-    {"data", "val", KEY_STRING, OFF(data_val), 0, 0, NULL},
-    {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL},
-    {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL},
+    {"model", "n_layer", KEY_INT, OFF(n_layer), 1, 1024, NULL, "2"},
+    {"model", "n_embd", KEY_INT, OFF(n_embd), 1, 65536, NULL, "64"},
+    {"model", "n_head", KEY_INT, OFF(n_head), 1, 4096, NULL, "4"},
+    {"model", "seq_len", KEY_INT, OFF(seq_len), 1, 1 << 20, NULL, "64"},
+    {"model", "vocab_size", KEY_INT, OFF(vocab_size), 2, 65536, NULL, "256"},
+    {"ffn", "kind", KEY_ENUM, OFF(ffn_kind), 0, 0, ffn_kind_names, "dense"},
+    {"ffn", "hidden", KEY_INT, OFF(ffn_hidden), 0, 1 << 24, NULL, "0"},
+    {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
+    {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
+    {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},
+    {"train", "warmup", KEY_INT, OFF(warmup), 0, INT_MAX, NULL, "0"},
+    {"train", "min_lr", KEY_FLOAT, OFF(min_lr), 0, 10, NULL, "0"},
+    {"train", "weight_decay", KEY_FLOAT, OFF(weight_decay), 0, 10, NULL, "0.1"},
+    {"train", "grad_clip", KEY_FLOAT, OFF(grad_clip), 0, 1e30, NULL, "1.0"},
+    {"train", "beta1", KEY_FLOAT, OFF(beta1), 0, 0.999999, NULL, "0.9"},
+    {"train", "beta2", KEY_FLOAT, OFF(beta2), 0, 0.999999999, NULL, "0.95"},
+    {"train", "eps", KEY_FLOAT, OFF(adam_eps), 1e-30, 1, NULL, "1e-8"},
+    {"train", "seed", KEY_INT64, OFF(seed), 0, 9.2e18, NULL, "1337"},
+    {"train", "log_every", KEY_INT, OFF(log_every), 1, INT_MAX, NULL, "10"},
+    {"train", "eval_every", KEY_INT, OFF(eval_every), 0, INT_MAX, NULL, "0"},
+    {"train", "eval_batches", KEY_INT, OFF(eval_batches), 1, INT_MAX, NULL, "4"},
+    {"train", "ckpt_every", KEY_INT, OFF(ckpt_every), 0, INT_MAX, NULL, "0"},
+    {"train", "stats_every", KEY_INT, OFF(stats_every), 0, INT_MAX, NULL, "0"},
+    {"data", "train", KEY_STRING, OFF(data_train), 0, 0, NULL, NULL},
+    {"data", "val", KEY_STRING, OFF(data_val), 0, 0, NULL, NULL},
+    {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL, "1"},
+    {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL, NULL},
 };
 #undef OFF
 enum { N_KEYS = sizeof schema / sizeof schema[0] };
@@ -85,32 +86,15 @@ static void config_error(const load_ctx *ctx, int line, int col, const char *fmt
     infmoe_exit(1);
 }
 
+static const char *set_value(run_config *cfg, const key_spec *spec, const char *value,
+                             char *err, size_t errcap);
+
 void config_defaults(run_config *cfg) {
     memset(cfg, 0, sizeof *cfg);
-    cfg->n_layer = 2;
-    cfg->n_embd = 64;
-    cfg->n_head = 4;
-    cfg->seq_len = 64;
-    cfg->vocab_size = 256;
-    cfg->ffn_kind = FFN_DENSE;
-    cfg->ffn_hidden = 0;
-    cfg->steps = 100;
-    cfg->batch_size = 8;
-    cfg->lr = 3e-4f;
-    cfg->warmup = 0;
-    cfg->min_lr = 0.0f;
-    cfg->weight_decay = 0.1f;
-    cfg->grad_clip = 1.0f;
-    cfg->beta1 = 0.9f;
-    cfg->beta2 = 0.95f;
-    cfg->adam_eps = 1e-8f;
-    cfg->seed = 1337;
-    cfg->log_every = 10;
-    cfg->eval_every = 0;
-    cfg->eval_batches = 4;
-    cfg->ckpt_every = 0;
-    cfg->stats_every = 0;
-    cfg->ep = 1;
+    char err[256];
+    for (int i = 0; i < N_KEYS; i++)
+        if (schema[i].def && set_value(cfg, &schema[i], schema[i].def, err, sizeof err))
+            INFMOE_FAIL("bad default in the config schema: %s", err);
 }
 
 static const key_spec *find_key(const char *section, const char *key, int *index) {

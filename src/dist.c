@@ -1,6 +1,8 @@
 /* dist: MPI initialisation, communicators, checked collectives, rank-0 log (see dist.h). */
+#define _GNU_SOURCE
 #include "infmoe/dist.h"
 
+#include <malloc.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -30,6 +32,14 @@ void mpi_check_at(int rc, const char *call, const char *file, int line) {
 
 void dist_init(dist_ctx *d, int *argc, char ***argv) {
     memset(d, 0, sizeof *d);
+    /*
+     * Keep freed memory in the process: Open MPI allocates a temporary buffer
+     * for every large reduction, and handing it back to the kernel each time
+     * means faulting in fresh pages (10-20 us per 4 KiB here) every step. This
+     * made the 0.5 GB gradient allreduce of GPT-2 small 4-5x slower.
+     */
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, INT_MAX);
     int provided;
     MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
     /* Errors come back as codes so MPI_CHECK can say where they happened. */

@@ -111,10 +111,38 @@ static void create_entry(gemm_entry *e, const gemm_key *k) {
     g_created++;
 }
 
+/*
+ * Longest reduction one primitive gets. oneDNN 2.6 drops from ~94% to ~65% of
+ * peak on the LM head's input gradient (K = 50304); chunks of K at most this
+ * long, accumulated, run at full speed (bench/bench_gemm measures it).
+ */
+#define GEMM_MAX_K 16384
+
+static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                     int accumulate, const float *bias);
+
 void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
           int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
           const float *bias) {
     if (M == 0 || N == 0) return;
+    if (K <= GEMM_MAX_K) {
+        gemm_one(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
+        return;
+    }
+    int64_t chunks = (K + GEMM_MAX_K - 1) / GEMM_MAX_K, kc = (K + chunks - 1) / chunks;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        int64_t k = K - k0 < kc ? K - k0 : kc;
+        const float *a = trans_a ? A + k0 * lda : A + k0;
+        const float *b = trans_b ? B + k0 : B + k0 * ldb;
+        gemm_one(trans_a, trans_b, M, N, k, a, lda, b, ldb, C, ldc, accumulate || k0 > 0,
+                 k0 == 0 ? bias : NULL);
+    }
+}
+
+static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                     int accumulate, const float *bias) {
     if (K == 0) { /* an empty sum: oneDNN rejects it, the answer is just the bias */
         gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
         return;

@@ -91,9 +91,16 @@ int train_main(int argc, char **argv) {
     if (d.rank == 0 && mkdir_p(cfg.output_dir) != 0)
         infmoe_die("cannot create the run directory %s: %s", cfg.output_dir, strerror(errno));
     MPI_CHECK(MPI_Barrier(d.world));
-    char log_path[1200];
-    snprintf(log_path, sizeof log_path, "%s/train.log", cfg.output_dir);
-    dist_log_open(log_path);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/train.log", cfg.output_dir);
+    dist_log_open(path);
+    if (d.rank == 0) { /* the effective config: file, overrides and defaults */
+        snprintf(path, sizeof path, "%s/config.yaml", cfg.output_dir);
+        FILE *f = fopen(path, "w");
+        if (!f) infmoe_die("cannot write %s: %s", path, strerror(errno));
+        config_print(&cfg, f);
+        if (fclose(f) != 0) infmoe_die("cannot write %s: %s", path, strerror(errno));
+    }
 
     token_dataset train, val;
     data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed);

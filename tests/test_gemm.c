@@ -48,6 +48,9 @@ int main(void) {
                     int pad = variant == 1 ? 5 : 0, acc = variant >= 1, bias = variant == 2;
                     one_case(ta, tb, shapes[s][0], shapes[s][1], shapes[s][2], pad, acc, bias, &r);
                 }
+    /* K longer than one primitive's reduction is split into accumulated chunks. */
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) one_case(ta, tb, 5, 7, 40001, 3, ta, tb, &r);
     /* K = 0 is an empty sum: C = bias (or unchanged with accumulate). */
     one_case(0, 1, 4, 6, 0, 0, 0, 1, &r);
     one_case(0, 1, 4, 6, 0, 0, 1, 0, &r);
