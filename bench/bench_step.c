@@ -51,7 +51,7 @@ int main(int argc, char **argv) {
     int B = cfg.batch_size / d.size, T = cfg.seq_len;
 
     gpt_model m;
-    model_build(&m, &cfg, B);
+    model_build(&m, &cfg, B, &d);
     model_init_params(&m, 1);
     int32_t *tok = xcalloc((size_t)B * T + 1, sizeof(int32_t));
     rng_state r;

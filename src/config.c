@@ -25,7 +25,8 @@ typedef struct {
     const char *def;          /* default, parsed like a value from a file; NULL: empty */
 } key_spec;
 
-static const char *const ffn_kind_names[] = {"dense", NULL};
+static const char *const ffn_kind_names[] = {"dense", "topk", "moge", NULL};
+static const char *const gate_names[] = {"noisy", "switch", NULL};
 
 #define OFF(field) offsetof(run_config, field)
 static const key_spec schema[] = {
@@ -36,6 +37,23 @@ static const key_spec schema[] = {
     {"model", "vocab_size", KEY_INT, OFF(vocab_size), 2, 65536, NULL, "256"},
     {"ffn", "kind", KEY_ENUM, OFF(ffn_kind), 0, 0, ffn_kind_names, "dense"},
     {"ffn", "hidden", KEY_INT, OFF(ffn_hidden), 0, 1 << 24, NULL, "0"},
+    {"ffn", "every", KEY_INT, OFF(ffn_every), 1, 1024, NULL, "1"},
+    {"ffn", "experts", KEY_INT, OFF(experts), 1, 65536, NULL, "8"},
+    {"ffn", "k", KEY_INT, OFF(top_k), 1, 65536, NULL, "2"},
+    {"ffn", "expert_hidden", KEY_INT, OFF(expert_hidden), 0, 1 << 24, NULL, "0"},
+    {"ffn", "gate", KEY_ENUM, OFF(gate), 0, 0, gate_names, "noisy"},
+    {"ffn", "w_importance", KEY_FLOAT, OFF(w_importance), 0, 1e30, NULL, "0.1"},
+    {"ffn", "w_load", KEY_FLOAT, OFF(w_load), 0, 1e30, NULL, "0.1"},
+    {"ffn", "aux_alpha", KEY_FLOAT, OFF(aux_alpha), 0, 1e30, NULL, "0.01"},
+    {"ffn", "z_loss", KEY_FLOAT, OFF(z_loss), 0, 1e30, NULL, "0"},
+    {"ffn", "jitter", KEY_FLOAT, OFF(jitter), 0, 0.5, NULL, "0"},
+    {"ffn", "capacity_factor", KEY_FLOAT, OFF(capacity_factor), -1e30, 1e30, NULL, "0"},
+    {"ffn", "collapse_guard_steps", KEY_INT, OFF(collapse_guard_steps), 0, INT_MAX, NULL, "0"},
+    {"ffn", "collapse_margin", KEY_FLOAT, OFF(collapse_margin), 0, 1, NULL, "0.01"},
+    {"ffn", "moge_lambda", KEY_FLOAT, OFF(moge_lambda), 0, 1e30, NULL, "1e-3"},
+    {"ffn", "moge_sigma_max", KEY_FLOAT, OFF(moge_sigma_max), 1e-6, 1e6, NULL, "10"},
+    {"ffn", "moge_sigma_min", KEY_FLOAT, OFF(moge_sigma_min), 1e-6, 1e6, NULL, "1"},
+    {"ffn", "moge_gamma", KEY_FLOAT, OFF(moge_gamma), 1e-6, 1e6, NULL, "0.2"},
     {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
     {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
     {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},
@@ -347,6 +365,31 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                   "model.n_embd (%d) must be divisible by model.n_head (%d)", cfg->n_embd,
                   cfg->n_head);
     if (cfg->ffn_hidden == 0) cfg->ffn_hidden = 4 * cfg->n_embd;
+    if (cfg->ffn_kind != FFN_DENSE) {
+        if (cfg->top_k > cfg->experts)
+            KEY_ERROR(ctx, "ffn", "k", "ffn.k (%d) must not exceed ffn.experts (%d)", cfg->top_k,
+                      cfg->experts);
+        if (cfg->experts % cfg->ep != 0)
+            KEY_ERROR(ctx, "ffn", "experts",
+                      "ffn.experts (%d) must be divisible by parallel.ep (%d): each rank of an "
+                      "expert group holds experts/ep experts",
+                      cfg->experts, cfg->ep);
+        if (cfg->expert_hidden == 0) cfg->expert_hidden = (cfg->ffn_hidden + cfg->top_k - 1) / cfg->top_k;
+        if (cfg->moge_sigma_min > cfg->moge_sigma_max)
+            KEY_ERROR(ctx, "ffn", "moge_sigma_min",
+                      "ffn.moge_sigma_min (%g) must not exceed ffn.moge_sigma_max (%g)",
+                      cfg->moge_sigma_min, cfg->moge_sigma_max);
+    }
+    if (cfg->ffn_kind == FFN_MOGE) {
+        int rows = 1;
+        for (int r = 1; r * r <= cfg->experts; r++)
+            if (cfg->experts % r == 0) rows = r;
+        if (rows < 2)
+            KEY_ERROR(ctx, "ffn", "experts",
+                      "ffn.experts (%d) has no 2-D map for moge: need a number with a factor "
+                      "pair of at least 2 x 2 (e.g. 8 -> 2x4, 16 -> 4x4, 64 -> 8x8)",
+                      cfg->experts);
+    }
     if (cfg->data_train[0] == '\0')
         config_error(ctx, 0, 0, "data.train is required: the token shard(s) to train on, "
                                 "e.g. data/demo/train.bin (make data builds them)");

@@ -1,4 +1,4 @@
-/* ffn: the dense GPT-2 MLP behind the FFN interface (see ffn.h). */
+/* ffn: the FFN interface: the dense GPT-2 MLP here, MoE layers in moe.c (see ffn.h). */
 #include "infmoe/ffn.h"
 
 #include <math.h>
@@ -10,10 +10,16 @@
 #include "infmoe/util.h"
 
 void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
-              int64_t max_tokens) {
+              int64_t max_tokens, int ep, int ep_rank) {
     memset(f, 0, sizeof *f);
-    f->kind = cfg->ffn_kind;
     f->C = cfg->n_embd;
+    f->max_tokens = max_tokens;
+    if (cfg->ffn_kind != FFN_DENSE && (layer + 1) % cfg->ffn_every == 0) {
+        f->kind = cfg->ffn_kind;
+        f->moe = moe_create(cfg, layer, tab, max_tokens, ep, ep_rank);
+        return;
+    }
+    f->kind = FFN_DENSE;
     f->H = cfg->ffn_hidden;
     f->max_tokens = max_tokens;
     char name[64];
@@ -34,17 +40,28 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
     f->act = xcalloc((size_t)(max_tokens * f->H), sizeof(float));
 }
 
+void ffn_register_sharded(ffn_layer *f, tensor_table *tab) {
+    if (f->moe) moe_register_experts(f->moe, tab);
+}
+
 size_t ffn_scratch_floats(const ffn_layer *f, int64_t n) { return (size_t)(n * f->H); }
 
-void ffn_forward(ffn_layer *f, const float *params, float *out, const float *in, int64_t n) {
+double ffn_forward(ffn_layer *f, const float *params, float *out, const float *in, int64_t n,
+                   const ffn_context *ctx) {
     ALWAYS(n <= f->max_tokens);
+    if (f->moe) return moe_forward(f->moe, params, out, in, n, ctx);
     matmul_forward(f->pre, in, params + f->fc_w, params + f->fc_b, n, f->C, f->H, 0);
     gelu_forward(f->act, f->pre, n * f->H);
     matmul_forward(out, f->act, params + f->proj_w, params + f->proj_b, n, f->H, f->C, 1);
+    return 0.0;
 }
 
 void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, const float *dout,
-                  const float *in, int64_t n, float *scratch) {
+                  const float *in, int64_t n, float *scratch, const ffn_context *ctx) {
+    if (f->moe) {
+        moe_backward(f->moe, params, grads, din, dout, in, n, ctx);
+        return;
+    }
     float *dact = scratch; /* (n,H), reused for the pre-activation gradient */
     memset(dact, 0, (size_t)(n * f->H) * sizeof(float));
     matmul_backward(dact, grads + f->proj_w, grads + f->proj_b, dout, f->act,
@@ -57,9 +74,16 @@ void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, c
                     f->H);
 }
 
-double ffn_matmul_params_per_token(const ffn_layer *f) { return 2.0 * f->C * f->H; }
+void ffn_end_step(ffn_layer *f, const ffn_context *ctx) {
+    if (f->moe) moe_end_step(f->moe, ctx);
+}
+
+double ffn_matmul_params_per_token(const ffn_layer *f) {
+    return f->moe ? moe_matmul_params_per_token(f->moe) : 2.0 * f->C * f->H;
+}
 
 void ffn_free(ffn_layer *f) {
+    moe_free(f->moe);
     free(f->pre);
     free(f->act);
     memset(f, 0, sizeof *f);

@@ -14,7 +14,7 @@ static void dnnl_check_at(dnnl_status_t st, const char *call, const char *file, 
 #define DNNL_CHECK(call) dnnl_check_at((call), #call, __FILE__, __LINE__)
 
 typedef struct {
-    int64_t M, N, K, lda, ldb, ldc;
+    int64_t M, N, K, lda, ldb, ldc; /* M, K = DNNL_RUNTIME_DIM_VAL for gemm_var */
     int trans_a, trans_b, accumulate, bias;
 } gemm_key;
 
@@ -68,15 +68,23 @@ static void grow(void) {
     g_cap = cap;
 }
 
-static void create_entry(gemm_entry *e, const gemm_key *k) {
-    dnnl_memory_desc_t a_md, b_md, c_md, bias_md;
-    dnnl_dims_t a_dims = {k->M, k->K}, b_dims = {k->K, k->N}, c_dims = {k->M, k->N};
+static int is_var(const gemm_key *k) { return k->M == DNNL_RUNTIME_DIM_VAL; }
+
+/* Descriptors of the operands for M rows and reduction K (runtime values allowed). */
+static void make_mds(const gemm_key *k, int64_t M, int64_t K, dnnl_memory_desc_t *a_md,
+                     dnnl_memory_desc_t *b_md, dnnl_memory_desc_t *c_md) {
+    dnnl_dims_t a_dims = {M, K}, b_dims = {K, k->N}, c_dims = {M, k->N};
     dnnl_dims_t a_str = {k->trans_a ? 1 : k->lda, k->trans_a ? k->lda : 1};
     dnnl_dims_t b_str = {k->trans_b ? 1 : k->ldb, k->trans_b ? k->ldb : 1};
     dnnl_dims_t c_str = {k->ldc, 1};
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&a_md, 2, a_dims, dnnl_f32, a_str));
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&b_md, 2, b_dims, dnnl_f32, b_str));
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(a_md, 2, a_dims, dnnl_f32, a_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(b_md, 2, b_dims, dnnl_f32, b_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(c_md, 2, c_dims, dnnl_f32, c_str));
+}
+
+static void create_entry(gemm_entry *e, const gemm_key *k) {
+    dnnl_memory_desc_t a_md, b_md, c_md, bias_md;
+    make_mds(k, k->M, k->K, &a_md, &b_md, &c_md);
     dnnl_dims_t bias_dims = {1, k->N}, bias_str = {k->N, 1};
     DNNL_CHECK(dnnl_memory_desc_init_by_strides(&bias_md, 2, bias_dims, dnnl_f32, bias_str));
 
@@ -101,10 +109,13 @@ static void create_entry(gemm_entry *e, const gemm_key *k) {
     DNNL_CHECK(dnnl_primitive_create(&e->prim, pd));
     DNNL_CHECK(dnnl_primitive_desc_destroy(pd));
     DNNL_CHECK(dnnl_primitive_attr_destroy(attr));
-    /* Memory objects are created once and re-pointed at each call's buffers. */
-    DNNL_CHECK(dnnl_memory_create(&e->src, &a_md, g_engine, DNNL_MEMORY_NONE));
-    DNNL_CHECK(dnnl_memory_create(&e->wei, &b_md, g_engine, DNNL_MEMORY_NONE));
-    DNNL_CHECK(dnnl_memory_create(&e->dst, &c_md, g_engine, DNNL_MEMORY_NONE));
+    /* Memory objects are created once and re-pointed at each call's buffers
+     * (with runtime dimensions they are made per call, for the actual sizes). */
+    if (!is_var(k)) {
+        DNNL_CHECK(dnnl_memory_create(&e->src, &a_md, g_engine, DNNL_MEMORY_NONE));
+        DNNL_CHECK(dnnl_memory_create(&e->wei, &b_md, g_engine, DNNL_MEMORY_NONE));
+        DNNL_CHECK(dnnl_memory_create(&e->dst, &c_md, g_engine, DNNL_MEMORY_NONE));
+    }
     if (k->bias) DNNL_CHECK(dnnl_memory_create(&e->bia, &bias_md, g_engine, DNNL_MEMORY_NONE));
     e->key = *k;
     e->used = 1;
@@ -121,6 +132,9 @@ static void create_entry(gemm_entry *e, const gemm_key *k) {
 static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                      int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
                      int accumulate, const float *bias);
+static gemm_entry *lookup(const gemm_key *k);
+static void execute(gemm_entry *e, int64_t M, int64_t K, const float *A, const float *B,
+                    float *C, const float *bias);
 
 void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
           int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
@@ -147,23 +161,42 @@ static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, 
         gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
         return;
     }
-    init_engine();
     gemm_key k = {M, N, K, lda, ldb, ldc, trans_a != 0, trans_b != 0, accumulate != 0,
                   bias != NULL};
-    gemm_entry *e = slot_for(g_table, g_cap, &k);
+    execute(lookup(&k), M, K, A, B, C, bias);
+}
+
+/* The cached primitive for `k`, created on first use. */
+static gemm_entry *lookup(const gemm_key *k) {
+    init_engine();
+    gemm_entry *e = slot_for(g_table, g_cap, k);
     if (!e->used) {
         if (2 * (g_count + 1) > g_cap) {
             grow();
-            e = slot_for(g_table, g_cap, &k);
+            e = slot_for(g_table, g_cap, k);
         }
-        create_entry(e, &k);
+        create_entry(e, k);
         g_count++;
     }
-    DNNL_CHECK(dnnl_memory_set_data_handle(e->src, (void *)A));
-    DNNL_CHECK(dnnl_memory_set_data_handle(e->wei, (void *)B));
-    DNNL_CHECK(dnnl_memory_set_data_handle(e->dst, C));
+    return e;
+}
+
+static void execute(gemm_entry *e, int64_t M, int64_t K, const float *A, const float *B,
+                    float *C, const float *bias) {
+    dnnl_memory_t src = e->src, wei = e->wei, dst = e->dst;
+    if (is_var(&e->key)) {
+        dnnl_memory_desc_t a_md, b_md, c_md;
+        make_mds(&e->key, M, K, &a_md, &b_md, &c_md);
+        DNNL_CHECK(dnnl_memory_create(&src, &a_md, g_engine, (void *)A));
+        DNNL_CHECK(dnnl_memory_create(&wei, &b_md, g_engine, (void *)B));
+        DNNL_CHECK(dnnl_memory_create(&dst, &c_md, g_engine, C));
+    } else {
+        DNNL_CHECK(dnnl_memory_set_data_handle(src, (void *)A));
+        DNNL_CHECK(dnnl_memory_set_data_handle(wei, (void *)B));
+        DNNL_CHECK(dnnl_memory_set_data_handle(dst, C));
+    }
     dnnl_exec_arg_t args[4] = {
-        {DNNL_ARG_SRC, e->src}, {DNNL_ARG_WEIGHTS, e->wei}, {DNNL_ARG_DST, e->dst}, {0, NULL}};
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {0, NULL}};
     int nargs = 3;
     if (bias) {
         DNNL_CHECK(dnnl_memory_set_data_handle(e->bia, (void *)bias));
@@ -171,6 +204,24 @@ static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, 
     }
     DNNL_CHECK(dnnl_primitive_execute(e->prim, g_stream, nargs, args));
     DNNL_CHECK(dnnl_stream_wait(g_stream));
+    if (is_var(&e->key)) {
+        DNNL_CHECK(dnnl_memory_destroy(src));
+        DNNL_CHECK(dnnl_memory_destroy(wei));
+        DNNL_CHECK(dnnl_memory_destroy(dst));
+    }
+}
+
+void gemm_var(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
+              const float *bias) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {
+        gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
+        return;
+    }
+    gemm_key k = {DNNL_RUNTIME_DIM_VAL, N, DNNL_RUNTIME_DIM_VAL, lda, ldb, ldc, trans_a != 0,
+                  trans_b != 0, accumulate != 0, bias != NULL};
+    execute(lookup(&k), M, K, A, B, C, bias);
 }
 
 void gemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
@@ -196,9 +247,9 @@ void gemm_shutdown(void) {
         gemm_entry *e = &g_table[i];
         if (!e->used) continue;
         dnnl_primitive_destroy(e->prim);
-        dnnl_memory_destroy(e->src);
-        dnnl_memory_destroy(e->wei);
-        dnnl_memory_destroy(e->dst);
+        if (e->src) dnnl_memory_destroy(e->src);
+        if (e->wei) dnnl_memory_destroy(e->wei);
+        if (e->dst) dnnl_memory_destroy(e->dst);
         if (e->bia) dnnl_memory_destroy(e->bia);
     }
     free(g_table);

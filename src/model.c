@@ -24,8 +24,18 @@ static float *carve(float **cursor, size_t n) {
     return p;
 }
 
-void model_build(gpt_model *m, const run_config *cfg, int B) {
+void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) {
     memset(m, 0, sizeof *m);
+    if (!d && cfg->ffn_kind != FFN_DENSE)
+        INFMOE_FAIL("an MoE model needs the MPI layout (model_build with a dist_ctx)");
+    ffn_context *ctx = &m->ctx;
+    ctx->world = d ? d->world : MPI_COMM_NULL;
+    ctx->ep_comm = d ? d->ep_comm : MPI_COMM_NULL;
+    ctx->world_size = d ? d->size : 1;
+    ctx->ep = d ? d->ep : 1;
+    ctx->ep_rank = d ? d->ep_rank : 0;
+    ctx->seed = (uint64_t)cfg->seed;
+    ctx->total_steps = cfg->steps;
     m->L = cfg->n_layer;
     m->C = cfg->n_embd;
     m->NH = cfg->n_head;
@@ -53,10 +63,14 @@ void model_build(gpt_model *m, const run_config *cfg, int B) {
         o->proj_b = add(tab, "h.%d.attn.proj.b", l, 1, C, 0, 0, INIT_ZERO, 0);
         o->ln2_w = add(tab, "h.%d.ln2.w", l, 1, C, 0, 0, INIT_ONE, 0);
         o->ln2_b = add(tab, "h.%d.ln2.b", l, 1, C, 0, 0, INIT_ZERO, 0);
-        ffn_init(&m->ffn[l], cfg, l, tab, N);
+        ffn_init(&m->ffn[l], cfg, l, tab, N, ctx->ep, ctx->ep_rank);
+        m->n_moe += m->ffn[l].moe != NULL;
     }
     m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_ONE, 0);
     m->lnf_b = add(tab, "lnf.b", 0, 1, C, 0, 0, INIT_ZERO, 0);
+    m->n_replicated = (tab->total + 15) / 16 * 16;
+    for (int l = 0; l < L; l++) ffn_register_sharded(&m->ffn[l], tab);
+    if (tab->total < m->n_replicated) tab->total = m->n_replicated;
 
     size_t P = tab->total;
     m->params = xcalloc(P, sizeof(float));
@@ -101,7 +115,9 @@ void model_build(gpt_model *m, const run_config *cfg, int B) {
     m->inputs = xcalloc((size_t)N, sizeof(int32_t));
     m->targets = xcalloc((size_t)N, sizeof(int32_t));
 
-    size_t ffn_scratch = ffn_scratch_floats(&m->ffn[0], N);
+    size_t ffn_scratch = 0;
+    for (int l = 0; l < L; l++)
+        if (ffn_scratch_floats(&m->ffn[l], N) > ffn_scratch) ffn_scratch = ffn_scratch_floats(&m->ffn[l], N);
     const size_t grad_parts[] = {nc, nc, 3 * nc, nc, (size_t)T * T, ffn_scratch};
     size_t grad_total = 0;
     for (size_t i = 0; i < sizeof grad_parts / sizeof grad_parts[0]; i++)
@@ -120,6 +136,16 @@ void model_init_params(gpt_model *m, uint64_t seed) {
     tensor_init_values(&m->tensors, m->params, seed);
 }
 
+void model_set_step(gpt_model *m, int step, int64_t token_offset, int training) {
+    m->ctx.step = step;
+    m->ctx.token_offset = token_offset;
+    m->ctx.training = training;
+}
+
+void model_end_step(gpt_model *m) {
+    for (int l = 0; l < m->L; l++) ffn_end_step(&m->ffn[l], &m->ctx);
+}
+
 float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets) {
     const int B = m->B, T = m->T, C = m->C, NH = m->NH;
     const int64_t N = m->N;
@@ -127,6 +153,7 @@ float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets)
     memcpy(m->inputs, inputs, (size_t)N * sizeof(int32_t));
     encoder_forward(m->encoded, inputs, P + m->wte, P + m->wpe, B, T, C);
     const float *x = m->encoded;
+    m->aux_loss = 0.0;
     for (int l = 0; l < m->L; l++) {
         const block_offsets *o = &m->block[l];
         block_acts *a = &m->acts[l];
@@ -139,7 +166,7 @@ float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets)
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, P + o->ln2_w, P + o->ln2_b,
                           N, C);
         memcpy(a->res3, a->res2, (size_t)(N * C) * sizeof(float));
-        ffn_forward(&m->ffn[l], P, a->res3, a->ln2, N);
+        m->aux_loss += ffn_forward(&m->ffn[l], P, a->res3, a->ln2, N, &m->ctx);
         x = a->res3;
     }
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, x, P + m->lnf_w, P + m->lnf_b, N, C);
@@ -176,7 +203,7 @@ void model_backward(gpt_model *m) {
         const float *x = l > 0 ? m->acts[l - 1].res3 : m->encoded;
         /* res3 = res2 + FFN(LN2(res2)): dres passes through and gains the FFN's share */
         memset(m->dln, 0, nc);
-        ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn);
+        ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn, &m->ctx);
         layernorm_backward(m->dres, G + o->ln2_w, G + o->ln2_b, m->dln, a->res2, P + o->ln2_w,
                            a->ln2_mean, a->ln2_rstd, N, C);
         /* res2 = x + proj(attn(LN1(x))) */

@@ -28,8 +28,28 @@ size_t tensor_add(tensor_table *tab, const char *name, int ndim, const int64_t *
     s->init = init;
     s->std = std;
     s->offset = (tab->total + 15) / 16 * 16;
+    s->global_dim0 = shape[0];
     tab->total = s->offset + s->numel;
     return s->offset;
+}
+
+size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const int64_t *shape,
+                          int decay, tensor_init init, float std, int64_t global_dim0,
+                          int64_t first) {
+    ALWAYS(first >= 0 && first + shape[0] <= global_dim0);
+    size_t off = tensor_add(tab, name, ndim, shape, decay, init, std);
+    tensor_spec *s = &tab->t[tab->n - 1];
+    s->sharded = 1;
+    s->global_dim0 = global_dim0;
+    s->shard_first = first;
+    return off;
+}
+
+static uint64_t name_hash(const char *name) {
+    uint64_t h = 1469598103934665603ULL;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++)
+        h = (h ^ *p) * 1099511628211ULL;
+    return h;
 }
 
 const tensor_spec *tensor_find(const tensor_table *tab, const char *name) {
@@ -39,14 +59,20 @@ const tensor_spec *tensor_find(const tensor_table *tab, const char *name) {
 }
 
 void tensor_init_values(const tensor_table *tab, float *buf, uint64_t seed) {
-    rng_state r;
-    rng_seed(&r, seed);
     memset(buf, 0, tab->total * sizeof(float));
     for (int i = 0; i < tab->n; i++) {
         const tensor_spec *s = &tab->t[i];
         float *p = buf + s->offset;
-        for (size_t k = 0; k < s->numel; k++)
-            p[k] = s->init == INIT_ONE ? 1.0f : s->init == INIT_NORMAL ? s->std * rng_normal(&r) : 0.0f;
+        if (s->init == INIT_ONE)
+            for (size_t k = 0; k < s->numel; k++) p[k] = 1.0f;
+        if (s->init != INIT_NORMAL) continue;
+        size_t row = s->numel / (size_t)s->shape[0];
+        uint64_t h = name_hash(s->name) ^ (seed * 0x9e3779b97f4a7c15ULL);
+        for (int64_t j = 0; j < s->shape[0]; j++) {
+            rng_state r;
+            rng_seed(&r, h + (uint64_t)(s->shard_first + j) * 0xd1342543de82ef95ULL);
+            for (size_t k = 0; k < row; k++) p[(size_t)j * row + k] = s->std * rng_normal(&r);
+        }
     }
 }
 

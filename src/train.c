@@ -32,6 +32,26 @@ static void train_usage(FILE *f) {
             "Rank 0 logs progress to stdout and appends it to <output.dir>/train.log.\n");
 }
 
+/*
+ * Average the gradients of one step over the ranks and return their global
+ * norm. Replicated tensors: mean over all ranks. Expert shards: every rank of
+ * the expert group already summed the contributions of the group's tokens, so
+ * sum over the shard's replicas (edp) and divide by the rank count.
+ */
+static double reduce_gradients(gpt_model *m, const dist_ctx *d) {
+    size_t n_rep = m->n_replicated, n_exp = m->tensors.total - m->n_replicated;
+    dist_allreduce_mean(m->grads, n_rep, d->world);
+    if (n_exp > 0) {
+        float *g = m->grads + n_rep;
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, g, (int)n_exp, MPI_FLOAT, MPI_SUM, d->edp_comm));
+        float inv = 1.0f / (float)d->size;
+        for (size_t i = 0; i < n_exp; i++) g[i] *= inv;
+    }
+    double sq_exp = optim_sum_squares(m->grads + n_rep, n_exp);
+    dist_allreduce_sum_d(&sq_exp, 1, d->ep_comm);
+    return sqrt(optim_sum_squares(m->grads, n_rep) + sq_exp);
+}
+
 /* Mean validation loss over eval_batches global batches, averaged over all ranks. */
 static float evaluate(gpt_model *m, token_dataset *val, const run_config *cfg,
                       const dist_ctx *d, int32_t *inputs, int32_t *targets) {
@@ -39,6 +59,7 @@ static float evaluate(gpt_model *m, token_dataset *val, const run_config *cfg,
     for (int b = 0; b < cfg->eval_batches; b++) {
         uint64_t first = (uint64_t)b * cfg->batch_size + (uint64_t)d->rank * m->B;
         data_eval_batch(val, first, m->B, inputs, targets);
+        model_set_step(m, 0, 0, 0);
         sum += model_forward(m, inputs, targets);
     }
     dist_allreduce_sum_d(&sum, 1, d->world);
@@ -108,7 +129,7 @@ int train_main(int argc, char **argv) {
     if (have_val) data_open(&val, cfg.data_val, T, cfg.vocab_size, (uint64_t)cfg.seed);
 
     gpt_model m;
-    model_build(&m, &cfg, B);
+    model_build(&m, &cfg, B, &d);
     model_init_params(&m, (uint64_t)cfg.seed);
     int32_t *inputs = xcalloc((size_t)B * T, sizeof(int32_t));
     int32_t *targets = xcalloc((size_t)B * T, sizeof(int32_t));
@@ -131,16 +152,17 @@ int train_main(int argc, char **argv) {
         double t0 = wall_time();
         uint64_t first = (uint64_t)step * cfg.batch_size + (uint64_t)d.rank * B;
         data_train_batch(&train, first, B, inputs, targets);
+        model_set_step(&m, step, (int64_t)first * T, 1);
         double local_loss = model_forward(&m, inputs, targets);
         model_zero_grad(&m);
         model_backward(&m);
-        dist_allreduce_mean(m.grads, m.tensors.total, d.world);
+        double norm = reduce_gradients(&m, &d);
         dist_allreduce_sum_d(&local_loss, 1, d.world);
         loss = (float)(local_loss / d.size);
-        double norm = sqrt(optim_sum_squares(m.grads, m.tensors.total));
         float lr = optim_lr(&cfg, step);
         optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, lr, step,
                          optim_clip_scale(cfg.grad_clip, norm));
+        model_end_step(&m);
         double dt = wall_time() - t0;
         double tok_s = tokens_per_step / dt;
         double mfu = tok_s * flops_per_token / (peak * 1e9) * 100.0;
@@ -152,10 +174,24 @@ int train_main(int argc, char **argv) {
         if (!isfinite(loss))
             infmoe_die("loss became %f at step %d: lower train.lr or check the data", loss,
                        step + 1);
-        if ((step + 1) % cfg.log_every == 0 || step == 0 || step + 1 == cfg.steps)
+        if ((step + 1) % cfg.log_every == 0 || step == 0 || step + 1 == cfg.steps) {
+            char moe[160] = "";
+            if (m.n_moe > 0) {
+                double worst = 0.0, dropped = 0.0, assigned = 0.0;
+                for (int l = 0; l < m.L; l++) {
+                    if (!m.ffn[l].moe) continue;
+                    const moe_stats *st = moe_get_stats(m.ffn[l].moe);
+                    if (st->max_over_mean > worst) worst = st->max_over_mean;
+                    dropped += (double)st->dropped;
+                    assigned += (double)st->assignments;
+                }
+                snprintf(moe, sizeof moe, " | aux %.6f | load max/mean %.3f | dropped %.2f%%",
+                         m.aux_loss, worst, assigned > 0 ? 100.0 * dropped / assigned : 0.0);
+            }
             dist_log("step %d/%d | loss %.6f | lr %.2e | grad_norm %.4f | ms %.1f | tok/s %.0f | "
-                     "mfu %.1f%%\n",
-                     step + 1, cfg.steps, loss, lr, norm, dt * 1e3, tok_s, mfu);
+                     "mfu %.1f%%%s\n",
+                     step + 1, cfg.steps, loss, lr, norm, dt * 1e3, tok_s, mfu, moe);
+        }
         if (have_val && cfg.eval_every > 0 &&
             ((step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps)) {
             val_loss = evaluate(&m, &val, &cfg, &d, inputs, targets);

@@ -121,36 +121,75 @@ else
     fail "prep: byte tokens and the train/val split"
 fi
 
-# ---- MPI equivalence: same losses at 1, 2 and 4 ranks (global batch fixed) ----
+# ---- training and MPI equivalence: same losses at every layout (global batch fixed) ----
 losses() { grep '^step ' "$1" | sed 's/.*| loss \([0-9.]*\) |.*/\1/'; }
-run_ranks() { # ranks, log
-    "${MPIRUN[@]}" -np "$1" $INFMOE train tests/configs/tiny.yaml --set output.dir="$TMP/run$1" > "$2" 2>&1
+# largest relative difference between two loss columns (1 if their lengths differ)
+max_rel_diff() {
+    paste <(echo "$1") <(echo "$2") |
+        awk -v n="$(echo "$1" | wc -l)" 'BEGIN{w=0} {d=$1-$2; if(d<0)d=-d; r=d/$1; if(r>w)w=r} END{if(NR!=n || $2=="")w=1; printf "%.2e", w}'
 }
-if run_ranks 1 "$TMP/p1.log"; then
-    l1=$(losses "$TMP/p1.log")
-    first=$(echo "$l1" | head -1)
-    last=$(echo "$l1" | tail -1)
-    if [ "$(echo "$l1" | wc -l)" -eq 20 ] && awk -v a="$first" -v b="$last" 'BEGIN{exit !(b < a - 0.3)}'; then
-        pass "train: 20 steps on 1 rank, loss falls ($first -> $last)"
-    else
-        fail "train: 20 steps on 1 rank, loss falls" "$(cat "$TMP/p1.log")"
+train_run() { # config, ranks, ep, log
+    "${MPIRUN[@]}" -np "$2" $INFMOE train "$1" --set parallel.ep="$3" --set output.dir="$TMP/run-$(basename "$1" .yaml)-$2-$3" > "$4" 2>&1
+}
+equivalence() { # config, then layouts "P:ep" compared with the first
+    local config=$1 name
+    name=$(basename "$config" .yaml)
+    shift
+    local ref_p=${1%:*} ref
+    local ref_ep=${1#*:}
+    shift
+    if ! train_run "$config" "$ref_p" "$ref_ep" "$TMP/$name-ref.log"; then
+        fail "mpi: $name at P=$ref_p ep=$ref_ep" "$(cat "$TMP/$name-ref.log")"
+        return
     fi
-    for p in 2 4; do
-        if run_ranks $p "$TMP/p$p.log"; then
-            worst=$(paste <(echo "$l1") <(losses "$TMP/p$p.log") |
-                awk 'BEGIN{w=0} {d=$1-$2; if(d<0)d=-d; r=d/$1; if(r>w)w=r} END{if(NR!=20)w=1; printf "%.2e", w}')
+    ref=$(losses "$TMP/$name-ref.log")
+    for layout in "$@"; do
+        local p=${layout%:*} worst
+        local ep=${layout#*:}
+        local log="$TMP/$name-$p-$ep.log"
+        if train_run "$config" "$p" "$ep" "$log"; then
+            worst=$(max_rel_diff "$ref" "$(losses "$log")")
             if awk -v w="$worst" 'BEGIN{exit !(w <= 1e-5)}'; then
-                pass "mpi: 20 steps at $p ranks equal 1 rank (max rel diff $worst <= 1e-5)"
+                pass "mpi: $name, 20 steps at P=$p ep=$ep equal P=$ref_p (max rel diff $worst <= 1e-5)"
             else
-                fail "mpi: 20 steps at $p ranks equal 1 rank (max rel diff $worst > 1e-5)" "$(paste <(echo "$l1") <(losses "$TMP/p$p.log"))"
+                fail "mpi: $name, 20 steps at P=$p ep=$ep equal P=$ref_p (max rel diff $worst > 1e-5)" \
+                    "$(paste <(echo "$ref") <(losses "$log"))"
             fi
         else
-            fail "mpi: training at $p ranks" "$(cat "$TMP/p$p.log")"
+            fail "mpi: $name at P=$p ep=$ep" "$(cat "$log")"
         fi
     done
-else
-    fail "train: 20 steps on 1 rank" "$(cat "$TMP/p1.log")"
-fi
+    local first last
+    first=$(echo "$ref" | head -1)
+    last=$(echo "$ref" | tail -1)
+    if [ "$(echo "$ref" | wc -l)" -eq 20 ] && awk -v a="$first" -v b="$last" 'BEGIN{exit !(b < a - 0.3)}'; then
+        pass "train: $name, 20 steps, loss falls ($first -> $last)"
+    else
+        fail "train: $name, 20 steps, loss falls ($first -> $last)" "$(cat "$TMP/$name-ref.log")"
+    fi
+}
+equivalence tests/configs/tiny.yaml 1:1 2:1 4:1
+equivalence tests/configs/tiny-topk.yaml 1:1 2:1 2:2 4:2 4:4
+
+# ---- an expert that receives no tokens: no hang, zero gradients, same losses ----
+empty_ref=""
+for layout in 1:1 2:1 2:2 4:2 4:4; do
+    p=${layout%:*}
+    ep=${layout#*:}
+    if out=$(timeout 120 "${MPIRUN[@]}" -np "$p" build/tests/mpi_moe_empty "$ep" 2>&1) &&
+        printf '%s\n' "$out" | grep -q "expert without tokens: zero gradients"; then
+        got=$(printf '%s\n' "$out" | grep '^step ' | awk '{print $4}')
+        [ -z "$empty_ref" ] && empty_ref=$got
+        worst=$(max_rel_diff "$empty_ref" "$got")
+        if awk -v w="$worst" 'BEGIN{exit !(w <= 1e-5)}'; then
+            pass "mpi: expert with no tokens at P=$p ep=$ep: no hang, zero gradients, losses as P=1 ($worst)"
+        else
+            fail "mpi: expert with no tokens at P=$p ep=$ep: losses differ from P=1 ($worst)" "$out"
+        fi
+    else
+        fail "mpi: expert with no tokens at P=$p ep=$ep" "$out"
+    fi
+done
 
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

@@ -54,6 +54,31 @@ int main(void) {
     /* K = 0 is an empty sum: C = bias (or unchanged with accumulate). */
     one_case(0, 1, 4, 6, 0, 0, 0, 1, &r);
     one_case(0, 1, 4, 6, 0, 0, 1, 0, &r);
+    /* Runtime M and K: one primitive per transposition case serves every token count,
+     * zero included (forward rows, and the reduction of weight gradients). */
+    int64_t before_var = gemm_primitives_created();
+    for (int n = 0; n < 40; n += 3)
+        for (int ta = 0; ta < 2; ta++) {
+            int M = ta ? 24 : n, K = ta ? n : 20, N = 16;
+            long na = (long)M * K + 1, nb = (long)K * N + 1, nc = (long)M * N + 1;
+            float *A = xmalloc(sizeof(float) * na), *B = xmalloc(sizeof(float) * nb);
+            float *C = xmalloc(sizeof(float) * nc), *R = xmalloc(sizeof(float) * nc);
+            fill(A, na, &r);
+            fill(B, nb, &r);
+            fill(C, nc, &r);
+            for (long i = 0; i < nc; i++) R[i] = C[i];
+            int lda = ta ? M : K;
+            gemm_var(ta, 0, M, N, K, A, lda, B, N, C, N, ta, NULL);
+            gemm_naive(ta, 0, M, N, K, A, lda, B, N, R, N, ta, NULL);
+            check_arrays_close("gemm_var", C, R, (long)M * N, 1e-4, 1e-4);
+            free(A);
+            free(B);
+            free(C);
+            free(R);
+        }
+    CHECK(gemm_primitives_created() - before_var == 2,
+          "gemm_var made %lld primitives for 2 transposition cases x 14 sizes",
+          (long long)(gemm_primitives_created() - before_var));
     /* The cache: repeating a shape creates no new primitive. */
     int64_t before = gemm_primitives_created();
     one_case(0, 1, 17, 33, 65, 0, 0, 0, &r);

@@ -102,7 +102,7 @@ int main(void) {
     cfg.grad_clip = 1.0f;
     const int B = 4;
     gpt_model m;
-    model_build(&m, &cfg, B);
+    model_build(&m, &cfg, B, NULL);
     for (int t = 0; t < m.tensors.n; t++) {
         const tensor_spec *s = &m.tensors.t[t];
         const record *r = find("param/", s->name);

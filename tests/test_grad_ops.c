@@ -195,7 +195,7 @@ typedef struct { ffn_layer f; float *params, *in, *out, *R; int64_t n; } ff_ctx;
 static double ff_obj(void *p) {
     ff_ctx *c = p;
     memset(c->out, 0, sizeof(float) * c->n * c->f.C);
-    ffn_forward(&c->f, c->params, c->out, c->in, c->n);
+    ffn_forward(&c->f, c->params, c->out, c->in, c->n, NULL);
     return dot(c->out, c->R, (long)c->n * c->f.C);
 }
 static void check_ffn_dense(void) {
@@ -206,7 +206,7 @@ static void check_ffn_dense(void) {
     cfg.n_layer = 1;
     tensor_table tab = {0};
     ff_ctx c = {.n = 5};
-    ffn_init(&c.f, &cfg, 0, &tab, c.n);
+    ffn_init(&c.f, &cfg, 0, &tab, c.n, 1, 0);
     c.params = rand_buf((long)tab.total, 0.5f);
     float *grads = zeros((long)tab.total);
     c.in = rand_buf(c.n * 6, 1.0f);
@@ -214,7 +214,7 @@ static void check_ffn_dense(void) {
     c.R = rand_buf(c.n * 6, 1.0f);
     float *din = zeros(c.n * 6), *scratch = zeros((long)ffn_scratch_floats(&c.f, c.n));
     ff_obj(&c);
-    ffn_backward(&c.f, c.params, grads, din, c.R, c.in, c.n, scratch);
+    ffn_backward(&c.f, c.params, grads, din, c.R, c.in, c.n, scratch, NULL);
     fd_check("dense ffn d/din", c.in, din, c.n * 6, ff_obj, &c);
     for (int t = 0; t < tab.n; t++) {
         char what[96];

@@ -15,7 +15,14 @@
 
 typedef enum {
     FFN_DENSE = 0, /* GPT-2 MLP: C -> hidden -> C with GELU */
+    FFN_TOPK,      /* discrete MoE: E experts, k chosen per token */
+    FFN_MOGE,      /* topk plus the group-sparse penalty on router probabilities */
 } ffn_kind;
+
+typedef enum {
+    GATE_NOISY = 0, /* Shazeer 2017: noisy top-k, softmax over the kept k */
+    GATE_SWITCH,    /* Switch: softmax over all E, raw probabilities as gates */
+} gate_kind;
 
 typedef struct {
     /* model */
@@ -23,6 +30,13 @@ typedef struct {
     /* ffn */
     ffn_kind ffn_kind;
     int32_t ffn_hidden; /* units of the dense FFN; 0 in the file means 4 * n_embd */
+    int32_t ffn_every;  /* MoE FFN in layers every-1, 2*every-1, ...; dense elsewhere */
+    int32_t experts, top_k, expert_hidden; /* expert_hidden 0: ffn_hidden / top_k */
+    gate_kind gate;
+    float w_importance, w_load, aux_alpha, z_loss, jitter, capacity_factor;
+    int32_t collapse_guard_steps;
+    float collapse_margin;
+    float moge_lambda, moge_sigma_max, moge_sigma_min, moge_gamma;
     /* train */
     int32_t steps, batch_size, warmup;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;

@@ -20,6 +20,16 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float
           int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
           const float *bias);
 
+/*
+ * Same product where M and K change from call to call (tokens per expert: the
+ * rows of a forward product, the reduction of a weight gradient): the
+ * primitive is created with runtime M and K, so one primitive per (N, strides,
+ * transposition, accumulate, bias) serves every token count.
+ */
+void gemm_var(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
+              const float *bias);
+
 void gemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                 int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
                 const float *bias);

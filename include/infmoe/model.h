@@ -9,6 +9,10 @@
  * Parameters, gradients and AdamW's m and v are four buffers laid out by one
  * tensor table (see tensor.h); activations are one more buffer for the local
  * micro-batch of B sequences of T tokens. Nothing is allocated after build.
+ * Replicated tensors come first ([0, n_replicated)), expert-sharded ones after,
+ * so each region's gradients are reduced with one call over its communicator.
+ * The loss the model minimises is the mean cross-entropy plus every MoE layer's
+ * aux loss.
  */
 #ifndef INFMOE_MODEL_H
 #define INFMOE_MODEL_H
@@ -16,6 +20,7 @@
 #include <stdint.h>
 
 #include "infmoe/config.h"
+#include "infmoe/dist.h"
 #include "infmoe/ffn.h"
 #include "infmoe/tensor.h"
 
@@ -52,11 +57,26 @@ typedef struct {
     /* backward scratch, shared by all blocks */
     float *grad_mem;
     float *dres, *dln, *dqkv, *datty, *datt, *dffn;
-    float mean_loss;
+    float mean_loss;      /* mean cross-entropy of the last forward with targets */
+    double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */
+    size_t n_replicated;  /* floats of the replicated region; the rest is expert-sharded */
+    int n_moe;            /* MoE layers */
+    ffn_context ctx;      /* the step the FFN layers run in */
 } gpt_model;
 
-/* Size the model from cfg for B local sequences and allocate every buffer. */
-void model_build(gpt_model *m, const run_config *cfg, int B);
+/*
+ * Size the model from cfg for B local sequences and allocate every buffer.
+ * d gives the expert-parallel layout; NULL means one process (dense only).
+ */
+void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d);
+/*
+ * The step the next forward belongs to: its index, the global index of this
+ * rank's first token (for per-token noise that does not depend on the rank
+ * count) and whether it trains (noise, jitter, aux losses) or evaluates.
+ */
+void model_set_step(gpt_model *m, int step, int64_t token_offset, int training);
+/* After a training step's update (advances per-layer state such as the collapse guard). */
+void model_end_step(gpt_model *m);
 /* GPT-2 init from seed: N(0, 0.02), residual projections / sqrt(2L), LN 1 and 0. */
 void model_init_params(gpt_model *m, uint64_t seed);
 /*
@@ -67,8 +87,9 @@ void model_init_params(gpt_model *m, uint64_t seed);
 float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets);
 void model_zero_grad(gpt_model *m);
 /*
- * Backward of the mean loss of the last forward (which must have had targets).
- * Accumulates into grads; averaging over ranks is the caller's.
+ * Backward of the last forward's loss (mean cross-entropy + aux losses; the
+ * forward must have had targets). Accumulates into grads; averaging over ranks
+ * is the caller's.
  */
 void model_backward(gpt_model *m);
 /* Training FLOPs per token (DESIGN.md 6): 6 x matmul params + 12 L T C. */

@@ -5,6 +5,12 @@
  * table gives each an offset, so params, gradients and AdamW's m and v are four
  * buffers of table.total floats with identical layouts. Offsets are aligned to
  * 16 floats (64 bytes); the gaps are zero and stay zero.
+ *
+ * Expert-sharded tensors hold rows [shard_first, shard_first + shape[0]) of a
+ * global tensor whose first dimension is global_dim0 (experts split over the
+ * ranks of an expert group). Initial values are drawn per slice along the first
+ * dimension from a stream seeded by (seed, name, global index), so a slice has
+ * the same values whichever rank holds it.
  */
 #ifndef INFMOE_TENSOR_H
 #define INFMOE_TENSOR_H
@@ -22,6 +28,8 @@ typedef struct {
     int decay;         /* AdamW weight decay applies (matrices, not biases or norms) */
     tensor_init init;
     float std;         /* INIT_NORMAL */
+    int sharded;       /* expert-parallel: rows of a larger global tensor */
+    int64_t global_dim0, shard_first;
 } tensor_spec;
 
 typedef struct {
@@ -33,6 +41,10 @@ typedef struct {
 /* Register a tensor; returns its offset. Names must be unique. */
 size_t tensor_add(tensor_table *tab, const char *name, int ndim, const int64_t *shape, int decay,
                   tensor_init init, float std);
+/* Register rows [first, first + shape[0]) of a tensor of global_dim0 rows. */
+size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const int64_t *shape,
+                          int decay, tensor_init init, float std, int64_t global_dim0,
+                          int64_t first);
 /* The tensor called `name`, or NULL. */
 const tensor_spec *tensor_find(const tensor_table *tab, const char *name);
 /* Fill `buf` with every tensor's initial values, drawn in table order from `seed`. */
