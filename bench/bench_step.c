@@ -6,8 +6,12 @@
  *
  *   mpirun -np P bench_step [--layers 12 --embd 768 --heads 12 --seq 256
  *                            --batch 4 --vocab 50257 --hidden 0 --steps 3]
+ *                           [--experts E --k K --expert-hidden H --ep EP]
+ * With --experts, every FFN is a noisy top-k MoE and the routing, dispatch,
+ * all-to-all and expert GEMM shares of the step are printed too.
  */
 #include <math.h>
+#include <stddef.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +22,14 @@
 #include "infmoe/optim.h"
 #include "infmoe/peak.h"
 #include "infmoe/util.h"
+
+/* Sum of a timer over the MoE layers. */
+static double moe_time(const gpt_model *m, size_t offset) {
+    double t = 0.0;
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].moe) t += *(const double *)((const char *)moe_get_stats(m->ffn[l].moe) + offset);
+    return t;
+}
 
 static int arg_int(int argc, char **argv, const char *name, int def) {
     for (int i = 1; i + 1 < argc; i++)
@@ -30,8 +42,9 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--help") == 0) {
             printf("usage: mpirun -np P bench_step [--layers L] [--embd C] [--heads NH] [--seq T]\n"
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
-                   "Times training steps of a GPT-2-shaped dense model; defaults: GPT-2 small,\n"
-                   "T=256, B=4, 3 timed steps after one warm-up step.\n");
+                   "       [--experts E --k K --expert-hidden HE --ep EP]\n"
+                   "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
+                   "--experts); defaults: GPT-2 small, T=256, B=4, 3 timed steps after one warm-up.\n");
             return 0;
         }
     dist_ctx d;
@@ -47,6 +60,16 @@ int main(int argc, char **argv) {
     cfg.ffn_hidden = arg_int(argc, argv, "--hidden", 0);
     if (cfg.ffn_hidden == 0) cfg.ffn_hidden = 4 * cfg.n_embd;
     int steps = arg_int(argc, argv, "--steps", 3);
+    cfg.experts = arg_int(argc, argv, "--experts", 0);
+    if (cfg.experts > 0) {
+        cfg.ffn_kind = FFN_TOPK;
+        cfg.top_k = arg_int(argc, argv, "--k", 2);
+        cfg.expert_hidden = arg_int(argc, argv, "--expert-hidden", cfg.ffn_hidden / cfg.top_k);
+        cfg.ep = arg_int(argc, argv, "--ep", 1);
+        if (cfg.experts % cfg.ep || d.size % cfg.ep)
+            infmoe_die_all("--ep must divide --experts and the rank count");
+        dist_set_layout(&d, cfg.ep);
+    }
     if (cfg.batch_size % d.size != 0) infmoe_die_all("--batch must be divisible by the rank count");
     int B = cfg.batch_size / d.size, T = cfg.seq_len;
 
@@ -62,20 +85,33 @@ int main(int argc, char **argv) {
     dist_allreduce_sum_d(&peak, 1, d.world);
 
     double t_fwd = 0, t_bwd = 0, t_ar = 0, t_opt = 0, t_total = 0;
+    double moe0[4] = {0}, rows = 0;
     for (int s = 0; s <= steps; s++) {
+        if (s == 1) /* start the MoE timers after the warm-up step */
+            for (int i = 0; i < 4; i++)
+                moe0[i] = moe_time(&m, offsetof(moe_stats, t_route) + (size_t)i * sizeof(double));
         MPI_CHECK(MPI_Barrier(d.world));
         double t0 = wall_time();
+        model_set_step(&m, s, (int64_t)d.rank * B * T, 1);
         model_forward(&m, tok, tok + 1);
         double t1 = wall_time();
         model_zero_grad(&m);
         model_backward(&m);
         double t2 = wall_time();
-        dist_allreduce_mean(m.grads, m.tensors.total, d.world);
+        double norm = model_reduce_gradients(&m, &d);
         double t3 = wall_time();
-        double norm = sqrt(optim_sum_squares(m.grads, m.tensors.total));
         optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, 1e-4f, s,
                          optim_clip_scale(1.0f, norm));
+        model_end_step(&m);
         double t4 = wall_time();
+        if (s > 0) /* expert rows this rank computed: its experts' share of all assignments */
+            for (int l = 0; l < m.L; l++)
+                if (m.ffn[l].moe) {
+                    const moe_stats *st = moe_get_stats(m.ffn[l].moe);
+                    for (int e = 0; e < cfg.experts / cfg.ep; e++)
+                        rows += (double)st->tokens[d.ep_rank * (cfg.experts / cfg.ep) + e] /
+                                (d.size / cfg.ep);
+                }
         double times[5] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0};
         dist_allreduce_max_d(times, 5, d.world);
         if (s == 0) continue; /* warm-up: primitive creation, first touch of buffers */
@@ -85,6 +121,12 @@ int main(int argc, char **argv) {
         t_opt += times[3];
         t_total += times[4];
     }
+    double moe_t[4];
+    for (int i = 0; i < 4; i++)
+        moe_t[i] = moe_time(&m, offsetof(moe_stats, t_route) + (size_t)i * sizeof(double)) - moe0[i];
+    dist_allreduce_max_d(moe_t, 4, d.world);
+    double expert_flops = rows * 12.0 * cfg.n_embd * cfg.expert_hidden; /* fwd 2 + bwd 4 GEMMs */
+    double rank_peak = peak / d.size;
     double ms = t_total / steps * 1e3;
     double tok_s = (double)cfg.batch_size * T / (t_total / steps);
     double flops = model_flops_per_token(&m);
@@ -100,6 +142,13 @@ int main(int argc, char **argv) {
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% | optimizer %.1f%%\n",
                100 * t_fwd / t_total, 100 * t_bwd / t_total, 100 * t_ar / t_total,
                100 * t_opt / t_total);
+        if (m.n_moe > 0)
+            printf("  moe E%d top-%d width %d ep %d | routing %.1f%% | dispatch %.1f%% | "
+                   "all-to-all %.1f%% | expert GEMMs %.1f%% at %.1f%% of peak (%.0f rows/expert/layer)\n",
+                   cfg.experts, cfg.top_k, cfg.expert_hidden, cfg.ep, 100 * moe_t[0] / t_total,
+                   100 * moe_t[1] / t_total, 100 * moe_t[2] / t_total, 100 * moe_t[3] / t_total,
+                   100 * expert_flops / moe_t[3] / (rank_peak * 1e9),
+                   rows / steps / m.n_moe / (cfg.experts / cfg.ep));
     }
     free(tok);
     model_free(&m);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "infmoe/ops.h"
+#include "infmoe/optim.h"
 #include "infmoe/util.h"
 
 static size_t add(tensor_table *tab, const char *fmt, int layer, int ndim, int64_t d0, int64_t d1,
@@ -219,6 +220,20 @@ void model_backward(gpt_model *m) {
                            a->ln1_mean, a->ln1_rstd, N, C);
     }
     encoder_backward(G + m->wte, G + m->wpe, m->dres, m->inputs, B, T, C);
+}
+
+double model_reduce_gradients(gpt_model *m, const dist_ctx *d) {
+    size_t n_rep = m->n_replicated, n_exp = m->tensors.total - m->n_replicated;
+    dist_allreduce_mean(m->grads, n_rep, d->world);
+    if (n_exp > 0) {
+        float *g = m->grads + n_rep;
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, g, (int)n_exp, MPI_FLOAT, MPI_SUM, d->edp_comm));
+        float inv = 1.0f / (float)d->size;
+        for (size_t i = 0; i < n_exp; i++) g[i] *= inv;
+    }
+    double sq_exp = optim_sum_squares(m->grads + n_rep, n_exp);
+    dist_allreduce_sum_d(&sq_exp, 1, d->ep_comm);
+    return sqrt(optim_sum_squares(m->grads, n_rep) + sq_exp);
 }
 
 double model_flops_per_token(const gpt_model *m) {

@@ -433,6 +433,8 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
         m->have_plan = 1;
     }
 
+    moe_stats *st = &m->stats;
+    double t0 = wall_time();
     /* 1. router input: Switch's multiplicative jitter, in training only */
     m->ur = in;
     if (m->gate == GATE_SWITCH && ctx->training && m->jitter > 0) {
@@ -468,6 +470,8 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
     for (int64_t i = 0; i < n * k; i++)
         if (m->slot[i] >= 0) m->slot[i] += (int32_t)start[m->choice[i]];
     int64_t n_send = start[E];
+    double t1 = wall_time();
+    st->t_route += t1 - t0;
 #pragma omp parallel for
     for (int64_t i = 0; i < n * k; i++) {
         if (m->slot[i] < 0) continue;
@@ -482,6 +486,7 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
     }
 
     /* 4. rows to the expert ranks */
+    double t2 = wall_time();
     dispatch_exchange_counts(&m->plan, m->dest_rows);
     ALWAYS(m->plan.n_send == n_send);
     if (m->plan.n_recv > m->max_rows)
@@ -489,6 +494,8 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
                     (long long)m->plan.n_recv, (long long)m->max_rows);
     m->n_recv = m->plan.n_recv;
     dispatch_forward(&m->plan, m->send, m->recv, W);
+    double t3 = wall_time();
+    st->t_alltoall += t3 - t2;
 
     /* 5. group received rows by local expert, one GEMM pair per expert */
     const int El = m->E_local, He = m->He;
@@ -508,6 +515,7 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
         m->perm[i] = (int32_t)fill[le]++;
         memcpy(m->X + (int64_t)m->perm[i] * C, m->recv + i * W, sizeof(float) * C);
     }
+    double t4 = wall_time();
     for (int e = 0; e < El; e++) {
         int64_t r0 = m->l_start[e], rows = m->l_start[e + 1] - r0;
         gemm_var(0, 1, rows, He, C, m->X + r0 * C, C, params + m->w1 + (size_t)e * He * C, C,
@@ -519,12 +527,17 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
         gemm_var(0, 1, rows, C, He, m->A + r0 * He, He, params + m->w2 + (size_t)e * C * He, He,
                  m->Y + r0 * C, C, 0, params + m->b2 + (size_t)e * C);
     }
+    double t5 = wall_time();
+    st->t_expert += t5 - t4;
 #pragma omp parallel for
     for (int64_t i = 0; i < m->n_recv; i++)
         memcpy(m->back + i * C, m->Y + (int64_t)m->perm[i] * C, sizeof(float) * C);
 
     /* 6. outputs back to the token owners, combined with their gates */
+    double t6 = wall_time();
     dispatch_reverse(&m->plan, m->back, m->yrows, C);
+    double t7 = wall_time();
+    st->t_alltoall += t7 - t6;
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++)
         for (int j = 0; j < k; j++) {
@@ -535,7 +548,11 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
             float *o = out + t * C;
             for (int c = 0; c < C; c++) o[c] += g * y[c];
         }
-    return ctx->training ? reduce_aux(m, n, ctx) : 0.0;
+    double t8 = wall_time();
+    st->t_dispatch += (t2 - t1) + (t4 - t3) + (t6 - t5) + (t8 - t7);
+    double aux = ctx->training ? reduce_aux(m, n, ctx) : 0.0;
+    st->t_route += wall_time() - t8;
+    return aux;
 }
 
 /* ---- backward ---- */
@@ -605,6 +622,8 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, const ffn_context *ctx) {
     ALWAYS(n == m->n);
     const int E = m->E, k = m->k, C = m->C, El = m->E_local, He = m->He;
+    moe_stats *st = &m->stats;
+    double t0 = wall_time();
     float *dgate = m->dgate;
     memset(dgate, 0, sizeof(float) * (size_t)(n * k));
     /* 1. per kept choice: the row gradient gate * dout, and d gate = dout . y */
@@ -621,13 +640,17 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
         dgate[i] = dot;
     }
     /* 2. row gradients to the experts along the forward plan */
+    double t1 = wall_time();
     dispatch_forward(&m->plan, m->dx_rows, m->back, C);
+    double t2 = wall_time();
+    st->t_alltoall += t2 - t1;
     float *dY = m->Y; /* the forward outputs are no longer needed */
 #pragma omp parallel for
     for (int64_t i = 0; i < m->n_recv; i++)
         memcpy(dY + (int64_t)m->perm[i] * C, m->back + i * C, sizeof(float) * C);
     /* 3. expert backward, one GEMM group per local expert */
     float *dA = m->dA, *dH = m->A; /* GELU outputs are consumed by the weight gradient first */
+    double t3 = wall_time();
     for (int e = 0; e < El; e++) {
         int64_t r0 = m->l_start[e], rows = m->l_start[e + 1] - r0;
         const float *W2 = params + m->w2 + (size_t)e * C * He;
@@ -651,11 +674,16 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
             for (int h = 0; h < He; h++) db1[h] += dH[r * He + h];
         gemm_var(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 0, NULL);
     }
+    double t4 = wall_time();
+    st->t_expert += t4 - t3;
 #pragma omp parallel for
     for (int64_t i = 0; i < m->n_recv; i++)
         memcpy(m->back + i * C, dX + (int64_t)m->perm[i] * C, sizeof(float) * C);
     /* 4. input gradients back to the token owners */
+    double t5 = wall_time();
     dispatch_reverse(&m->plan, m->back, m->dx_rows, C);
+    double t6 = wall_time();
+    st->t_alltoall += t6 - t5;
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++)
         for (int j = 0; j < k; j++) {
@@ -664,6 +692,8 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
             const float *r = m->dx_rows + (int64_t)s * C;
             for (int c = 0; c < C; c++) din[t * C + c] += r[c];
         }
+    double t7 = wall_time();
+    st->t_dispatch += (t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6);
     /* 5. gates and aux losses into the router. Aux losses are over the global batch;
      * dense gradients are averaged over world_size ranks afterwards, so scale up. */
     double N = ctx->training ? SUM_TOKENS(m) : (double)n, scale_n = ctx->world_size / N;
@@ -693,6 +723,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
         gemm(1, 0, E, C, n, m->dnlog, E, in, C, grads + m->wn, C, 1, NULL);
         gemm(0, 0, n, C, E, m->dnlog, E, params + m->wn, C, din, C, 1, NULL);
     }
+    st->t_route += wall_time() - t7;
 }
 
 void moe_end_step(moe_layer *m, const ffn_context *ctx) {

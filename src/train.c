@@ -32,26 +32,6 @@ static void train_usage(FILE *f) {
             "Rank 0 logs progress to stdout and appends it to <output.dir>/train.log.\n");
 }
 
-/*
- * Average the gradients of one step over the ranks and return their global
- * norm. Replicated tensors: mean over all ranks. Expert shards: every rank of
- * the expert group already summed the contributions of the group's tokens, so
- * sum over the shard's replicas (edp) and divide by the rank count.
- */
-static double reduce_gradients(gpt_model *m, const dist_ctx *d) {
-    size_t n_rep = m->n_replicated, n_exp = m->tensors.total - m->n_replicated;
-    dist_allreduce_mean(m->grads, n_rep, d->world);
-    if (n_exp > 0) {
-        float *g = m->grads + n_rep;
-        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, g, (int)n_exp, MPI_FLOAT, MPI_SUM, d->edp_comm));
-        float inv = 1.0f / (float)d->size;
-        for (size_t i = 0; i < n_exp; i++) g[i] *= inv;
-    }
-    double sq_exp = optim_sum_squares(m->grads + n_rep, n_exp);
-    dist_allreduce_sum_d(&sq_exp, 1, d->ep_comm);
-    return sqrt(optim_sum_squares(m->grads, n_rep) + sq_exp);
-}
-
 /* Mean validation loss over eval_batches global batches, averaged over all ranks. */
 static float evaluate(gpt_model *m, token_dataset *val, const run_config *cfg,
                       const dist_ctx *d, int32_t *inputs, int32_t *targets) {
@@ -156,7 +136,7 @@ int train_main(int argc, char **argv) {
         double local_loss = model_forward(&m, inputs, targets);
         model_zero_grad(&m);
         model_backward(&m);
-        double norm = reduce_gradients(&m, &d);
+        double norm = model_reduce_gradients(&m, &d);
         dist_allreduce_sum_d(&local_loss, 1, d.world);
         loss = (float)(local_loss / d.size);
         float lr = optim_lr(&cfg, step);

@@ -67,13 +67,7 @@ int main(int argc, char **argv) {
                 if (s->shard_first + j == 3)
                     for (size_t i = 0; i < row; i++) bad |= m.grads[s->offset + (size_t)j * row + i] != 0.0f;
         }
-        dist_allreduce_mean(m.grads, m.n_replicated, d.world);
-        size_t n_exp = m.tensors.total - m.n_replicated;
-        if (n_exp) {
-            MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, m.grads + m.n_replicated, (int)n_exp, MPI_FLOAT,
-                                    MPI_SUM, d.edp_comm));
-            for (size_t i = 0; i < n_exp; i++) m.grads[m.n_replicated + i] /= (float)d.size;
-        }
+        model_reduce_gradients(&m, &d);
         optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, 1e-3f, step, 1.0f);
         model_end_step(&m);
         dist_allreduce_sum_d(&loss, 1, d.world);

@@ -142,6 +142,34 @@ static void check_reference(const char *name, run_config *cfg) {
     teardown(&lc);
 }
 
+/*
+ * Eigen's guard: a router that always ranks expert 0 first. After a step, an
+ * expert whose running total exceeds the mean by more than the margin is
+ * blocked for the next step; once blocked, the totals even out and it is
+ * routed to again. So with every token on expert 0 at step 0 (16 of 32
+ * assignments), the guard alternates: 16, 0, 16, 0 tokens in steps 0-3, and
+ * after the guard's 4 steps expert 0 takes every token again.
+ */
+static void check_collapse_guard(run_config *cfg) {
+    layer_case lc;
+    cfg->collapse_guard_steps = 4;
+    setup(&lc, cfg, 16);
+    const tensor_spec *r = tensor_find(&lc.tab, "h.0.moe.router.w");
+    for (size_t i = 0; i < r->numel; i++) lc.params[r->offset + i] = 0.0f;
+    for (int64_t t = 0; t < lc.n; t++) lc.in[t * lc.C] = 5.0f + (float)t; /* channel 0 > 0 */
+    lc.params[r->offset] = 10.0f; /* expert 0's logit: 10 x channel 0, the largest */
+    const int64_t want[6] = {16, 0, 16, 0, 16, 16};
+    for (int step = 0; step < 6; step++) {
+        lc.ctx.step = step;
+        objective(&lc);
+        int64_t got = moe_get_stats(lc.m)->tokens[0];
+        CHECK(got == want[step], "collapse guard, step %d: expert 0 got %lld tokens, expected %lld",
+              step, (long long)got, (long long)want[step]);
+        moe_end_step(lc.m, &lc.ctx);
+    }
+    teardown(&lc);
+}
+
 static run_config base_config(void) {
     run_config c;
     config_defaults(&c);
@@ -211,8 +239,11 @@ int main(int argc, char **argv) {
     c.experts = 16;
     check_gradients("moge penalty, 16 experts (4x4 map, 3x3 window)", &c);
 
+    c = base_config();
+    check_collapse_guard(&c);
+
     gemm_shutdown();
-    int rc = check_finish("moe: grouped GEMMs equal the reference; gates, aux losses, capacity and moge against finite differences");
+    int rc = check_finish("moe: grouped GEMMs equal the reference; gates, aux losses, capacity and moge against finite differences; collapse guard");
     MPI_Finalize();
     return rc;
 }

@@ -92,6 +92,13 @@ void model_zero_grad(gpt_model *m);
  * is the caller's.
  */
 void model_backward(gpt_model *m);
+/*
+ * Average one step's gradients over the ranks and return their global norm.
+ * Replicated tensors: mean over all ranks. Expert shards: each rank of an
+ * expert group has summed the contributions of the group's tokens, so they are
+ * summed over the shard's replicas (edp) and divided by the rank count.
+ */
+double model_reduce_gradients(gpt_model *m, const dist_ctx *d);
 /* Training FLOPs per token (DESIGN.md 6): 6 x matmul params + 12 L T C. */
 double model_flops_per_token(const gpt_model *m);
 /* Parameters in the model (alignment gaps excluded). */

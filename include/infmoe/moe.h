@@ -40,6 +40,11 @@ typedef struct {
     int64_t n_tokens;
     double aux_importance, aux_load, aux_switch, aux_z, aux_moge;
     double max_over_mean; /* max_i tokens_i / mean_i tokens_i */
+    /* seconds spent since the layer was created, forward and backward together */
+    double t_route;       /* router GEMMs, gating, capacity, aux losses and their gradients */
+    double t_dispatch;    /* packing and unpacking rows, combining outputs */
+    double t_alltoall;    /* the MPI exchanges (counts and rows, both ways) */
+    double t_expert;      /* expert GEMMs and GELU */
 } moe_stats;
 
 typedef struct moe_layer moe_layer;
