@@ -11,11 +11,12 @@ LIB_SRC := $(filter-out src/main.c,$(wildcard src/*.c))
 LIB_OBJ := $(LIB_SRC:src/%.c=build/obj/%.o)
 HEADERS := $(wildcard include/infmoe/*.h)
 TESTS   := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
+TOOLS   := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/tool_*.c))
 MPI_TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/mpi_*.c))
 BENCHES := $(patsubst bench/%.c,build/bench/%,$(wildcard bench/*.c))
 
 .PHONY: all deps data run test bench clean help
-all: build/infmoe $(TESTS) $(MPI_TESTS) $(BENCHES)
+all: build/infmoe $(TESTS) $(MPI_TESTS) $(TOOLS) $(BENCHES)
 
 help:
 	@echo "make run    install dependencies, build, prepare the demo corpus, train a demo model on 2 ranks"

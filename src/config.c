@@ -70,6 +70,7 @@ static const key_spec schema[] = {
     {"train", "eval_batches", KEY_INT, OFF(eval_batches), 1, INT_MAX, NULL, "4"},
     {"train", "ckpt_every", KEY_INT, OFF(ckpt_every), 0, INT_MAX, NULL, "0"},
     {"train", "stats_every", KEY_INT, OFF(stats_every), 0, INT_MAX, NULL, "0"},
+    {"train", "keep_last", KEY_INT, OFF(keep_last), 0, INT_MAX, NULL, "3"},
     {"data", "train", KEY_STRING, OFF(data_train), 0, 0, NULL, NULL},
     {"data", "val", KEY_STRING, OFF(data_val), 0, 0, NULL, NULL},
     {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL, "1"},

@@ -21,7 +21,6 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
     }
     f->kind = FFN_DENSE;
     f->H = cfg->ffn_hidden;
-    f->max_tokens = max_tokens;
     char name[64];
     const float std = 0.02f;
     /* GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L). */

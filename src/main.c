@@ -5,7 +5,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "infmoe/ckpt.h"
 #include "infmoe/data.h"
+#include "infmoe/infer.h"
 #include "infmoe/train.h"
 
 static void usage(FILE *f) {
@@ -15,6 +17,9 @@ static void usage(FILE *f) {
             "commands:\n"
             "  train CONFIG   train a model (run under mpirun for several ranks)\n"
             "  prep           tokenise text files into token shards\n"
+            "  eval CKPT      validation loss of a checkpoint\n"
+            "  sample CKPT    generate text from a checkpoint and a prompt\n"
+            "  ckpt info|verify PATH   describe or check a checkpoint\n"
             "\n"
             "'infmoe COMMAND --help' describes each command. Configs: docs/config.md.\n");
 }
@@ -31,6 +36,9 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "train") == 0) return train_main(argc - 1, argv + 1);
     if (strcmp(cmd, "prep") == 0) return data_prep_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "ckpt") == 0) return ckpt_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "eval") == 0) return infer_eval_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "sample") == 0) return infer_sample_main(argc - 1, argv + 1);
     fprintf(stderr, "infmoe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 1;

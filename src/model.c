@@ -27,7 +27,7 @@ static float *carve(float **cursor, size_t n) {
 
 void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) {
     memset(m, 0, sizeof *m);
-    if (!d && cfg->ffn_kind != FFN_DENSE)
+    if (!d && B > 0 && cfg->ffn_kind != FFN_DENSE)
         INFMOE_FAIL("an MoE model needs the MPI layout (model_build with a dist_ctx)");
     ffn_context *ctx = &m->ctx;
     ctx->world = d ? d->world : MPI_COMM_NULL;
@@ -72,6 +72,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->n_replicated = (tab->total + 15) / 16 * 16;
     for (int l = 0; l < L; l++) ffn_register_sharded(&m->ffn[l], tab);
     if (tab->total < m->n_replicated) tab->total = m->n_replicated;
+    if (B == 0) return; /* the tensor table alone: global shapes for checkpoint tools */
 
     size_t P = tab->total;
     m->params = xcalloc(P, sizeof(float));

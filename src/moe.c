@@ -219,6 +219,8 @@ void moe_free(moe_layer *m) {
 }
 
 const moe_stats *moe_get_stats(const moe_layer *m) { return &m->stats; }
+double *moe_guard_totals(moe_layer *m) { return m->guard_tot; }
+int moe_num_experts(const moe_layer *m) { return m->E; }
 
 double moe_matmul_params_per_token(const moe_layer *m) {
     return (double)m->k * 2.0 * m->C * m->He;

@@ -5,10 +5,12 @@
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/ckpt.h"
 #include "infmoe/config.h"
 #include "infmoe/data.h"
 #include "infmoe/dist.h"
@@ -19,7 +21,7 @@
 
 static void train_usage(FILE *f) {
     fprintf(f,
-            "usage: infmoe train CONFIG [--set section.key=value]...\n"
+            "usage: infmoe train CONFIG [--set section.key=value]... [--resume auto|PATH]\n"
             "\n"
             "Train the model CONFIG (YAML; keys in docs/config.md) on the ranks of the MPI\n"
             "job (mpirun -np P infmoe train CONFIG). train.batch_size is the global batch\n"
@@ -27,9 +29,28 @@ static void train_usage(FILE *f) {
             "\n"
             "options:\n"
             "  --set section.key=value   override one config key (repeatable)\n"
+            "  --resume auto             continue from the newest complete checkpoint in\n"
+            "                            output.dir (start fresh when there is none)\n"
+            "  --resume PATH             continue from checkpoint PATH (any rank count and ep)\n"
             "  --help                    this text\n"
             "\n"
-            "Rank 0 logs progress to stdout and appends it to <output.dir>/train.log.\n");
+            "Rank 0 logs progress to stdout and appends it to <output.dir>/train.log.\n"
+            "Checkpoints go to <output.dir>/step_NNNNNN every train.ckpt_every steps and at\n"
+            "the end. SIGTERM or SIGUSR1: every rank finishes its step, the job saves a\n"
+            "checkpoint and exits with status 75, for a launcher to requeue.\n");
+}
+
+static volatile sig_atomic_t g_signal = 0;
+static void on_signal(int sig) { g_signal = sig; }
+
+static void catch_stop_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
 }
 
 /* Mean validation loss over eval_batches global batches, averaged over all ranks. */
@@ -47,7 +68,7 @@ static float evaluate(gpt_model *m, token_dataset *val, const run_config *cfg,
 }
 
 int train_main(int argc, char **argv) {
-    const char *config_path = NULL;
+    const char *config_path = NULL, *resume = NULL;
     char **sets = xcalloc((size_t)argc, sizeof(char *));
     int n_sets = 0;
     for (int i = 1; i < argc; i++) {
@@ -63,6 +84,12 @@ int train_main(int argc, char **argv) {
             sets[n_sets++] = argv[++i];
         } else if (strncmp(argv[i], "--set=", 6) == 0) {
             sets[n_sets++] = argv[i] + 6;
+        } else if (strcmp(argv[i], "--resume") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "infmoe train: --resume needs 'auto' or a checkpoint path\n");
+                return 1;
+            }
+            resume = argv[++i];
         } else if (argv[i][0] == '-') {
             fprintf(stderr, "infmoe train: unknown option '%s' (see infmoe train --help)\n", argv[i]);
             return 1;
@@ -80,6 +107,7 @@ int train_main(int argc, char **argv) {
         return 1;
     }
 
+    catch_stop_signals();
     dist_ctx d;
     dist_init(&d, &argc, &argv);
     run_config cfg;
@@ -92,6 +120,24 @@ int train_main(int argc, char **argv) {
     if (d.rank == 0 && mkdir_p(cfg.output_dir) != 0)
         infmoe_die("cannot create the run directory %s: %s", cfg.output_dir, strerror(errno));
     MPI_CHECK(MPI_Barrier(d.world));
+
+    token_dataset train, val;
+    data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed);
+    int have_val = cfg.data_val[0] != '\0';
+    if (have_val) data_open(&val, cfg.data_val, T, cfg.vocab_size, (uint64_t)cfg.seed);
+
+    gpt_model m;
+    model_build(&m, &cfg, B, &d);
+    model_init_params(&m, (uint64_t)cfg.seed);
+    ckpt_position start = {0, 0};
+    char ckpt_path[2048] = "";
+    if (resume) {
+        if (ckpt_resolve(resume, cfg.output_dir, ckpt_path, sizeof ckpt_path))
+            start = ckpt_load(ckpt_path, &m, &d);
+        else
+            dist_log("no checkpoint in %s: starting from step 0\n", cfg.output_dir);
+    }
+    /* Only now, with the data and any checkpoint loaded, write into the run directory. */
     char path[1200];
     snprintf(path, sizeof path, "%s/train.log", cfg.output_dir);
     dist_log_open(path);
@@ -102,15 +148,6 @@ int train_main(int argc, char **argv) {
         config_print(&cfg, f);
         if (fclose(f) != 0) infmoe_die("cannot write %s: %s", path, strerror(errno));
     }
-
-    token_dataset train, val;
-    data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed);
-    int have_val = cfg.data_val[0] != '\0';
-    if (have_val) data_open(&val, cfg.data_val, T, cfg.vocab_size, (uint64_t)cfg.seed);
-
-    gpt_model m;
-    model_build(&m, &cfg, B, &d);
-    model_init_params(&m, (uint64_t)cfg.seed);
     int32_t *inputs = xcalloc((size_t)B * T, sizeof(int32_t));
     int32_t *targets = xcalloc((size_t)B * T, sizeof(int32_t));
 
@@ -125,12 +162,18 @@ int train_main(int argc, char **argv) {
              config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,
              cfg.batch_size, T, (unsigned long long)train.n_windows, peak);
 
+    if (ckpt_path[0])
+        dist_log("resumed from %s: step %lld, %lld sequences seen\n", ckpt_path,
+                 (long long)start.step, (long long)start.data_position);
     double t_train = 0.0, mfu_sum = 0.0;
-    int timed_steps = 0;
-    float loss = 0.0f, val_loss = NAN;
-    for (int step = 0; step < cfg.steps; step++) {
+    int timed_steps = 0, stop = 0;
+    float loss = NAN, val_loss = NAN;
+    for (int step = (int)start.step; step < cfg.steps && !stop; step++) {
         double t0 = wall_time();
-        uint64_t first = (uint64_t)step * cfg.batch_size + (uint64_t)d.rank * B;
+        /* sequences consumed before this step: the data position survives a change of
+         * rank count and of batch size across a resume */
+        int64_t seen = start.data_position + (int64_t)(step - start.step) * cfg.batch_size;
+        uint64_t first = (uint64_t)seen + (uint64_t)d.rank * B;
         data_train_batch(&train, first, B, inputs, targets);
         model_set_step(&m, step, (int64_t)first * T, 1);
         double local_loss = model_forward(&m, inputs, targets);
@@ -146,7 +189,7 @@ int train_main(int argc, char **argv) {
         double dt = wall_time() - t0;
         double tok_s = tokens_per_step / dt;
         double mfu = tok_s * flops_per_token / (peak * 1e9) * 100.0;
-        if (step > 0) { /* the first step pays for primitive creation and page faults */
+        if (step > start.step) { /* the first step pays for primitive creation and page faults */
             t_train += dt;
             mfu_sum += mfu;
             timed_steps++;
@@ -177,12 +220,27 @@ int train_main(int argc, char **argv) {
             val_loss = evaluate(&m, &val, &cfg, &d, inputs, targets);
             dist_log("eval %d/%d | val_loss %.6f\n", step + 1, cfg.steps, val_loss);
         }
+        /* a stop signal on any rank stops every rank after this step */
+        int sig = g_signal;
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &sig, 1, MPI_INT, MPI_MAX, d.world));
+        stop = sig != 0;
+        if (stop || step + 1 == cfg.steps || (cfg.ckpt_every > 0 && (step + 1) % cfg.ckpt_every == 0)) {
+            ckpt_position pos = {step + 1, seen + cfg.batch_size};
+            double ts = wall_time();
+            ckpt_save(cfg.output_dir, &m, &cfg, &d, pos, cfg.keep_last);
+            dist_log("checkpoint %s/step_%06d | %.2f s\n", cfg.output_dir, step + 1, wall_time() - ts);
+        }
+        if (stop) {
+            dist_log("signal %d: saved at step %d; exiting with status %d (resume with --resume auto)\n",
+                     sig, step + 1, EXIT_SAVED_ON_SIGNAL);
+        }
     }
     double tok_s = timed_steps ? tokens_per_step * timed_steps / t_train : 0.0;
-    dist_log("done %d steps | train_loss %.6f | val_loss %.6f | tok/s %.0f | mfu %.1f%% | "
-             "ranks %d x threads %d\n",
-             cfg.steps, loss, val_loss, tok_s, timed_steps ? mfu_sum / timed_steps : 0.0, d.size,
-             threads);
+    if (!stop)
+        dist_log("done %d steps | train_loss %.6f | val_loss %.6f | tok/s %.0f | mfu %.1f%% | "
+                 "ranks %d x threads %d\n",
+                 cfg.steps, loss, val_loss, tok_s, timed_steps ? mfu_sum / timed_steps : 0.0,
+                 d.size, threads);
 
     free(inputs);
     free(targets);
@@ -192,5 +250,5 @@ int train_main(int argc, char **argv) {
     config_free(&cfg);
     free(sets);
     dist_finalize(&d);
-    return 0;
+    return stop ? EXIT_SAVED_ON_SIGNAL : 0;
 }

@@ -191,5 +191,168 @@ for layout in 1:1 2:1 2:2 4:2 4:4; do
     fi
 done
 
+# ---- checkpoints: resume, reshard, faults, damage ----
+CK="$TMP/ck"
+mkdir -p "$CK"
+train_to() { # log, ranks, config, args...
+    local log=$1 p=$2
+    shift 2
+    "${MPIRUN[@]}" -np "$p" $INFMOE train "$@" > "$log" 2>&1
+}
+# "step N/M | loss X" lines from step $2 on, loss only
+steps_from() { grep '^step ' "$1" | awk -v s="$2" '{split($2, a, "/"); if (a[1] + 0 >= s) print $2, $5}'; }
+
+# params, m and v of two checkpoints equal bit for bit (the config attribute differs: output.dir)
+same_tensors() {
+    local g
+    for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
+}
+for name in tiny tiny-topk; do
+    cfg=tests/configs/$name.yaml
+    train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"
+    train_to "$CK/$name-first.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/$name-first"
+    train_to "$CK/$name-resumed.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-resumed" \
+        --resume "$CK/$name-first/step_000020"
+    if grep -q "resumed from .*step_000020" "$CK/$name-resumed.log" &&
+        [ "$(steps_from "$CK/$name-resumed.log" 21 | wc -l)" -eq 20 ] &&
+        [ "$(steps_from "$CK/$name-straight.log" 21)" = "$(steps_from "$CK/$name-resumed.log" 21)" ] &&
+        same_tensors "$CK/$name-straight/step_000040/model.h5" "$CK/$name-resumed/step_000040/model.h5"; then
+        pass "ckpt: $name 20 steps + resume 20 = 40 straight: every loss and the final params, m, v bitwise equal"
+    else
+        fail "ckpt: $name resume is not bit-exact" "$(paste <(steps_from "$CK/$name-straight.log" 21) <(steps_from "$CK/$name-resumed.log" 21); tail -3 "$CK/$name-resumed.log")"
+    fi
+done
+
+# reshard: saved at P=4 ep=2, resumed at other layouts; saved at P=1, resumed at P=4 ep=4
+cfg=tests/configs/tiny-topk.yaml
+reshard() { # label, saved run dir, reference log, ranks, ep
+    local log="$CK/reshard-$4-$5.log" worst
+    train_to "$log" "$4" "$cfg" --set train.steps=40 --set parallel.ep="$5" --set output.dir="$CK/reshard-$1-$4-$5" \
+        --resume "$2/step_000020"
+    worst=$(max_rel_diff "$(steps_from "$3" 21 | awk '{print $2}')" "$(steps_from "$log" 21 | awk '{print $2}')")
+    if grep -q "resumed from" "$log" && awk -v w="$worst" 'BEGIN{exit !(w <= 1e-5)}'; then
+        pass "ckpt: saved at $1, resumed at P=$4 ep=$5: steps 21-40 as the uninterrupted run (max rel diff $worst)"
+    else
+        fail "ckpt: saved at $1, resumed at P=$4 ep=$5 (max rel diff $worst)" "$(tail -5 "$log")"
+    fi
+}
+train_to "$CK/p4.log" 4 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set parallel.ep=2 --set output.dir="$CK/p4"
+reshard "P=4 ep=2" "$CK/p4" "$CK/p4.log" 2 1
+reshard "P=4 ep=2" "$CK/p4" "$CK/p4.log" 2 2
+reshard "P=4 ep=2" "$CK/p4" "$CK/p4.log" 1 1
+train_to "$CK/p1.log" 1 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/p1"
+reshard "P=1" "$CK/p1" "$CK/p1.log" 4 4
+
+# SIGKILL of one rank in the middle of the second save (96 tensors a save: die at the 136th)
+INFMOE_FAULT_SAVE=1:136 train_to "$CK/kill.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=10 \
+    --set output.dir="$CK/kill"
+kill_rc=$?
+if [ $kill_rc -ne 0 ] && [ -d "$CK/kill/step_000020.tmp" ] && [ "$(cat "$CK/kill/latest")" = step_000010 ] &&
+    $INFMOE ckpt verify "$CK/kill/latest" >/dev/null 2>&1 &&
+    train_to "$CK/kill-resume.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/kill" --resume auto &&
+    grep -q "resumed from .*step_000010:" "$CK/kill-resume.log" &&
+    [ "$(steps_from "$CK/tiny-topk-straight.log" 11)" = "$(steps_from "$CK/kill-resume.log" 11)" ]; then
+    pass "ckpt: SIGKILL of a rank mid-save leaves step_000010 intact; resume auto continues bit-exactly"
+else
+    fail "ckpt: SIGKILL of a rank mid-save (exit $kill_rc)" "$(ls "$CK/kill"; tail -3 "$CK/kill.log"; tail -3 "$CK/kill-resume.log" 2>/dev/null)"
+fi
+
+# SIGTERM to one rank, and SIGUSR1 to mpirun (forwarded to every rank), in the middle of a run
+signal_run() { # label, signal, target (rank|mpirun)
+    local dir="$CK/sig-$2" log="$CK/sig-$2.log" pid rc
+    "${MPIRUN[@]}" -np 2 $INFMOE train tests/configs/tiny.yaml --set train.steps=100000 \
+        --set output.dir="$dir" > "$log" 2>&1 &
+    pid=$!
+    for _ in $(seq 300); do
+        [ "$(grep -c '^step ' "$log")" -ge 5 ] && break
+        sleep 0.1
+    done
+    if [ "$3" = rank ]; then kill -"$2" "$(pgrep -P "$pid" -f infmoe | head -1)"; else kill -"$2" "$pid"; fi
+    wait "$pid"
+    rc=$?
+    local saved
+    saved=$(sed -n 's/^signal [0-9]*: saved at step \([0-9]*\);.*/\1/p' "$log")
+    if [ $rc -eq 75 ] && [ -n "$saved" ] && [ "$(cat "$dir/latest")" = "$(printf 'step_%06d' "$saved")" ] &&
+        $INFMOE ckpt verify "$dir/latest" >/dev/null 2>&1; then
+        pass "ckpt: $1 mid-run: every rank saved step $saved (verified) and exited with status 75"
+    else
+        fail "ckpt: $1 mid-run (exit $rc)" "$(tail -5 "$log")"
+    fi
+}
+signal_run "SIGTERM to one rank" TERM rank
+signal_run "SIGUSR1 to mpirun" USR1 mpirun
+
+# damaged checkpoints: one clear message, nothing in the run directory changed
+good="$CK/tiny-topk-first/step_000040"
+damaged() { # label, expected message, setup command for $CK/bad/step_000040 (or other path), path to resume
+    local label=$1 want=$2 setup=$3 target=${4:-$CK/bad/step_000040} before after out
+    rm -rf "$CK/bad"
+    mkdir -p "$CK/bad"
+    cp -r "$good" "$CK/bad/step_000040"
+    eval "$setup"
+    before=$(cd "$CK/bad" && find . -type f -exec md5sum {} + | sort)
+    out=$($INFMOE train "$cfg" --set train.steps=60 --set output.dir="$CK/bad" --resume "$target" 2>&1)
+    local rc=$?
+    after=$(cd "$CK/bad" && find . -type f -exec md5sum {} + | sort)
+    if [ $rc -ne 0 ] && printf '%s\n' "$out" | grep -qF -- "$want" && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] &&
+        [ "$before" = "$after" ]; then
+        pass "ckpt: $label: '$want', nothing changed"
+    else
+        fail "ckpt: $label (exit $rc, want '$want')" "$out"
+    fi
+}
+damaged "truncated file" "not a readable HDF5 file (truncated or corrupt?)" \
+    'truncate -s $(( $(stat -c %s "$CK/bad/step_000040/model.h5") / 2 )) "$CK/bad/step_000040/model.h5"'
+damaged "flipped bytes in a tensor" "cannot read tensor params/h.0.attn.qkv.w: checksum mismatch" \
+    'build/tests/tool_tamper "$CK/bad/step_000040/model.h5" flip /params/h.0.attn.qkv.w'
+damaged "missing attribute" "missing attribute 'step'" \
+    'build/tests/tool_tamper "$CK/bad/step_000040/model.h5" drop-attr step'
+damaged "temporary name" "an incomplete checkpoint (still under its temporary name" \
+    'mv "$CK/bad/step_000040" "$CK/bad/step_000040.tmp"' "$CK/bad/step_000040.tmp"
+cfg_saved=$cfg
+cfg=tests/configs/tiny-topk.yaml
+damaged_shape() {
+    local out rc
+    out=$($INFMOE train "$cfg" --set model.n_embd=48 --set train.steps=60 --set output.dir="$CK/bad" --resume "$good" 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ] && printf '%s\n' "$out" | grep -qF "tensor params/wte is [256 x 32] in the checkpoint but the config makes it [256 x 48]"; then
+        pass "ckpt: config shapes differ from the checkpoint: the tensor and both shapes named"
+    else
+        fail "ckpt: config shapes differ from the checkpoint (exit $rc)" "$out"
+    fi
+}
+damaged_shape
+cfg=$cfg_saved
+verify_damage() {
+    rm -rf "$CK/v"
+    cp -r "$good" "$CK/v"
+    build/tests/tool_tamper "$CK/v/model.h5" flip /adam_v/h.1.moe.experts.fc.w
+    local out
+    out=$($INFMOE ckpt verify "$CK/v" 2>&1)
+    if [ $? -ne 0 ] && printf '%s\n' "$out" | grep -qF "tensor adam_v/h.1.moe.experts.fc.w is damaged" &&
+        $INFMOE ckpt verify "$good" | grep -q ": ok: 32 tensors x 3 checked"; then
+        pass "ckpt verify: names the damaged tensor (adam_v/h.1.moe.experts.fc.w); a good checkpoint passes"
+    else
+        fail "ckpt verify" "$out"
+    fi
+}
+verify_damage
+
+# eval on any rank count: the same loss
+e1=$($INFMOE eval "$CK/p4/latest" 2>&1 | sed -n 's/.*val_loss \([0-9.]*\).*/\1/p')
+e2=$("${MPIRUN[@]}" -np 2 $INFMOE eval "$CK/p4/latest" --ep 2 2>&1 | sed -n 's/.*val_loss \([0-9.]*\).*/\1/p')
+if [ -n "$e1" ] && [ -n "$e2" ] && [ "$(max_rel_diff "$e1" "$e2")" = "0.00e+00" ] ||
+    awk -v w="$(max_rel_diff "$e1" "$e2")" 'BEGIN{exit !(w <= 1e-5)}'; then
+    pass "eval: checkpoint saved at P=4 ep=2 evaluates to the same loss at P=1 and P=2 ep=2 ($e1, $e2)"
+else
+    fail "eval on other rank counts ($e1 vs $e2)"
+fi
+if out=$("${MPIRUN[@]}" -np 2 $INFMOE sample "$CK/p4/latest" --prompt "The " --tokens 20 --ep 2 2>&1) &&
+    [ "$(printf '%s' "$out" | head -c 4)" = "The " ] && [ "$(printf '%s' "$out" | wc -c)" -ge 24 ]; then
+    pass "sample: 20 tokens after the prompt from a checkpoint, 2 ranks ep 2"
+else
+    fail "sample" "$out"
+fi
+
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

@@ -41,7 +41,7 @@ typedef struct {
     int32_t steps, batch_size, warmup;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;
     int64_t seed;
-    int32_t log_every, eval_every, eval_batches, ckpt_every, stats_every;
+    int32_t log_every, eval_every, eval_batches, ckpt_every, stats_every, keep_last;
     /* data */
     char data_train[1024], data_val[1024];
     /* parallel */

@@ -66,7 +66,9 @@ typedef struct {
 
 /*
  * Size the model from cfg for B local sequences and allocate every buffer.
- * d gives the expert-parallel layout; NULL means one process (dense only).
+ * d gives the expert-parallel layout; NULL means one process (dense models,
+ * or B = 0). With B = 0 only the tensor table is built, nothing is allocated:
+ * with d NULL (ep 1) its shapes are the global ones, as checkpoints store them.
  */
 void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d);
 /*

@@ -63,6 +63,9 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
 /* Called once per training step after the update: advances the collapse guard. */
 void moe_end_step(moe_layer *m, const ffn_context *ctx);
 const moe_stats *moe_get_stats(const moe_layer *m);
+/* The collapse guard's running assignment totals (E doubles), saved in checkpoints. */
+double *moe_guard_totals(moe_layer *m);
+int moe_num_experts(const moe_layer *m);
 /* Multiply-adds per token through the active experts. */
 double moe_matmul_params_per_token(const moe_layer *m);
 void moe_free(moe_layer *m);

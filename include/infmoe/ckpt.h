@@ -1,0 +1,59 @@
+/*
+ * ckpt: HDF5 checkpoints that survive crashes and resume on any layout.
+ *
+ * <run dir>/step_NNNNNN/model.h5, one file written by all ranks with MPI-IO:
+ *   /params/<tensor>, /adam_m/<tensor>, /adam_v/<tensor>   global shapes (experts [E, ...]),
+ *       chunked, Fletcher32 checksums; each shard written by its first owner
+ *   /state/<layer>.guard_totals                              MoE collapse-guard totals
+ *   root attributes: format_version, step, data_position (sequences consumed),
+ *       tokens_seen, config (YAML text), ranks, ep, seed, rng
+ * The directory is written as step_NNNNNN.tmp and renamed when complete, then
+ * <run dir>/latest (a one-line file naming it) is replaced atomically, then
+ * checkpoints beyond keep_last are removed. A crash leaves at most a .tmp
+ * directory, which resume ignores and the next save of that step replaces.
+ * Loading: every rank reads its own hyperslabs, so any rank count and ep can
+ * resume any checkpoint. Format: docs/formats.md.
+ */
+#ifndef INFMOE_CKPT_H
+#define INFMOE_CKPT_H
+
+#include <stdint.h>
+
+#include "infmoe/config.h"
+#include "infmoe/dist.h"
+#include "infmoe/model.h"
+
+#define CKPT_FORMAT_VERSION 1
+/* Exit status of `infmoe train` after a save requested by SIGTERM or SIGUSR1. */
+#define EXIT_SAVED_ON_SIGNAL 75
+
+typedef struct {
+    int64_t step;          /* optimizer steps completed */
+    int64_t data_position; /* training sequences consumed */
+} ckpt_position;
+
+/*
+ * Save the model, AdamW state and position as <run_dir>/step_NNNNNN (collective:
+ * every rank calls it). Keeps the newest keep_last checkpoints (0: all).
+ */
+void ckpt_save(const char *run_dir, gpt_model *m, const run_config *cfg, const dist_ctx *d,
+               ckpt_position pos, int keep_last);
+
+/*
+ * Resolve `arg` to a checkpoint directory: "auto" is the newest complete one in
+ * run_dir (returns 0 and leaves path empty when there is none); anything else
+ * must be a complete checkpoint directory (or its model.h5). Dies with a
+ * message for incomplete (.tmp) or missing checkpoints.
+ */
+int ckpt_resolve(const char *arg, const char *run_dir, char *path, size_t cap);
+
+/* Load params, AdamW m and v and layer state into m (any layout); returns the position. */
+ckpt_position ckpt_load(const char *path, gpt_model *m, const dist_ctx *d);
+
+/* The config text stored in a checkpoint (malloc'd). */
+char *ckpt_config_text(const char *path);
+
+/* infmoe ckpt info|verify PATH */
+int ckpt_main(int argc, char **argv);
+
+#endif

@@ -1,0 +1,567 @@
+/* ckpt: HDF5 checkpoints: save, resolve, load with resharding, info, verify (see ckpt.h). */
+#define _POSIX_C_SOURCE 200809L
+#include "infmoe/ckpt.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hdf5.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "infmoe/util.h"
+
+/* hdf5.h defines H5CHECK: our wrapper is h5_check. */
+static hid_t h5_check_at(hid_t rc, const char *call, const char *file, int line) {
+    if (rc < 0) infmoe_fail_at(file, line, "HDF5 call failed: %s", call);
+    return rc;
+}
+#define h5_check(call) h5_check_at((hid_t)(call), #call, __FILE__, __LINE__)
+
+static const char *const GROUPS[3] = {"params", "adam_m", "adam_v"};
+
+static float *model_buffer(gpt_model *m, int g) { return g == 0 ? m->params : g == 1 ? m->m : m->v; }
+
+static void quiet_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
+/* ---- attributes ---- */
+
+static void attr_write(hid_t obj, const char *name, hid_t type, const void *value) {
+    hid_t sp = h5_check(H5Screate(H5S_SCALAR));
+    hid_t a = h5_check(H5Acreate2(obj, name, type, sp, H5P_DEFAULT, H5P_DEFAULT));
+    h5_check(H5Awrite(a, type, value));
+    H5Aclose(a);
+    H5Sclose(sp);
+}
+
+static void attr_write_string(hid_t obj, const char *name, const char *value) {
+    hid_t t = h5_check(H5Tcopy(H5T_C_S1));
+    h5_check(H5Tset_size(t, strlen(value) + 1));
+    attr_write(obj, name, t, value);
+    H5Tclose(t);
+}
+
+/* Read an int64 attribute; 0 and a message through `err` when it is missing. */
+static int attr_read_i64(hid_t obj, const char *name, int64_t *out) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (a < 0) return -1;
+    herr_t rc = H5Aread(a, H5T_NATIVE_INT64, out);
+    H5Aclose(a);
+    return rc < 0 ? -1 : 0;
+}
+
+static char *attr_read_string(hid_t obj, const char *name) {
+    if (H5Aexists(obj, name) <= 0) return NULL;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (a < 0) return NULL;
+    hid_t t = H5Aget_type(a);
+    size_t n = H5Tget_size(t);
+    char *s = xcalloc(n + 1, 1);
+    hid_t mt = H5Tcopy(H5T_C_S1);
+    H5Tset_size(mt, n);
+    herr_t rc = H5Aread(a, mt, s);
+    H5Tclose(mt);
+    H5Tclose(t);
+    H5Aclose(a);
+    if (rc < 0) {
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* ---- layout of a tensor in the file ---- */
+
+/* Global shape of tensor s (the first dimension of an expert shard is global_dim0). */
+static int global_dims(const tensor_spec *s, hsize_t *dims) {
+    for (int i = 0; i < s->ndim; i++) dims[i] = (hsize_t)s->shape[i];
+    dims[0] = (hsize_t)s->global_dim0;
+    return s->ndim;
+}
+
+/* Chunks: one shard per chunk for sharded tensors; about 16 MiB otherwise. */
+static void chunk_dims(const tensor_spec *s, const hsize_t *dims, hsize_t *chunk) {
+    size_t row = s->numel / (size_t)s->shape[0];
+    for (int i = 0; i < s->ndim; i++) chunk[i] = dims[i];
+    if (s->sharded) {
+        chunk[0] = (hsize_t)s->shape[0];
+    } else {
+        hsize_t rows = (hsize_t)((4u << 20) / (row ? row : 1));
+        if (rows < 1) rows = 1;
+        if (rows < chunk[0]) chunk[0] = rows;
+    }
+}
+
+/* ---- save ---- */
+
+static void fsync_path(const char *path, int dir) {
+    int fd = open(path, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+    if (fd < 0) return;
+    fsync(fd);
+    close(fd);
+}
+
+static int remove_tree(const char *path) {
+    DIR *dir = opendir(path);
+    if (!dir) return unlink(path) == 0 || errno == ENOENT ? 0 : -1;
+    struct dirent *e;
+    char child[4096];
+    while ((e = readdir(dir))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        snprintf(child, sizeof child, "%s/%s", path, e->d_name);
+        remove_tree(child);
+    }
+    closedir(dir);
+    return rmdir(path);
+}
+
+/* Complete checkpoint steps in run_dir, sorted ascending; returns the count. */
+static int list_steps(const char *run_dir, int64_t **steps) {
+    DIR *dir = opendir(run_dir);
+    *steps = NULL;
+    if (!dir) return 0;
+    int n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(dir))) {
+        long long s;
+        char tail[8];
+        if (sscanf(e->d_name, "step_%lld%7s", &s, tail) != 1) continue; /* skips step_N.tmp */
+        if (n == cap) *steps = xrealloc(*steps, sizeof(int64_t) * (size_t)(cap = cap ? 2 * cap : 16));
+        (*steps)[n++] = s;
+    }
+    closedir(dir);
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && (*steps)[j - 1] > (*steps)[j]; j--) {
+            int64_t t = (*steps)[j];
+            (*steps)[j] = (*steps)[j - 1];
+            (*steps)[j - 1] = t;
+        }
+    return n;
+}
+
+/*
+ * Fault injection for the crash tests: INFMOE_FAULT_SAVE="R:N" makes rank R
+ * kill itself with SIGKILL after writing its N-th tensor, counted over all the
+ * saves of the run (so N past one save's count lands in a later save).
+ */
+static void fault_point(const dist_ctx *d) {
+    static int rank = -2, after = 0, written = 0;
+    written++;
+    if (rank == -2) {
+        const char *e = getenv("INFMOE_FAULT_SAVE");
+        rank = -1;
+        if (e && sscanf(e, "%d:%d", &rank, &after) != 2) rank = -1;
+    }
+    if (rank == d->rank && written == after) raise(SIGKILL);
+}
+
+static void write_tensor(hid_t group, const tensor_spec *s, const float *buf, const dist_ctx *d,
+                         hid_t dxpl) {
+    hsize_t dims[4], chunk[4];
+    int nd = global_dims(s, dims);
+    chunk_dims(s, dims, chunk);
+    hid_t fsp = h5_check(H5Screate_simple(nd, dims, NULL));
+    hid_t dcpl = h5_check(H5Pcreate(H5P_DATASET_CREATE));
+    h5_check(H5Pset_chunk(dcpl, nd, chunk));
+    h5_check(H5Pset_fletcher32(dcpl));
+    hid_t ds = h5_check(H5Dcreate2(group, s->name, H5T_NATIVE_FLOAT, fsp, H5P_DEFAULT, dcpl, H5P_DEFAULT));
+    /* Replicated tensors: rank 0 writes; shards: the first expert group writes. */
+    int writer = s->sharded ? d->edp_rank == 0 : d->rank == 0;
+    hsize_t start[4] = {0}, count[4];
+    for (int i = 0; i < nd; i++) count[i] = (hsize_t)s->shape[i];
+    start[0] = (hsize_t)s->shard_first;
+    hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
+    if (writer) {
+        h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, NULL));
+    } else {
+        h5_check(H5Sselect_none(fsp));
+        h5_check(H5Sselect_none(msp));
+    }
+    h5_check(H5Dwrite(ds, H5T_NATIVE_FLOAT, msp, fsp, dxpl, buf + s->offset));
+    H5Sclose(msp);
+    H5Dclose(ds);
+    H5Pclose(dcpl);
+    H5Sclose(fsp);
+}
+
+void ckpt_save(const char *run_dir, gpt_model *m, const run_config *cfg, const dist_ctx *d,
+               ckpt_position pos, int keep_last) {
+    quiet_hdf5();
+    char final[2048], tmp[2060], file[2100];
+    snprintf(final, sizeof final, "%s/step_%06lld", run_dir, (long long)pos.step);
+    snprintf(tmp, sizeof tmp, "%s.tmp", final);
+    snprintf(file, sizeof file, "%s/model.h5", tmp);
+    if (d->rank == 0) {
+        remove_tree(tmp); /* a save of this step that died */
+        if (mkdir_p(tmp) != 0) infmoe_die("cannot create %s: %s", tmp, strerror(errno));
+    }
+    MPI_CHECK(MPI_Barrier(d->world));
+    hid_t fapl = h5_check(H5Pcreate(H5P_FILE_ACCESS));
+    h5_check(H5Pset_fapl_mpio(fapl, d->world, MPI_INFO_NULL));
+    hid_t f = H5Fcreate(file, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    if (f < 0) infmoe_die("cannot create the checkpoint file %s", file);
+    int64_t version = CKPT_FORMAT_VERSION, ranks = d->size, ep = d->ep, seed = cfg->seed;
+    int64_t tokens = pos.data_position * cfg->seq_len;
+    attr_write(f, "format_version", H5T_NATIVE_INT64, &version);
+    attr_write(f, "step", H5T_NATIVE_INT64, &pos.step);
+    attr_write(f, "data_position", H5T_NATIVE_INT64, &pos.data_position);
+    attr_write(f, "tokens_seen", H5T_NATIVE_INT64, &tokens);
+    attr_write(f, "ranks", H5T_NATIVE_INT64, &ranks);
+    attr_write(f, "ep", H5T_NATIVE_INT64, &ep);
+    attr_write(f, "seed", H5T_NATIVE_INT64, &seed);
+    attr_write_string(f, "config", cfg->text);
+    attr_write_string(f, "rng", "counter-based: every draw is a function of (seed, layer, step, "
+                                "global token), so no generator state is stored");
+    hid_t dxpl = h5_check(H5Pcreate(H5P_DATASET_XFER));
+    h5_check(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE));
+    for (int g = 0; g < 3; g++) {
+        hid_t grp = h5_check(H5Gcreate2(f, GROUPS[g], H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+        for (int t = 0; t < m->tensors.n; t++) {
+            write_tensor(grp, &m->tensors.t[t], model_buffer(m, g), d, dxpl);
+            fault_point(d);
+        }
+        H5Gclose(grp);
+    }
+    hid_t state = h5_check(H5Gcreate2(f, "state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    for (int l = 0; l < m->L; l++) {
+        if (!m->ffn[l].moe) continue;
+        char name[64];
+        snprintf(name, sizeof name, "h.%d.guard_totals", l);
+        hsize_t n = (hsize_t)moe_num_experts(m->ffn[l].moe);
+        hid_t sp = h5_check(H5Screate_simple(1, &n, NULL));
+        hid_t ds = h5_check(H5Dcreate2(state, name, H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+        if (d->rank != 0) h5_check(H5Sselect_none(sp));
+        h5_check(H5Dwrite(ds, H5T_NATIVE_DOUBLE, sp, sp, dxpl, moe_guard_totals(m->ffn[l].moe)));
+        H5Dclose(ds);
+        H5Sclose(sp);
+    }
+    H5Gclose(state);
+    H5Pclose(dxpl);
+    if (H5Fclose(f) < 0) infmoe_die("cannot complete the checkpoint file %s", file);
+    H5Pclose(fapl);
+    MPI_CHECK(MPI_Barrier(d->world));
+    if (d->rank == 0) {
+        /* publish: data on disk, then the rename, then the pointer */
+        fsync_path(file, 0);
+        fsync_path(tmp, 1);
+        remove_tree(final); /* an older save of the same step */
+        if (rename(tmp, final) != 0) infmoe_die("cannot publish %s: %s", final, strerror(errno));
+        fsync_path(run_dir, 1);
+        char latest[2100], latest_tmp[2110];
+        snprintf(latest, sizeof latest, "%s/latest", run_dir);
+        snprintf(latest_tmp, sizeof latest_tmp, "%s.tmp", latest);
+        FILE *lf = fopen(latest_tmp, "w");
+        if (!lf || fprintf(lf, "step_%06lld\n", (long long)pos.step) < 0 || fflush(lf) != 0 ||
+            fsync(fileno(lf)) != 0 || fclose(lf) != 0)
+            infmoe_die("cannot write %s: %s", latest_tmp, strerror(errno));
+        if (rename(latest_tmp, latest) != 0) infmoe_die("cannot update %s: %s", latest, strerror(errno));
+        fsync_path(run_dir, 1);
+        int64_t *steps;
+        int n = list_steps(run_dir, &steps);
+        for (int i = 0; keep_last > 0 && i < n - keep_last; i++) {
+            char old[2048];
+            snprintf(old, sizeof old, "%s/step_%06lld", run_dir, (long long)steps[i]);
+            remove_tree(old);
+        }
+        free(steps);
+    }
+    MPI_CHECK(MPI_Barrier(d->world));
+}
+
+/* ---- resolve ---- */
+
+static int is_dir(const char *p) {
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int ckpt_resolve(const char *arg, const char *run_dir, char *path, size_t cap) {
+    path[0] = '\0';
+    if (strcmp(arg, "auto") == 0) {
+        int64_t *steps;
+        int n = list_steps(run_dir, &steps);
+        if (n > 0) snprintf(path, cap, "%s/step_%06lld", run_dir, (long long)steps[n - 1]);
+        free(steps);
+        return n > 0;
+    }
+    char p[2048];
+    snprintf(p, sizeof p, "%s", arg);
+    size_t len = strlen(p);
+    while (len > 1 && p[len - 1] == '/') p[--len] = '\0';
+    if (len > 9 && strcmp(p + len - 9, "/model.h5") == 0) p[len - 9] = '\0';
+    if (strcmp(p + (strlen(p) >= 6 ? strlen(p) - 6 : 0), "latest") == 0 && !is_dir(p)) {
+        /* the pointer file: its one line names the checkpoint beside it */
+        FILE *f = fopen(p, "r");
+        char name[256] = "";
+        if (!f || !fgets(name, sizeof name, f)) infmoe_die_all("%s: cannot read the checkpoint pointer", p);
+        fclose(f);
+        name[strcspn(name, "\r\n")] = '\0';
+        char *slash = strrchr(p, '/');
+        if (slash) snprintf(slash + 1, sizeof p - (size_t)(slash + 1 - p), "%s", name);
+        else snprintf(p, sizeof p, "%s", name);
+    }
+    len = strlen(p);
+    if (len > 4 && strcmp(p + len - 4, ".tmp") == 0)
+        infmoe_die_all("%s: an incomplete checkpoint (still under its temporary name: its save "
+                       "did not finish); resume from the previous one", p);
+    if (!is_dir(p)) {
+        char t[2100];
+        snprintf(t, sizeof t, "%s.tmp", p);
+        if (is_dir(t))
+            infmoe_die_all("%s: only an incomplete checkpoint %s exists (its save did not "
+                           "finish)", p, t);
+        infmoe_die_all("%s: no such checkpoint directory", p);
+    }
+    snprintf(path, cap, "%s", p);
+    return 1;
+}
+
+/* ---- load ---- */
+
+static hid_t open_checkpoint(const char *path, int all) {
+    quiet_hdf5();
+    char file[2100];
+    snprintf(file, sizeof file, "%s/model.h5", path);
+    if (access(file, R_OK) != 0) {
+        if (all) infmoe_die_all("%s: no model.h5 in the checkpoint", path);
+        return -1;
+    }
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0 && all)
+        infmoe_die_all("%s: not a readable HDF5 file (truncated or corrupt?)", file);
+    return f;
+}
+
+char *ckpt_config_text(const char *path) {
+    hid_t f = open_checkpoint(path, 1);
+    char *text = attr_read_string(f, "config");
+    H5Fclose(f);
+    if (!text) infmoe_die_all("%s: the checkpoint has no 'config' attribute", path);
+    return text;
+}
+
+/*
+ * Whether dataset ds has tensor s's global shape; on a mismatch, both shapes as
+ * text ("256 x 32") in got and want.
+ */
+static int shape_matches(hid_t ds, const tensor_spec *s, char *got, char *want, size_t cap) {
+    hsize_t dims[4] = {0}, exp[4];
+    hid_t sp = h5_check(H5Dget_space(ds));
+    int nd = H5Sget_simple_extent_ndims(sp), wd = global_dims(s, exp);
+    H5Sget_simple_extent_dims(sp, dims, NULL);
+    H5Sclose(sp);
+    int same = nd == wd;
+    for (int i = 0; same && i < nd; i++) same = dims[i] == exp[i];
+    if (same) return 1;
+    got[0] = want[0] = '\0';
+    for (int i = 0; i < nd && i < 4; i++)
+        snprintf(got + strlen(got), cap - strlen(got), "%s%llu", i ? " x " : "", (unsigned long long)dims[i]);
+    for (int i = 0; i < wd; i++)
+        snprintf(want + strlen(want), cap - strlen(want), "%s%llu", i ? " x " : "", (unsigned long long)exp[i]);
+    return 0;
+}
+
+/* Read this rank's part of tensor s; returns 0, or -1 with a message in err. */
+static int read_tensor(hid_t group, const char *gname, const tensor_spec *s, float *buf,
+                       const char *path, char *err, size_t cap) {
+    hid_t ds = H5Dopen2(group, s->name, H5P_DEFAULT);
+    if (ds < 0) {
+        snprintf(err, cap, "%s: the checkpoint has no tensor %s/%s (is it from another model?)",
+                 path, gname, s->name);
+        return -1;
+    }
+    char got[96], exp[96];
+    if (!shape_matches(ds, s, got, exp, sizeof got)) {
+        snprintf(err, cap, "%s: tensor %s/%s is [%s] in the checkpoint but the config makes it [%s]",
+                 path, gname, s->name, got, exp);
+        H5Dclose(ds);
+        return -1;
+    }
+    hid_t fsp = h5_check(H5Dget_space(ds));
+    int nd = s->ndim;
+    hsize_t start[4] = {0}, count[4];
+    for (int i = 0; i < nd; i++) count[i] = (hsize_t)s->shape[i];
+    start[0] = (hsize_t)s->shard_first;
+    h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, NULL));
+    hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
+    int rc = 0;
+    if (H5Dread(ds, H5T_NATIVE_FLOAT, msp, fsp, H5P_DEFAULT, buf + s->offset) < 0) {
+        snprintf(err, cap, "%s: cannot read tensor %s/%s: checksum mismatch or damaged data",
+                 path, gname, s->name);
+        rc = -1;
+    }
+    H5Sclose(msp);
+    H5Sclose(fsp);
+    H5Dclose(ds);
+    return rc;
+}
+
+/*
+ * Ranks read different parts, so one may fail where others succeed: every rank
+ * finishes, the lowest failing rank reports, and all leave together.
+ */
+static void agree_on_errors(const dist_ctx *d, const char *err) {
+    int mine = err[0] ? d->rank : d->size, first = mine;
+    MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, d->world));
+    if (first == d->size) return;
+    if (d->rank == first) fprintf(stderr, "infmoe: %s\n", err);
+    infmoe_exit(1);
+}
+
+ckpt_position ckpt_load(const char *path, gpt_model *m, const dist_ctx *d) {
+    hid_t f = open_checkpoint(path, 1);
+    int64_t version = 0;
+    ckpt_position pos = {0, 0};
+    if (attr_read_i64(f, "format_version", &version) != 0)
+        infmoe_die_all("%s: missing attribute 'format_version': not an infmoe checkpoint", path);
+    if (version != CKPT_FORMAT_VERSION)
+        infmoe_die_all("%s: checkpoint format version %lld, this infmoe reads version %d", path,
+                       (long long)version, CKPT_FORMAT_VERSION);
+    if (attr_read_i64(f, "step", &pos.step) != 0)
+        infmoe_die_all("%s: missing attribute 'step'", path);
+    if (attr_read_i64(f, "data_position", &pos.data_position) != 0)
+        infmoe_die_all("%s: missing attribute 'data_position'", path);
+    char err[1024] = "";
+    for (int g = 0; g < 3 && !err[0]; g++) {
+        hid_t grp = H5Gopen2(f, GROUPS[g], H5P_DEFAULT);
+        if (grp < 0) {
+            snprintf(err, sizeof err, "%s: the checkpoint has no group '%s'", path, GROUPS[g]);
+            break;
+        }
+        for (int t = 0; t < m->tensors.n && !err[0]; t++)
+            read_tensor(grp, GROUPS[g], &m->tensors.t[t], model_buffer(m, g), path, err, sizeof err);
+        H5Gclose(grp);
+    }
+    for (int l = 0; l < m->L && !err[0]; l++) {
+        if (!m->ffn[l].moe) continue;
+        char name[80];
+        snprintf(name, sizeof name, "state/h.%d.guard_totals", l);
+        hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+        if (ds < 0 || H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                              moe_guard_totals(m->ffn[l].moe)) < 0)
+            snprintf(err, sizeof err, "%s: cannot read %s", path, name);
+        if (ds >= 0) H5Dclose(ds);
+    }
+    H5Fclose(f);
+    agree_on_errors(d, err);
+    return pos;
+}
+
+/* ---- infmoe ckpt info | verify ---- */
+
+static void ckpt_usage(FILE *f) {
+    fprintf(f, "usage: infmoe ckpt info PATH\n"
+               "       infmoe ckpt verify PATH\n"
+               "\n"
+               "PATH: a checkpoint directory (checkpoints/<run>/step_NNNNNN), its model.h5,\n"
+               "or a run's 'latest' pointer.\n"
+               "  info    step, position, layout it was saved with, config, tensors and shapes\n"
+               "  verify  read every tensor (Fletcher32 checksums) and check every shape against\n"
+               "          the checkpoint's config; names the first damaged tensor; exit 1 if any\n");
+}
+
+static int ckpt_info_or_verify(const char *arg, int verify) {
+    char path[2048];
+    ckpt_resolve(arg, ".", path, sizeof path);
+    hid_t f = open_checkpoint(path, 1);
+    const char *needed[] = {"format_version", "step", "data_position", "tokens_seen", "ranks", "ep"};
+    int64_t v[6];
+    for (int i = 0; i < 6; i++)
+        if (attr_read_i64(f, needed[i], &v[i]) != 0)
+            infmoe_die_all("%s: missing attribute '%s'", path, needed[i]);
+    char *text = attr_read_string(f, "config");
+    if (!text) infmoe_die_all("%s: missing attribute 'config'", path);
+    run_config cfg;
+    config_load_text(&cfg, "config of the checkpoint", text, 0, NULL, 0);
+    gpt_model m;
+    model_build(&m, &cfg, 0, NULL); /* global shapes */
+    if (!verify) {
+        printf("checkpoint %s\n  format version %lld | step %lld | sequences %lld | tokens %lld\n"
+               "  saved by %lld ranks, ep %lld (loads on any rank count and ep)\n",
+               path, (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3],
+               (long long)v[4], (long long)v[5]);
+        printf("  model: %d layers, C %d, %d heads, T %d, vocab %d, ffn %s\n", cfg.n_layer,
+               cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
+               cfg.ffn_kind == FFN_DENSE ? "dense" : cfg.ffn_kind == FFN_TOPK ? "topk" : "moge");
+        size_t total = 0;
+        printf("  tensors (each in params, adam_m, adam_v):\n");
+        for (int t = 0; t < m.tensors.n; t++) {
+            const tensor_spec *s = &m.tensors.t[t];
+            hsize_t dims[4];
+            int nd = global_dims(s, dims);
+            char shape[96] = "";
+            for (int i = 0; i < nd; i++) snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%llu", i ? " x " : "", (unsigned long long)dims[i]);
+            size_t n = s->numel / (size_t)s->shape[0] * (size_t)dims[0];
+            total += n;
+            printf("    %-32s [%s]%s\n", s->name, shape, s->sharded ? "  (expert-sharded)" : "");
+        }
+        printf("  %zu parameters, %.1f MB with AdamW state\n  config:\n", total, total * 12.0 / 1e6);
+        for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) printf("    %s\n", line);
+    } else {
+        int bad = 0;
+        for (int g = 0; g < 3 && !bad; g++) {
+            hid_t grp = H5Gopen2(f, GROUPS[g], H5P_DEFAULT);
+            if (grp < 0) {
+                printf("%s: missing group '%s'\n", path, GROUPS[g]);
+                bad = 1;
+                break;
+            }
+            for (int t = 0; t < m.tensors.n && !bad; t++) {
+                const tensor_spec *s = &m.tensors.t[t];
+                hid_t ds = H5Dopen2(grp, s->name, H5P_DEFAULT);
+                if (ds < 0) {
+                    printf("%s: missing tensor %s/%s\n", path, GROUPS[g], s->name);
+                    bad = 1;
+                    break;
+                }
+                char got[96], want[96];
+                int same = shape_matches(ds, s, got, want, sizeof got);
+                size_t n = s->numel / (size_t)s->shape[0] * (size_t)s->global_dim0;
+                float *buf = same ? xmalloc(n * sizeof(float)) : NULL;
+                if (!same) {
+                    printf("%s: tensor %s/%s is [%s] but the checkpoint's config makes it [%s]\n",
+                           path, GROUPS[g], s->name, got, want);
+                    bad = 1;
+                } else if (H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
+                    printf("%s: tensor %s/%s is damaged (checksum mismatch or unreadable)\n", path, GROUPS[g], s->name);
+                    bad = 1;
+                }
+                free(buf);
+                H5Dclose(ds);
+            }
+            H5Gclose(grp);
+        }
+        if (!bad) printf("%s: ok: %d tensors x 3 checked (checksums and shapes), step %lld\n", path, m.tensors.n, (long long)v[1]);
+        model_free(&m);
+        config_free(&cfg);
+        free(text);
+        H5Fclose(f);
+        return bad;
+    }
+    model_free(&m);
+    config_free(&cfg);
+    free(text);
+    H5Fclose(f);
+    return 0;
+}
+
+int ckpt_main(int argc, char **argv) {
+    if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        ckpt_usage(stdout);
+        return 0;
+    }
+    if (argc != 3 || (strcmp(argv[1], "info") != 0 && strcmp(argv[1], "verify") != 0)) {
+        ckpt_usage(stderr);
+        return 1;
+    }
+    dist_ctx d;
+    dist_init(&d, &argc, &argv);
+    int rc = ckpt_info_or_verify(argv[2], strcmp(argv[1], "verify") == 0);
+    dist_finalize(&d);
+    return rc;
+}
