@@ -43,3 +43,12 @@ step_pair "1 rank x $CORES threads" 1 "$CORES" 1
 if [ "$CORES" -ge 2 ]; then
     step_pair "2 ranks x 1 thread, ep 2" 2 1 2
 fi
+
+echo
+echo "== checkpoint save and load, GPT-2 small MoE (4 experts x 1536), vs sequential write (bench/bench_ckpt) =="
+CKDIR=$(mktemp -d -p "${BENCH_CKPT_DIR:-checkpoints}" bench-ckpt.XXXXXX)
+OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 1 build/bench/bench_ckpt configs/gpt2s-topk4.yaml "$CKDIR/p1"
+if [ "$CORES" -ge 2 ]; then
+    OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 2 build/bench/bench_ckpt configs/gpt2s-topk4.yaml "$CKDIR/p2" --ep 2
+fi
+rm -rf "$CKDIR"
