@@ -354,5 +354,17 @@ else
     fail "sample" "$out"
 fi
 
+# ---- further suites: each tests/suite_*.sh prints PASS/FAIL lines of its own ----
+for suite in tests/suite_*.sh; do
+    [ -e "$suite" ] || continue
+    while IFS= read -r line; do
+        case $line in
+        "PASS "*) pass "${line#PASS }" ;;
+        "FAIL "*) fail "${line#FAIL }" ;;
+        *) echo "$line" ;;
+        esac
+    done < <(bash "$suite" 2>&1)
+done
+
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]
