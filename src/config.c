@@ -25,7 +25,8 @@ typedef struct {
     const char *def;          /* default, parsed like a value from a file; NULL: empty */
 } key_spec;
 
-static const char *const ffn_kind_names[] = {"dense", "topk", "moge", NULL};
+static const char *const ffn_kind_names[] = {"dense", "topk", "moge", "infinite", NULL};
+static const char *const mask_names[] = {"window", "learned", NULL};
 static const char *const gate_names[] = {"noisy", "switch", NULL};
 
 #define OFF(field) offsetof(run_config, field)
@@ -54,6 +55,15 @@ static const key_spec schema[] = {
     {"ffn", "moge_sigma_max", KEY_FLOAT, OFF(moge_sigma_max), 1e-6, 1e6, NULL, "10"},
     {"ffn", "moge_sigma_min", KEY_FLOAT, OFF(moge_sigma_min), 1e-6, 1e6, NULL, "1"},
     {"ffn", "moge_gamma", KEY_FLOAT, OFF(moge_gamma), 1e-6, 1e6, NULL, "0.2"},
+    {"ffn", "units", KEY_INT, OFF(inf_units), 0, 1 << 24, NULL, "0"},
+    {"ffn", "keep", KEY_FLOAT, OFF(keep), -1e30, 1e30, NULL, "0.25"},
+    {"ffn", "samples", KEY_INT, OFF(samples), 1, 1024, NULL, "2"},
+    {"ffn", "mask", KEY_ENUM, OFF(mask), 0, 0, mask_names, "window"},
+    {"ffn", "mask_block", KEY_INT, OFF(mask_block), 1, 1 << 20, NULL, "64"},
+    {"ffn", "tau", KEY_FLOAT, OFF(tau), 1e-6, 1e6, NULL, "0.5"},
+    {"ffn", "latent_dim", KEY_INT, OFF(latent_dim), 0, 1024, NULL, "0"},
+    {"ffn", "router_hidden", KEY_INT, OFF(router_hidden), 1, 1 << 16, NULL, "256"},
+    {"ffn", "kl_weight", KEY_FLOAT, OFF(kl_weight), 0, 1e30, NULL, "0"},
     {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
     {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
     {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},
@@ -366,7 +376,22 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                   "model.n_embd (%d) must be divisible by model.n_head (%d)", cfg->n_embd,
                   cfg->n_head);
     if (cfg->ffn_hidden == 0) cfg->ffn_hidden = 4 * cfg->n_embd;
-    if (cfg->ffn_kind != FFN_DENSE) {
+    if (cfg->ffn_kind == FFN_INFINITE) {
+        if (cfg->inf_units == 0) cfg->inf_units = 2 * cfg->ffn_hidden;
+        if (!(cfg->keep > 0.0f && cfg->keep <= 1.0f))
+            KEY_ERROR(ctx, "ffn", "keep", "ffn.keep (%g) must be in (0, 1]: the fraction of units "
+                                          "each sample keeps", cfg->keep);
+        if (cfg->latent_dim == 0) cfg->latent_dim = cfg->mask == MASK_WINDOW ? 1 : 8;
+        if (cfg->mask == MASK_WINDOW && cfg->latent_dim != 1)
+            KEY_ERROR(ctx, "ffn", "latent_dim",
+                      "ffn.latent_dim (%d) must be 1 with ffn.mask: window (units sit on a ring)",
+                      cfg->latent_dim);
+        if (cfg->inf_units % (cfg->ep * cfg->mask_block) != 0)
+            KEY_ERROR(ctx, "ffn", "units",
+                      "ffn.units (%d) must be divisible by parallel.ep x ffn.mask_block (%d x %d): "
+                      "each rank holds whole blocks",
+                      cfg->inf_units, cfg->ep, cfg->mask_block);
+    } else if (cfg->ffn_kind != FFN_DENSE) {
         if (cfg->top_k > cfg->experts)
             KEY_ERROR(ctx, "ffn", "k", "ffn.k (%d) must not exceed ffn.experts (%d)", cfg->top_k,
                       cfg->experts);

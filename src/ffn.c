@@ -16,7 +16,10 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
     f->max_tokens = max_tokens;
     if (cfg->ffn_kind != FFN_DENSE && (layer + 1) % cfg->ffn_every == 0) {
         f->kind = cfg->ffn_kind;
-        f->moe = moe_create(cfg, layer, tab, max_tokens, ep, ep_rank);
+        if (f->kind == FFN_INFINITE)
+            f->inf = inf_create(cfg, layer, tab, max_tokens, ep, ep_rank);
+        else
+            f->moe = moe_create(cfg, layer, tab, max_tokens, ep, ep_rank);
         return;
     }
     f->kind = FFN_DENSE;
@@ -41,6 +44,7 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
 
 void ffn_register_sharded(ffn_layer *f, tensor_table *tab) {
     if (f->moe) moe_register_experts(f->moe, tab);
+    if (f->inf) inf_register_units(f->inf, tab);
 }
 
 size_t ffn_scratch_floats(const ffn_layer *f, int64_t n) { return (size_t)(n * f->H); }
@@ -49,6 +53,7 @@ double ffn_forward(ffn_layer *f, const float *params, float *out, const float *i
                    const ffn_context *ctx) {
     ALWAYS(n <= f->max_tokens);
     if (f->moe) return moe_forward(f->moe, params, out, in, n, ctx);
+    if (f->inf) return inf_forward(f->inf, params, out, in, n, ctx);
     matmul_forward(f->pre, in, params + f->fc_w, params + f->fc_b, n, f->C, f->H, 0);
     gelu_forward(f->act, f->pre, n * f->H);
     matmul_forward(out, f->act, params + f->proj_w, params + f->proj_b, n, f->H, f->C, 1);
@@ -59,6 +64,10 @@ void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, float *scratch, const ffn_context *ctx) {
     if (f->moe) {
         moe_backward(f->moe, params, grads, din, dout, in, n, ctx);
+        return;
+    }
+    if (f->inf) {
+        inf_backward(f->inf, params, grads, din, dout, in, n, ctx);
         return;
     }
     float *dact = scratch; /* (n,H), reused for the pre-activation gradient */
@@ -77,12 +86,18 @@ void ffn_end_step(ffn_layer *f, const ffn_context *ctx) {
     if (f->moe) moe_end_step(f->moe, ctx);
 }
 
+void ffn_set_samples(ffn_layer *f, int samples, int deterministic) {
+    if (f->inf) inf_set_samples(f->inf, samples, deterministic);
+}
+
 double ffn_matmul_params_per_token(const ffn_layer *f) {
+    if (f->inf) return inf_matmul_params_per_token(f->inf);
     return f->moe ? moe_matmul_params_per_token(f->moe) : 2.0 * f->C * f->H;
 }
 
 void ffn_free(ffn_layer *f) {
     moe_free(f->moe);
+    inf_free(f->inf);
     free(f->pre);
     free(f->act);
     memset(f, 0, sizeof *f);

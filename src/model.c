@@ -66,6 +66,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
         o->ln2_b = add(tab, "h.%d.ln2.b", l, 1, C, 0, 0, INIT_ZERO, 0);
         ffn_init(&m->ffn[l], cfg, l, tab, N, ctx->ep, ctx->ep_rank);
         m->n_moe += m->ffn[l].moe != NULL;
+        m->n_inf += m->ffn[l].inf != NULL;
     }
     m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_ONE, 0);
     m->lnf_b = add(tab, "lnf.b", 0, 1, C, 0, 0, INIT_ZERO, 0);
@@ -142,6 +143,10 @@ void model_set_step(gpt_model *m, int step, int64_t token_offset, int training) 
     m->ctx.step = step;
     m->ctx.token_offset = token_offset;
     m->ctx.training = training;
+}
+
+void model_set_samples(gpt_model *m, int samples, int deterministic) {
+    for (int l = 0; l < m->L; l++) ffn_set_samples(&m->ffn[l], samples, deterministic);
 }
 
 void model_end_step(gpt_model *m) {

@@ -17,7 +17,13 @@ typedef enum {
     FFN_DENSE = 0, /* GPT-2 MLP: C -> hidden -> C with GELU */
     FFN_TOPK,      /* discrete MoE: E experts, k chosen per token */
     FFN_MOGE,      /* topk plus the group-sparse penalty on router probabilities */
+    FFN_INFINITE,  /* ∞-MoE: Gaussian router, top-N% of one large FFN, K samples */
 } ffn_kind;
+
+typedef enum {
+    MASK_WINDOW = 0, /* dz = 1: the arc of units nearest z on a ring */
+    MASK_LEARNED,    /* scores P z + q over units, top blocks */
+} mask_rule;
 
 typedef enum {
     GATE_NOISY = 0, /* Shazeer 2017: noisy top-k, softmax over the kept k */
@@ -37,6 +43,12 @@ typedef struct {
     int32_t collapse_guard_steps;
     float collapse_margin;
     float moge_lambda, moge_sigma_max, moge_sigma_min, moge_gamma;
+    /* ∞-MoE: units H (0: 2 * hidden), keep fraction, samples K, mask rule and block,
+     * window temperature, latent dimension (0: 1 for window, 8 for learned),
+     * router width, KL weight */
+    int32_t inf_units, samples, mask_block, latent_dim, router_hidden;
+    float keep, tau, kl_weight;
+    mask_rule mask;
     /* train */
     int32_t steps, batch_size, warmup;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;

@@ -4,6 +4,7 @@
  *   dense      the GPT-2 MLP: in (N,C) -> fc (H,C) + GELU -> proj (C,H) -> out (N,C)
  *   topk, moge discrete Mixture-of-Experts (moe.h), in layers every-1, 2*every-1, ...
  *              of the model (ffn.every); the other layers are dense
+ *   infinite   ∞-MoE (infinite.h), in the same layers
  *
  * The entry points:
  *   ffn_init             register the layer's replicated parameters
@@ -22,12 +23,14 @@
 #include <stdint.h>
 
 #include "infmoe/config.h"
+#include "infmoe/infinite.h"
 #include "infmoe/moe.h"
 #include "infmoe/tensor.h"
 
 typedef struct {
     ffn_kind kind;     /* FFN_DENSE for dense layers of an MoE model too */
-    moe_layer *moe;    /* MoE layers only */
+    moe_layer *moe;    /* discrete MoE layers only */
+    inf_layer *inf;    /* ∞-MoE layers only */
     int C, H;
     int64_t max_tokens;
     /* parameter offsets in the model's buffers */
@@ -52,6 +55,8 @@ double ffn_forward(ffn_layer *f, const float *params, float *out, const float *i
 void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, const float *dout,
                   const float *in, int64_t n, float *scratch, const ffn_context *ctx);
 void ffn_end_step(ffn_layer *f, const ffn_context *ctx);
+/* ∞-MoE layers: samples per token from now on, or the deterministic z = mu. */
+void ffn_set_samples(ffn_layer *f, int samples, int deterministic);
 /* Multiply-adds per token in the FFN's matrices (for FLOP counts). */
 double ffn_matmul_params_per_token(const ffn_layer *f);
 void ffn_free(ffn_layer *f);

@@ -60,7 +60,8 @@ typedef struct {
     float mean_loss;      /* mean cross-entropy of the last forward with targets */
     double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */
     size_t n_replicated;  /* floats of the replicated region; the rest is expert-sharded */
-    int n_moe;            /* MoE layers */
+    int n_moe;            /* discrete MoE layers */
+    int n_inf;            /* ∞-MoE layers */
     ffn_context ctx;      /* the step the FFN layers run in */
 } gpt_model;
 
@@ -77,6 +78,8 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d);
  * count) and whether it trains (noise, jitter, aux losses) or evaluates.
  */
 void model_set_step(gpt_model *m, int step, int64_t token_offset, int training);
+/* ∞-MoE: samples per token from now on (the inference knob), or deterministic z = mu. */
+void model_set_samples(gpt_model *m, int samples, int deterministic);
 /* After a training step's update (advances per-layer state such as the collapse guard). */
 void model_end_step(gpt_model *m);
 /* GPT-2 init from seed: N(0, 0.02), residual projections / sqrt(2L), LN 1 and 0. */

@@ -1,0 +1,69 @@
+/*
+ * infinite: the ∞-MoE FFN (ffn.kind: infinite; docs/infinite.md).
+ *
+ * One large FFN of H units (W1 [H,C], b1 [H], W2 [H,C] unit-major, b2 [C]). A
+ * router MLP maps a token u to a diagonal Gaussian (mu, sigma) in R^dz; each of
+ * K samples z = mu + sigma * eps keeps the top N% of the units, chosen in blocks
+ * of mask_block units (the window rule: the arc of units nearest z on a ring;
+ * the learned rule: the best blocks under scores P z + q), weighted by a
+ * softmax over the kept units; the K masks are averaged:
+ *   y = sum_j w_j W2[j] GELU(W1[j] u + b1[j]) + b2,  w = (1/K) sum_k m^(k)
+ *
+ * The units are split into ep contiguous shards. A token's row [u | z_1..z_K]
+ * goes only to the ranks whose shard holds one of its kept blocks; each rank
+ * recomputes the masks from z (the same arithmetic as the owner's), runs one
+ * GEMM pair per unit block on the rows that use it, and sends back its partial
+ * output; partial outputs add up at the owner, which adds b2 once. Backward
+ * sends dy the same way and returns, with the input gradient, the per-sample
+ * partial sums the owner needs to finish d loss / d z across shards.
+ */
+#ifndef INFMOE_INFINITE_H
+#define INFMOE_INFINITE_H
+
+#include <stdint.h>
+
+#include "infmoe/config.h"
+#include "infmoe/moe.h"
+#include "infmoe/tensor.h"
+
+typedef struct inf_layer inf_layer;
+
+/* Diagnostics of the last forward, reduced over all ranks (training and eval). */
+typedef struct {
+    int n_blocks;          /* H / mask_block */
+    int64_t *block_tokens; /* (n_blocks) tokens using each block (any sample) */
+    int n_bins;            /* histogram bins of z mod 1 over [0, 1) (window) */
+    int64_t *z_hist;       /* (n_bins) sampled z (window rule) */
+    double mean_sigma;     /* mean over tokens and latent dimensions */
+    double mask_overlap;   /* mean over tokens of |kept units of sample 1 and 2| / n_keep (K > 1) */
+    double active_units;   /* mean units a token uses (union over its samples) */
+    double aux_kl;         /* the KL aux loss (training) */
+    int64_t n_tokens;
+} inf_stats;
+
+inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
+                      int ep, int ep_rank);
+/* Register this rank's shard of the units (called after every replicated tensor). */
+void inf_register_units(inf_layer *f, tensor_table *tab);
+/* out (n,C) += FFN(in (n,C)); returns the aux (KL) loss in training, else 0. */
+double inf_forward(inf_layer *f, const float *params, float *out, const float *in, int64_t n,
+                   const ffn_context *ctx);
+void inf_backward(inf_layer *f, const float *params, float *grads, float *din, const float *dout,
+                  const float *in, int64_t n, const ffn_context *ctx);
+/* Samples per token from now on (inference knob); deterministic: one sample z = mu. */
+void inf_set_samples(inf_layer *f, int samples, int deterministic);
+const inf_stats *inf_get_stats(const inf_layer *f);
+/* Multiply-adds per token in the FFN's matrices: K samples x kept units x 2C. */
+double inf_matmul_params_per_token(const inf_layer *f);
+/*
+ * The masked dense reference of the last forward: every unit of the full FFN
+ * computed densely, multiplied by the per-unit weights of the last routing.
+ * All units must be local (ep = 1). out (n,C) +=.
+ */
+void inf_reference_forward(const inf_layer *f, const float *params, float *out, const float *in,
+                           int64_t n);
+/* Fingerprint of the last forward's kept blocks. */
+uint64_t inf_routing_hash(const inf_layer *f);
+void inf_free(inf_layer *f);
+
+#endif

@@ -1,0 +1,716 @@
+/* infinite: the ∞-MoE FFN: Gaussian router, block-sparse masked FFN sharded over ranks (see infinite.h). */
+#include "infmoe/infinite.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infmoe/dispatch.h"
+#include "infmoe/dist.h"
+#include "infmoe/gemm.h"
+#include "infmoe/ops.h"
+#include "infmoe/util.h"
+
+#define Z_BINS 32
+
+/* Scratch for computing one sample's mask (one per OpenMP thread). */
+typedef struct {
+    float *scores;   /* (H) unit scores (learned rule) */
+    int32_t *blocks; /* (kb) kept blocks, ascending */
+    float *p;        /* (kb*b) softmax over the kept units, in block order */
+    float *dedz;     /* (kb*b*dz) d unit logit / d z */
+    float *key;      /* (nb) selection keys */
+    float *grad_pq;  /* (H*dz + H) learned rule: this thread's d/dP and d/dq */
+} mask_scratch;
+
+struct inf_layer {
+    int layer, C, H, b, nb, kb, n_keep, K, K_train, deterministic, dz, R, ep;
+    int H_local, nb_local, blk0;
+    mask_rule mask;
+    float tau, kl;
+    size_t A, a, Wm, bm, Ws, bs, P, q, b2; /* replicated */
+    size_t W1, b1, W2;                       /* sharded over units */
+    int64_t max_tokens, max_recv;
+    int n_threads, K_alloc; /* buffers that grow with K are sized for K_alloc samples */
+    mask_scratch *scratch;
+    /* owner side */
+    int64_t n;
+    int training;
+    float *pre_r, *r, *mu, *spre, *sigma, *eps, *z; /* (n,R) (n,R) (n,dz) x3, (n,K,dz) x2 */
+    int32_t *blocks_of;                              /* (n,K,kb) kept blocks per sample */
+    int32_t *row_token;                              /* (n*ep) token of each sent row */
+    int *dest_rows;
+    float *send, *back;                              /* (n*ep, C+K*dz), (n*ep, C+K*dz+K) */
+    float *dy_send;                                  /* (n*ep, C) */
+    /* receiver side */
+    int64_t n_recv;
+    float *recv;                 /* (max_recv, C+K*dz) */
+    float *wrow;                 /* (max_recv, H_local) per-unit weights, then d loss / d weight */
+    uint8_t *used;               /* (max_recv, nb_local) */
+    int32_t *blk_n, *blk_row;    /* (nb_local), (nb_local, max_recv) */
+    float *Wt, *Hp, *Ac;         /* (nb_local, max_recv, b) weights, pre-activations, GELU */
+    float *rows_out, *rows_back; /* (max_recv, C), (max_recv, C+K*dz+K) */
+    float *xg, *yg, *aw, *daw;   /* gather buffers (max_recv, C) x2, (max_recv, b) x2 */
+    /* backward scratch (owner) */
+    float *dmu, *dsig, *dr;      /* (n,dz) x2, (n,R) */
+    dispatch_plan plan;
+    int have_plan;
+    inf_stats stats;
+    double *sums;
+};
+
+/* ---- counter-based draws (the same scheme as moe.c: a function of the global token) ---- */
+
+static uint64_t mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static float draw_normal(uint64_t key) {
+    double u1 = ((double)(mix64(key) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+    double u2 = (double)(mix64(key ^ 0x5851f42d4c957f2dULL) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+static float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* ---- construction ---- */
+
+/* (Re)allocate the buffers whose size grows with the number of samples K. */
+static void alloc_sample_buffers(inf_layer *f, int K) {
+    int64_t n = f->max_tokens, M = f->max_recv, ep = f->ep, C = f->C, dz = f->dz;
+    free(f->eps);
+    free(f->z);
+    free(f->blocks_of);
+    free(f->send);
+    free(f->back);
+    free(f->recv);
+    free(f->rows_back);
+    f->eps = xcalloc((size_t)(n * K * dz), sizeof(float));
+    f->z = xcalloc((size_t)(n * K * dz), sizeof(float));
+    f->blocks_of = xcalloc((size_t)(n * K * f->kb), sizeof(int32_t));
+    f->send = xcalloc((size_t)(n * ep * (C + K * dz)), sizeof(float));
+    f->back = xcalloc((size_t)(n * ep * (C + K * dz + K)), sizeof(float));
+    f->recv = xcalloc((size_t)(M * (C + K * dz)), sizeof(float));
+    f->rows_back = xcalloc((size_t)(M * (C + K * dz + K)), sizeof(float));
+    f->K_alloc = K;
+}
+
+inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
+                      int ep, int ep_rank) {
+    inf_layer *f = xcalloc(1, sizeof *f);
+    f->layer = layer;
+    f->C = cfg->n_embd;
+    f->H = cfg->inf_units;
+    f->b = cfg->mask_block;
+    f->nb = f->H / f->b;
+    f->kb = (int)lround(cfg->keep * f->nb);
+    if (f->kb < 1) f->kb = 1;
+    f->n_keep = f->kb * f->b;
+    f->K = f->K_train = cfg->samples;
+    f->dz = cfg->latent_dim;
+    f->R = cfg->router_hidden;
+    f->mask = cfg->mask;
+    f->tau = cfg->tau;
+    f->kl = cfg->kl_weight;
+    f->ep = ep;
+    f->H_local = f->H / ep;
+    f->nb_local = f->nb / ep;
+    f->blk0 = ep_rank * f->nb_local;
+    f->max_tokens = max_tokens;
+    f->max_recv = (int64_t)ep * max_tokens;
+    const int C = f->C, R = f->R, dz = f->dz, H = f->H;
+
+    /* Router: mu's initial spread covers the ring (window) or the score space
+     * (learned); sigma starts near 0.05 (decision, docs/infinite.md). */
+    char name[64];
+    int64_t sA[2] = {R, C}, sa[1] = {R}, sW[2] = {dz, R}, sb[1] = {dz}, sP[2] = {H, dz}, sq[1] = {H},
+            sC[1] = {C};
+#define REG(field, fmt, nd, shape, decay, init, std)                                       \
+    do {                                                                                     \
+        snprintf(name, sizeof name, fmt, layer);                                             \
+        f->field = tensor_add(tab, name, nd, shape, decay, init, std);                       \
+    } while (0)
+    REG(A, "h.%d.inf.router.fc.w", 2, sA, 1, INIT_NORMAL, 1.0f / sqrtf((float)C));
+    REG(a, "h.%d.inf.router.fc.b", 1, sa, 0, INIT_ZERO, 0);
+    REG(Wm, "h.%d.inf.router.mu.w", 2, sW, 0, INIT_NORMAL, 1.0f / sqrtf((float)R));
+    REG(bm, "h.%d.inf.router.mu.b", 1, sb, 0, INIT_ZERO, 0);
+    REG(Ws, "h.%d.inf.router.sigma.w", 2, sW, 0, INIT_NORMAL, 0.01f);
+    REG(bs, "h.%d.inf.router.sigma.b", 1, sb, 0, INIT_ZERO, 0);
+    if (f->mask == MASK_LEARNED) {
+        REG(P, "h.%d.inf.scores.w", 2, sP, 0, INIT_NORMAL, 1.0f);
+        REG(q, "h.%d.inf.scores.b", 1, sq, 0, INIT_ZERO, 0);
+    }
+    REG(b2, "h.%d.inf.ffn.proj.b", 1, sC, 0, INIT_ZERO, 0);
+#undef REG
+
+    int64_t n = max_tokens, K = f->K, M = f->max_recv, Hl = f->H_local, nbl = f->nb_local;
+    f->pre_r = xcalloc((size_t)(n * R), sizeof(float));
+    f->r = xcalloc((size_t)(n * R), sizeof(float));
+    f->mu = xcalloc((size_t)(n * dz), sizeof(float));
+    f->spre = xcalloc((size_t)(n * dz), sizeof(float));
+    f->sigma = xcalloc((size_t)(n * dz), sizeof(float));
+    alloc_sample_buffers(f, (int)K);
+    f->row_token = xcalloc((size_t)(n * ep), sizeof(int32_t));
+    f->dest_rows = xcalloc((size_t)ep, sizeof(int));
+    f->dy_send = xcalloc((size_t)(n * ep * C), sizeof(float));
+    f->wrow = xcalloc((size_t)(M * Hl), sizeof(float));
+    f->used = xcalloc((size_t)(M * nbl), 1);
+    f->blk_n = xcalloc((size_t)nbl, sizeof(int32_t));
+    f->blk_row = xcalloc((size_t)(nbl * M), sizeof(int32_t));
+    f->Wt = xcalloc((size_t)(nbl * M * f->b), sizeof(float));
+    f->Hp = xcalloc((size_t)(nbl * M * f->b), sizeof(float));
+    f->Ac = xcalloc((size_t)(nbl * M * f->b), sizeof(float));
+    f->rows_out = xcalloc((size_t)(M * C), sizeof(float));
+    f->xg = xcalloc((size_t)(M * C), sizeof(float));
+    f->yg = xcalloc((size_t)(M * C), sizeof(float));
+    f->aw = xcalloc((size_t)(M * f->b), sizeof(float));
+    f->daw = xcalloc((size_t)(M * f->b), sizeof(float));
+    f->dmu = xcalloc((size_t)(n * dz), sizeof(float));
+    f->dsig = xcalloc((size_t)(n * dz), sizeof(float));
+    f->dr = xcalloc((size_t)(n * R), sizeof(float));
+    f->n_threads = omp_get_max_threads();
+    f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
+    for (int t = 0; t < f->n_threads; t++) {
+        mask_scratch *s = &f->scratch[t];
+        s->scores = xcalloc((size_t)H, sizeof(float));
+        s->blocks = xcalloc((size_t)f->kb, sizeof(int32_t));
+        s->p = xcalloc((size_t)f->n_keep, sizeof(float));
+        s->dedz = xcalloc((size_t)(f->n_keep * dz), sizeof(float));
+        s->key = xcalloc((size_t)f->nb, sizeof(float));
+        s->grad_pq = f->mask == MASK_LEARNED ? xcalloc((size_t)(H * dz + H), sizeof(float)) : NULL;
+    }
+    f->stats.n_blocks = f->nb;
+    f->stats.block_tokens = xcalloc((size_t)f->nb, sizeof(int64_t));
+    f->stats.n_bins = Z_BINS;
+    f->stats.z_hist = xcalloc(Z_BINS, sizeof(int64_t));
+    f->sums = xcalloc((size_t)(f->nb + Z_BINS + 5), sizeof(double));
+    return f;
+}
+
+void inf_register_units(inf_layer *f, tensor_table *tab) {
+    char name[64];
+    int64_t Hl = f->H_local, C = f->C, first = (int64_t)f->blk0 * f->b;
+    int64_t s1[2] = {Hl, C}, sb[1] = {Hl};
+    float proj_std = 0.02f / sqrtf(2.0f * 12.0f);
+    snprintf(name, sizeof name, "h.%d.inf.ffn.fc.w", f->layer);
+    f->W1 = tensor_add_sharded(tab, name, 2, s1, 1, INIT_NORMAL, 0.02f, f->H, first);
+    snprintf(name, sizeof name, "h.%d.inf.ffn.fc.b", f->layer);
+    f->b1 = tensor_add_sharded(tab, name, 1, sb, 0, INIT_ZERO, 0, f->H, first);
+    snprintf(name, sizeof name, "h.%d.inf.ffn.proj.w", f->layer);
+    f->W2 = tensor_add_sharded(tab, name, 2, s1, 1, INIT_NORMAL, proj_std, f->H, first);
+}
+
+void inf_free(inf_layer *f) {
+    if (!f) return;
+    float *bufs[] = {f->pre_r, f->r, f->mu, f->spre, f->sigma, f->eps, f->z, f->send, f->back,
+                     f->dy_send, f->recv, f->wrow, f->Wt, f->Hp, f->Ac, f->rows_out,
+                     f->rows_back, f->xg, f->yg, f->aw, f->daw, f->dmu, f->dsig, f->dr};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(f->blocks_of);
+    free(f->row_token);
+    free(f->dest_rows);
+    free(f->used);
+    free(f->blk_n);
+    free(f->blk_row);
+    for (int t = 0; t < f->n_threads; t++) {
+        mask_scratch *s = &f->scratch[t];
+        free(s->scores);
+        free(s->blocks);
+        free(s->p);
+        free(s->dedz);
+        free(s->key);
+        free(s->grad_pq);
+    }
+    free(f->scratch);
+    free(f->stats.block_tokens);
+    free(f->stats.z_hist);
+    free(f->sums);
+    if (f->have_plan) dispatch_free(&f->plan);
+    free(f);
+}
+
+void inf_set_samples(inf_layer *f, int samples, int deterministic) {
+    ALWAYS(samples >= 1);
+    f->deterministic = deterministic;
+    f->K = deterministic ? 1 : samples;
+    if (f->K > f->K_alloc) alloc_sample_buffers(f, f->K);
+}
+
+const inf_stats *inf_get_stats(const inf_layer *f) { return &f->stats; }
+
+double inf_matmul_params_per_token(const inf_layer *f) {
+    return (double)f->K_train * f->n_keep * 2.0 * f->C;
+}
+
+/* ---- masks ---- */
+
+/* Signed ring distance from unit position c to z (in [-0.5, 0.5)). */
+static float ring_diff(float zz, float c) {
+    float d = zz - c;
+    if (d >= 0.5f) d -= 1.0f;
+    if (d < -0.5f) d += 1.0f;
+    return d;
+}
+
+/*
+ * One sample's mask from z: the kept blocks (ascending), the softmax p over
+ * their units (block order), and, with dedz, d unit logit / d z per unit.
+ */
+static void sample_mask(const inf_layer *f, const float *params, const float *z, mask_scratch *s,
+                        int want_dedz) {
+    const int nb = f->nb, kb = f->kb, b = f->b, H = f->H, dz = f->dz;
+    float zz = 0.0f;
+    if (f->mask == MASK_WINDOW) {
+        zz = z[0] - floorf(z[0]);
+        for (int i = 0; i < nb; i++) s->key[i] = fabsf(ring_diff(zz, ((float)i + 0.5f) / nb));
+    } else {
+        const float *P = params + f->P, *q = params + f->q;
+        for (int j = 0; j < H; j++) {
+            float v = q[j];
+            for (int d = 0; d < dz; d++) v += P[(size_t)j * dz + d] * z[d];
+            s->scores[j] = v;
+        }
+        for (int i = 0; i < nb; i++) {
+            float m = 0.0f;
+            for (int u = 0; u < b; u++) m += s->scores[i * b + u];
+            s->key[i] = -m / b; /* smaller key = better block */
+        }
+    }
+    /* kb smallest keys, ties to the lower index, then ascending block order */
+    for (int j = 0; j < kb; j++) {
+        int best = -1;
+        for (int i = 0; i < nb; i++) {
+            if (s->key[i] == INFINITY) continue;
+            if (best < 0 || s->key[i] < s->key[best]) best = i;
+        }
+        s->blocks[j] = best;
+        s->key[best] = INFINITY;
+    }
+    for (int i = 1; i < kb; i++)
+        for (int j = i; j > 0 && s->blocks[j - 1] > s->blocks[j]; j--) {
+            int32_t t = s->blocks[j];
+            s->blocks[j] = s->blocks[j - 1];
+            s->blocks[j - 1] = t;
+        }
+    float max = -INFINITY;
+    for (int i = 0; i < kb; i++)
+        for (int u = 0; u < b; u++) {
+            int j = s->blocks[i] * b + u, o = i * b + u;
+            float e;
+            if (f->mask == MASK_WINDOW) {
+                float diff = ring_diff(zz, ((float)j + 0.5f) / H);
+                float d = fabsf(diff) * H / f->n_keep;
+                e = -(d / f->tau) * (d / f->tau);
+                if (want_dedz) {
+                    float sign = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
+                    s->dedz[o] = -2.0f * d / (f->tau * f->tau) * sign * H / f->n_keep;
+                }
+            } else {
+                e = s->scores[j];
+                if (want_dedz)
+                    for (int d = 0; d < dz; d++) s->dedz[(size_t)o * dz + d] = params[f->P + (size_t)j * dz + d];
+            }
+            s->p[o] = e;
+            max = e > max ? e : max;
+        }
+    float sum = 0.0f;
+    for (int o = 0; o < f->n_keep; o++) sum += (s->p[o] = expf(s->p[o] - max));
+    for (int o = 0; o < f->n_keep; o++) s->p[o] /= sum;
+}
+
+/* ---- forward ---- */
+
+static void router_forward(inf_layer *f, const float *params, const float *in, int64_t n,
+                           const ffn_context *ctx) {
+    const int R = f->R, dz = f->dz, C = f->C, K = f->K;
+    gemm(0, 1, n, R, C, in, C, params + f->A, C, f->pre_r, R, 0, params + f->a);
+    gelu_forward(f->r, f->pre_r, n * R);
+    gemm(0, 1, n, dz, R, f->r, R, params + f->Wm, R, f->mu, dz, 0, params + f->bm);
+    gemm(0, 1, n, dz, R, f->r, R, params + f->Ws, R, f->spre, dz, 0, params + f->bs);
+#pragma omp parallel for
+    for (int64_t t = 0; t < n; t++) {
+        uint64_t key = mix64(mix64(mix64(ctx->seed) ^ (uint64_t)(f->layer + 1000) * 0x100000001b3ULL) ^
+                             ((uint64_t)ctx->step * 31 + 3)) ^ (uint64_t)(ctx->token_offset + t);
+        for (int d = 0; d < dz; d++) {
+            float sg = softplusf(f->spre[t * dz + d]) + 1e-4f;
+            f->sigma[t * dz + d] = sg;
+            for (int k = 0; k < K; k++) {
+                float e = f->deterministic ? 0.0f : draw_normal(mix64(key) + (uint64_t)(k * dz + d) * 0x9e3779b97f4a7c15ULL);
+                f->eps[(t * K + k) * dz + d] = e;
+                f->z[(t * K + k) * dz + d] = f->mu[t * dz + d] + sg * e;
+            }
+        }
+    }
+}
+
+/* Receiver: per-unit weights of every received row, and the rows of each local block. */
+static void build_block_lists(inf_layer *f, const float *params) {
+    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, nbl = f->nb_local;
+    const int W = C + K * dz;
+    const int64_t M = f->n_recv;
+    memset(f->wrow, 0, sizeof(float) * (size_t)(M * Hl));
+    memset(f->used, 0, (size_t)(M * nbl));
+#pragma omp parallel for
+    for (int64_t i = 0; i < M; i++) {
+        mask_scratch *s = &f->scratch[omp_get_thread_num()];
+        const float *z = f->recv + i * W + C;
+        for (int k = 0; k < K; k++) {
+            sample_mask(f, params, z + k * dz, s, 0);
+            for (int bi = 0; bi < f->kb; bi++) {
+                int lb = s->blocks[bi] - f->blk0;
+                if (lb < 0 || lb >= nbl) continue;
+                f->used[i * nbl + lb] = 1;
+                for (int u = 0; u < b; u++)
+                    f->wrow[i * Hl + lb * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
+            }
+        }
+    }
+    memset(f->blk_n, 0, sizeof(int32_t) * (size_t)nbl);
+    for (int64_t i = 0; i < M; i++)
+        for (int lb = 0; lb < nbl; lb++) {
+            if (!f->used[i * nbl + lb]) continue;
+            int32_t e = f->blk_n[lb]++;
+            f->blk_row[(int64_t)lb * f->max_recv + e] = (int32_t)i;
+            memcpy(f->Wt + ((int64_t)lb * f->max_recv + e) * b, f->wrow + i * Hl + lb * b, sizeof(float) * b);
+        }
+}
+
+static void gather_rows(float *dst, const float *src, int64_t stride, const int32_t *rows, int64_t n, int C) {
+#pragma omp parallel for
+    for (int64_t r = 0; r < n; r++) memcpy(dst + r * C, src + (int64_t)rows[r] * stride, sizeof(float) * C);
+}
+
+/* Receiver: one GEMM pair per local unit block on the rows that use it. */
+static void blocks_forward(inf_layer *f, const float *params) {
+    const int C = f->C, b = f->b, W = C + f->K * f->dz;
+    memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
+    for (int lb = 0; lb < f->nb_local; lb++) {
+        int64_t rows = f->blk_n[lb], base = (int64_t)lb * f->max_recv;
+        if (rows == 0) continue;
+        const int32_t *rl = f->blk_row + base;
+        float *Hp = f->Hp + base * b, *Ac = f->Ac + base * b, *Wt = f->Wt + base * b;
+        gather_rows(f->xg, f->recv, W, rl, rows, C);
+        gemm_var(0, 1, rows, b, C, f->xg, C, params + f->W1 + (size_t)lb * b * C, C, Hp, b, 0,
+                 params + f->b1 + (size_t)lb * b);
+        gelu_forward(Ac, Hp, rows * b);
+        for (int64_t i = 0; i < rows * b; i++) f->aw[i] = Ac[i] * Wt[i];
+        gemm_var(0, 0, rows, C, b, f->aw, b, params + f->W2 + (size_t)lb * b * C, C, f->yg, C, 0, NULL);
+        for (int64_t r = 0; r < rows; r++) {
+            float *o = f->rows_out + (int64_t)rl[r] * C;
+            const float *y = f->yg + r * C;
+            for (int c = 0; c < C; c++) o[c] += y[c];
+        }
+    }
+}
+
+/* Diagnostics of this forward, summed over all ranks; returns the KL aux loss. */
+static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
+    const int nb = f->nb, K = f->K, dz = f->dz, kb = f->kb;
+    double *S = f->sums;
+    memset(S, 0, sizeof(double) * (size_t)(nb + Z_BINS + 5));
+    uint8_t *seen = xcalloc((size_t)nb, 1);
+    for (int64_t t = 0; t < n; t++) {
+        memset(seen, 0, (size_t)nb);
+        int active = 0;
+        for (int k = 0; k < K; k++)
+            for (int i = 0; i < kb; i++) {
+                int bl = f->blocks_of[(t * K + k) * kb + i];
+                if (!seen[bl]) active++;
+                seen[bl] = 1;
+            }
+        for (int bl = 0; bl < nb; bl++) S[bl] += seen[bl];
+        S[nb + Z_BINS + 2] += (double)active * f->b;
+        if (K > 1) { /* shared blocks of samples 1 and 2 (both lists ascending) */
+            const int32_t *x = f->blocks_of + (t * K) * kb, *y = x + kb;
+            int i = 0, j = 0, common = 0;
+            while (i < kb && j < kb) {
+                if (x[i] == y[j]) { common++; i++; j++; }
+                else if (x[i] < y[j]) i++;
+                else j++;
+            }
+            S[nb + Z_BINS + 1] += (double)common / kb;
+        }
+        if (f->mask == MASK_WINDOW)
+            for (int k = 0; k < K; k++) {
+                float zz = f->z[(t * K + k) * dz] - floorf(f->z[(t * K + k) * dz]);
+                int bin = (int)(zz * Z_BINS);
+                S[nb + (bin < Z_BINS ? bin : Z_BINS - 1)] += 1;
+            }
+        for (int d = 0; d < dz; d++) {
+            float m = f->mu[t * dz + d], sg = f->sigma[t * dz + d];
+            S[nb + Z_BINS] += sg / dz;
+            S[nb + Z_BINS + 3] += 0.5 * (m * m + sg * sg - 1.0 - 2.0 * log(sg));
+        }
+    }
+    free(seen);
+    S[nb + Z_BINS + 4] = (double)n;
+    dist_allreduce_sum_d(S, nb + Z_BINS + 5, ctx->world);
+    inf_stats *st = &f->stats;
+    double N = S[nb + Z_BINS + 4];
+    for (int bl = 0; bl < nb; bl++) st->block_tokens[bl] = (int64_t)S[bl];
+    for (int i = 0; i < Z_BINS; i++) st->z_hist[i] = (int64_t)S[nb + i];
+    st->mean_sigma = S[nb + Z_BINS] / N;
+    st->mask_overlap = K > 1 ? S[nb + Z_BINS + 1] / N : 1.0;
+    st->active_units = S[nb + Z_BINS + 2] / N;
+    st->n_tokens = (int64_t)N;
+    st->aux_kl = ctx->training ? f->kl * S[nb + Z_BINS + 3] / N : 0.0;
+    return st->aux_kl;
+}
+
+double inf_forward(inf_layer *f, const float *params, float *out, const float *in, int64_t n,
+                   const ffn_context *ctx) {
+    ALWAYS(n <= f->max_tokens);
+    const int C = f->C, K = f->K, dz = f->dz, kb = f->kb, ep = f->ep, W = C + K * dz;
+    f->n = n;
+    f->training = ctx->training;
+    if (!f->have_plan) {
+        dispatch_init(&f->plan, ctx->ep_comm);
+        f->have_plan = 1;
+    }
+    router_forward(f, params, in, n, ctx);
+    /* kept blocks of every sample, and the shards each token needs */
+    uint8_t *need = xcalloc((size_t)(n * ep), 1);
+#pragma omp parallel for
+    for (int64_t t = 0; t < n; t++) {
+        mask_scratch *s = &f->scratch[omp_get_thread_num()];
+        for (int k = 0; k < K; k++) {
+            sample_mask(f, params, f->z + (t * K + k) * dz, s, 0);
+            memcpy(f->blocks_of + (t * K + k) * kb, s->blocks, sizeof(int32_t) * kb);
+            for (int i = 0; i < kb; i++) need[t * ep + s->blocks[i] / f->nb_local] = 1;
+        }
+    }
+    /* one row per (token, shard), grouped by shard: [u | z_1 .. z_K] */
+    int64_t rows = 0;
+    for (int r = 0; r < ep; r++) {
+        f->dest_rows[r] = 0;
+        for (int64_t t = 0; t < n; t++) {
+            if (!need[t * ep + r]) continue;
+            float *row = f->send + rows * W;
+            memcpy(row, in + t * C, sizeof(float) * C);
+            memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
+            f->row_token[rows++] = (int32_t)t;
+            f->dest_rows[r]++;
+        }
+    }
+    free(need);
+    dispatch_exchange_counts(&f->plan, f->dest_rows);
+    ALWAYS(f->plan.n_send == rows);
+    if (f->plan.n_recv > f->max_recv) INFMOE_FAIL("more rows than planned for this shard");
+    f->n_recv = f->plan.n_recv;
+    dispatch_forward(&f->plan, f->send, f->recv, W);
+    build_block_lists(f, params);
+    blocks_forward(f, params);
+    /* partial outputs back; they add up at the owner, which adds b2 once */
+    float *partial = f->dy_send; /* free until backward */
+    dispatch_reverse(&f->plan, f->rows_out, partial, C);
+    const float *b2 = params + f->b2;
+    for (int64_t i = 0; i < rows; i++) {
+        float *o = out + (int64_t)f->row_token[i] * C;
+        for (int c = 0; c < C; c++) o[c] += partial[i * C + c];
+    }
+#pragma omp parallel for
+    for (int64_t t = 0; t < n; t++)
+        for (int c = 0; c < C; c++) out[t * C + c] += b2[c];
+    return forward_stats(f, n, ctx);
+}
+
+/* ---- backward ---- */
+
+/* Receiver: block GEMMs backward; fills rows_back with [d u | A_k | S_k] per row. */
+static void blocks_backward(inf_layer *f, const float *params, float *grads, const float *dY) {
+    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, W = C + K * dz;
+    const int WB = C + K * dz + K;
+    const int64_t M = f->n_recv;
+    memset(f->rows_back, 0, sizeof(float) * (size_t)(M * WB));
+    memset(f->wrow, 0, sizeof(float) * (size_t)(M * Hl)); /* now d loss / d weight per unit */
+    for (int lb = 0; lb < f->nb_local; lb++) {
+        int64_t rows = f->blk_n[lb], base = (int64_t)lb * f->max_recv;
+        if (rows == 0) continue;
+        const int32_t *rl = f->blk_row + base;
+        float *Hp = f->Hp + base * b, *Ac = f->Ac + base * b, *Wt = f->Wt + base * b;
+        const float *W1 = params + f->W1 + (size_t)lb * b * C, *W2 = params + f->W2 + (size_t)lb * b * C;
+        gather_rows(f->yg, dY, C, rl, rows, C);
+        for (int64_t i = 0; i < rows * b; i++) f->aw[i] = Ac[i] * Wt[i];
+        gemm_var(0, 1, rows, b, C, f->yg, C, W2, C, f->daw, b, 0, NULL);
+        gemm_var(1, 0, b, C, rows, f->aw, b, f->yg, C, grads + f->W2 + (size_t)lb * b * C, C, 1, NULL);
+        for (int64_t r = 0; r < rows; r++)
+            for (int u = 0; u < b; u++) {
+                int64_t i = r * b + u;
+                f->wrow[(int64_t)rl[r] * Hl + lb * b + u] = f->daw[i] * Ac[i]; /* d loss / d w */
+                f->daw[i] *= Wt[i];                                              /* d loss / d a */
+            }
+        /* GELU backward in place: aw <- GELU'(Hp) * daw */
+        memset(f->aw, 0, sizeof(float) * (size_t)(rows * b));
+        gelu_backward(f->aw, Hp, f->daw, rows * b);
+        gather_rows(f->xg, f->recv, W, rl, rows, C);
+        gemm_var(1, 0, b, C, rows, f->aw, b, f->xg, C, grads + f->W1 + (size_t)lb * b * C, C, 1, NULL);
+        float *db1 = grads + f->b1 + (size_t)lb * b;
+        for (int64_t r = 0; r < rows; r++)
+            for (int u = 0; u < b; u++) db1[u] += f->aw[r * b + u];
+        gemm_var(0, 0, rows, C, b, f->aw, b, W1, C, f->yg, C, 0, NULL);
+        for (int64_t r = 0; r < rows; r++) {
+            float *d = f->rows_back + (int64_t)rl[r] * WB;
+            for (int c = 0; c < C; c++) d[c] += f->yg[r * C + c];
+        }
+    }
+    /* the masks' share: per row and sample, A = n_keep sum p g de/dz and S = sum p g over
+     * this shard's kept units (g = d loss / d m = d loss / d w / K) */
+    if (f->mask == MASK_LEARNED)
+        for (int t = 0; t < f->n_threads; t++)
+            memset(f->scratch[t].grad_pq, 0, sizeof(float) * (size_t)(f->H * dz + f->H));
+#pragma omp parallel for
+    for (int64_t i = 0; i < M; i++) {
+        mask_scratch *s = &f->scratch[omp_get_thread_num()];
+        const float *z = f->recv + i * W + C;
+        float *A = f->rows_back + i * WB + C, *S = A + K * dz;
+        for (int k = 0; k < K; k++) {
+            sample_mask(f, params, z + k * dz, s, 1);
+            for (int bi = 0; bi < f->kb; bi++) {
+                int lb = s->blocks[bi] - f->blk0;
+                if (lb < 0 || lb >= f->nb_local) continue;
+                for (int u = 0; u < b; u++) {
+                    int o = bi * b + u;
+                    float pg = s->p[o] * f->wrow[i * Hl + lb * b + u] / K;
+                    S[k] += pg;
+                    for (int d = 0; d < dz; d++) A[k * dz + d] += f->n_keep * pg * s->dedz[(size_t)o * dz + d];
+                    if (f->mask == MASK_LEARNED) {
+                        int j = s->blocks[bi] * b + u;
+                        for (int d = 0; d < dz; d++) s->grad_pq[(size_t)j * dz + d] += f->n_keep * pg * z[k * dz + d];
+                        s->grad_pq[(size_t)f->H * dz + j] += f->n_keep * pg;
+                    }
+                }
+            }
+        }
+    }
+    if (f->mask == MASK_LEARNED)
+        for (int t = 0; t < f->n_threads; t++) {
+            float *gp = f->scratch[t].grad_pq;
+            for (int64_t j = 0; j < (int64_t)f->H * dz; j++) grads[f->P + j] += gp[j];
+            for (int j = 0; j < f->H; j++) grads[f->q + j] += gp[(size_t)f->H * dz + j];
+        }
+}
+
+void inf_backward(inf_layer *f, const float *params, float *grads, float *din, const float *dout,
+                  const float *in, int64_t n, const ffn_context *ctx) {
+    ALWAYS(n == f->n);
+    const int C = f->C, K = f->K, dz = f->dz, R = f->R, WB = C + K * dz + K;
+    const int64_t rows = f->plan.n_send;
+    /* 1. dy to the shards along the forward plan */
+    for (int64_t i = 0; i < rows; i++)
+        memcpy(f->dy_send + i * C, dout + (int64_t)f->row_token[i] * C, sizeof(float) * C);
+    dispatch_forward(&f->plan, f->dy_send, f->rows_out, C);
+    blocks_backward(f, params, grads, f->rows_out);
+    dispatch_reverse(&f->plan, f->rows_back, f->back, WB);
+    /* 2. owner: input gradients, and the per-sample sums A and S over all shards */
+    float *Atot = xcalloc((size_t)(n * K * dz), sizeof(float)), *Stot = xcalloc((size_t)(n * K), sizeof(float));
+    for (int64_t i = 0; i < rows; i++) {
+        int64_t t = f->row_token[i];
+        const float *bk = f->back + i * WB;
+        for (int c = 0; c < C; c++) din[t * C + c] += bk[c];
+        for (int j = 0; j < K * dz; j++) Atot[t * K * dz + j] += bk[C + j];
+        for (int k = 0; k < K; k++) Stot[t * K + k] += bk[C + K * dz + k];
+    }
+    float *db2 = grads + f->b2;
+    for (int64_t t = 0; t < n; t++)
+        for (int c = 0; c < C; c++) db2[c] += dout[t * C + c];
+    /* 3. d z = A - n_keep S sum_{kept} p de/dz; learned: the S share of d/dP, d/dq */
+    if (f->mask == MASK_LEARNED)
+        for (int t = 0; t < f->n_threads; t++)
+            memset(f->scratch[t].grad_pq, 0, sizeof(float) * (size_t)(f->H * dz + f->H));
+    double N = (double)f->stats.n_tokens, kl_scale = f->training && f->kl > 0 ? f->kl * ctx->world_size / N : 0.0;
+#pragma omp parallel for
+    for (int64_t t = 0; t < n; t++) {
+        mask_scratch *s = &f->scratch[omp_get_thread_num()];
+        for (int d = 0; d < dz; d++) f->dmu[t * dz + d] = f->dsig[t * dz + d] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            const float *z = f->z + (t * K + k) * dz;
+            sample_mask(f, params, z, s, 1);
+            float St = Stot[t * K + k];
+            for (int d = 0; d < dz; d++) {
+                float Q = 0.0f;
+                for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[(size_t)o * dz + d];
+                float g = Atot[(t * K + k) * dz + d] - f->n_keep * St * Q;
+                f->dmu[t * dz + d] += g;
+                f->dsig[t * dz + d] += g * f->eps[(t * K + k) * dz + d];
+            }
+            if (f->mask == MASK_LEARNED)
+                for (int bi = 0; bi < f->kb; bi++)
+                    for (int u = 0; u < f->b; u++) {
+                        int j = s->blocks[bi] * f->b + u;
+                        float c = -f->n_keep * s->p[bi * f->b + u] * St;
+                        for (int d = 0; d < dz; d++) s->grad_pq[(size_t)j * dz + d] += c * z[d];
+                        s->grad_pq[(size_t)f->H * dz + j] += c;
+                    }
+        }
+        for (int d = 0; d < dz; d++) {
+            float m = f->mu[t * dz + d], sg = f->sigma[t * dz + d];
+            f->dmu[t * dz + d] += (float)(kl_scale * m);
+            f->dsig[t * dz + d] += (float)(kl_scale * (sg - 1.0f / sg));
+            f->dsig[t * dz + d] *= sigmoidf(f->spre[t * dz + d]); /* now d / d pre-softplus */
+        }
+    }
+    if (f->mask == MASK_LEARNED)
+        for (int t = 0; t < f->n_threads; t++) {
+            float *gp = f->scratch[t].grad_pq;
+            for (int64_t j = 0; j < (int64_t)f->H * dz; j++) grads[f->P + j] += gp[j];
+            for (int j = 0; j < f->H; j++) grads[f->q + j] += gp[(size_t)f->H * dz + j];
+        }
+    free(Atot);
+    free(Stot);
+    /* 4. router MLP */
+    gemm(1, 0, dz, R, n, f->dmu, dz, f->r, R, grads + f->Wm, R, 1, NULL);
+    gemm(1, 0, dz, R, n, f->dsig, dz, f->r, R, grads + f->Ws, R, 1, NULL);
+    for (int64_t t = 0; t < n; t++)
+        for (int d = 0; d < dz; d++) {
+            grads[f->bm + d] += f->dmu[t * dz + d];
+            grads[f->bs + d] += f->dsig[t * dz + d];
+        }
+    gemm(0, 0, n, R, dz, f->dmu, dz, params + f->Wm, R, f->dr, R, 0, NULL);
+    gemm(0, 0, n, R, dz, f->dsig, dz, params + f->Ws, R, f->dr, R, 1, NULL);
+    float *dpre = f->r; /* r is no longer needed */
+    memset(dpre, 0, sizeof(float) * (size_t)(n * R));
+    gelu_backward(dpre, f->pre_r, f->dr, n * R);
+    matmul_backward(din, grads + f->A, grads + f->a, dpre, in, params + f->A, n, C, R);
+}
+
+/* ---- reference and fingerprint (tests) ---- */
+
+void inf_reference_forward(const inf_layer *f, const float *params, float *out, const float *in,
+                           int64_t n) {
+    ALWAYS(f->ep == 1 && n == f->n);
+    const int C = f->C, H = f->H, K = f->K, dz = f->dz, b = f->b;
+    float *w = xcalloc((size_t)H, sizeof(float)), *h = xcalloc((size_t)H, sizeof(float));
+    float *y = xcalloc((size_t)C, sizeof(float));
+    mask_scratch *s = &f->scratch[0];
+    for (int64_t t = 0; t < n; t++) {
+        memset(w, 0, sizeof(float) * H);
+        for (int k = 0; k < K; k++) {
+            sample_mask(f, params, f->z + (t * K + k) * dz, s, 0);
+            for (int bi = 0; bi < f->kb; bi++)
+                for (int u = 0; u < b; u++) w[s->blocks[bi] * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
+        }
+        /* every unit, densely; the mask multiplies afterwards */
+        gemm_naive(0, 1, 1, H, C, in + t * C, C, params + f->W1, C, h, H, 0, params + f->b1);
+        for (int j = 0; j < H; j++) {
+            float x = h[j];
+            h[j] = w[j] * 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+        }
+        gemm_naive(0, 0, 1, C, H, h, H, params + f->W2, C, y, C, 0, params + f->b2);
+        for (int c = 0; c < C; c++) out[t * C + c] += y[c];
+    }
+    free(w);
+    free(h);
+    free(y);
+}
+
+uint64_t inf_routing_hash(const inf_layer *f) {
+    uint64_t h = 1469598103934665603ULL;
+    for (int64_t i = 0; i < f->n * f->K * f->kb; i++) h = (h ^ (uint64_t)(uint32_t)f->blocks_of[i]) * 1099511628211ULL;
+    return h;
+}
