@@ -70,15 +70,27 @@ static void load_model(const char *arg, int B, int ep, dist_ctx *d, run_config *
 int infer_eval_main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "--help") == 0) {
         printf("usage: infmoe eval CKPT [--data SHARDS] [--batches N] [--batch B] [--ep EP]\n"
+               "                  [--samples K | --deterministic]\n"
                "\n"
                "Validation loss of checkpoint CKPT (a step_NNNNNN directory or a run's 'latest')\n"
                "over N global batches of B sequences (defaults: the checkpoint's data.val,\n"
-               "train.eval_batches and train.batch_size), on the ranks of the MPI job.\n");
+               "train.eval_batches and train.batch_size), on the ranks of the MPI job.\n"
+               "∞-MoE models: --samples K draws K samples per token (default: ffn.samples of\n"
+               "training); --deterministic uses the single sample z = mu.\n");
         return 0;
     }
     dist_ctx d;
     dist_init(&d, &argc, &argv);
-    const char *known[] = {"--data", "--batches", "--batch", "--ep", NULL};
+    /* --deterministic takes no value: note it and drop it before the option parser */
+    int deterministic = 0;
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--deterministic") == 0) {
+            deterministic = 1;
+            for (int j = i; j + 1 < argc; j++) argv[j] = argv[j + 1];
+            argc--;
+            i--;
+        }
+    const char *known[] = {"--data", "--batches", "--batch", "--ep", "--samples", NULL};
     const char *arg = positional(argc, argv, known, "eval");
     run_config cfg;
     gpt_model m;
@@ -92,6 +104,9 @@ int infer_eval_main(int argc, char **argv) {
     free(text);
     int batch = option_int(argc, argv, "--batch", cfg.batch_size, 1);
     int batches = option_int(argc, argv, "--batches", cfg.eval_batches, 1);
+    int samples = option_int(argc, argv, "--samples", cfg.samples, 1);
+    if ((deterministic || option(argc, argv, "--samples")) && cfg.ffn_kind != FFN_INFINITE)
+        infmoe_die_all("eval: --samples and --deterministic apply to ∞-MoE models (ffn.kind: infinite)");
     const char *data = option(argc, argv, "--data");
     if (!data) data = cfg.data_val[0] ? cfg.data_val : NULL;
     if (!data) infmoe_die_all("eval: the checkpoint's config has no data.val: give --data SHARDS");
@@ -101,6 +116,7 @@ int infer_eval_main(int argc, char **argv) {
     config_free(&cfg);
     int B = batch / d.size;
     load_model(arg, B, option_int(argc, argv, "--ep", 1, 1), &d, &cfg, &m, path, sizeof path, &pos);
+    model_set_samples(&m, samples, deterministic);
     token_dataset ds;
     data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed);
     int32_t *in = xcalloc((size_t)B * cfg.seq_len, sizeof(int32_t));
@@ -112,9 +128,14 @@ int infer_eval_main(int argc, char **argv) {
         sum += model_forward(&m, in, tg);
     }
     dist_allreduce_sum_d(&sum, 1, d.world);
-    dist_log("eval %s | step %lld | val_loss %.6f | %d batches x %d sequences | ranks %d | %.2f s\n",
-             path, (long long)pos.step, sum / ((double)batches * d.size), batches, batch, d.size,
-             wall_time() - t0);
+    char mode[48] = "";
+    if (cfg.ffn_kind == FFN_INFINITE) {
+        if (deterministic) snprintf(mode, sizeof mode, " | samples deterministic");
+        else snprintf(mode, sizeof mode, " | samples %d", samples);
+    }
+    dist_log("eval %s | step %lld | val_loss %.6f%s | %d batches x %d sequences | ranks %d | %.2f s\n",
+             path, (long long)pos.step, sum / ((double)batches * d.size), mode, batches, batch,
+             d.size, wall_time() - t0);
     free(in);
     free(tg);
     data_close(&ds);

@@ -28,6 +28,7 @@ typedef struct {
 struct inf_layer {
     int layer, C, H, b, nb, kb, n_keep, K, K_train, deterministic, dz, R, ep;
     int H_local, nb_local, blk0;
+    int cu, nc_local;       /* compute chunks: cu units (whole blocks) each, nc_local per shard */
     mask_rule mask;
     float tau, kl;
     size_t A, a, Wm, bm, Ws, bs, P, q, b2; /* replicated */
@@ -48,9 +49,9 @@ struct inf_layer {
     int64_t n_recv;
     float *recv;                 /* (max_recv, C+K*dz) */
     float *wrow;                 /* (max_recv, H_local) per-unit weights, then d loss / d weight */
-    uint8_t *used;               /* (max_recv, nb_local) */
-    int32_t *blk_n, *blk_row;    /* (nb_local), (nb_local, max_recv) */
-    float *Wt, *Hp, *Ac;         /* (nb_local, max_recv, b) weights, pre-activations, GELU */
+    uint8_t *used;               /* (max_recv, nc_local) rows that use a chunk */
+    int32_t *blk_n, *blk_row;    /* (nc_local), (nc_local, max_recv) */
+    float *Wt, *Hp, *Ac;         /* (nc_local, max_recv, cu) weights, pre-activations, GELU */
     float *rows_out, *rows_back; /* (max_recv, C), (max_recv, C+K*dz+K) */
     float *xg, *yg, *aw, *daw;   /* gather buffers (max_recv, C) x2, (max_recv, b) x2 */
     /* backward scratch (owner) */
@@ -122,6 +123,16 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->H_local = f->H / ep;
     f->nb_local = f->nb / ep;
     f->blk0 = ep_rank * f->nb_local;
+    /* Compute in chunks of consecutive blocks: a chunk is computed for every row
+     * that keeps any of its blocks (units it did not keep get weight 0). Chunks of
+     * about 256 units make GEMMs and row gathers efficient; the window rule's kept
+     * blocks are an arc, so only the arc's ends waste work. The learned rule's
+     * blocks are scattered: one block per chunk. */
+    int per = f->mask == MASK_WINDOW ? (256 + f->b - 1) / f->b : 1;
+    if (per > f->nb_local) per = f->nb_local;
+    while (f->nb_local % per) per--;
+    f->cu = per * f->b;
+    f->nc_local = f->nb_local / per;
     f->max_tokens = max_tokens;
     f->max_recv = (int64_t)ep * max_tokens;
     const int C = f->C, R = f->R, dz = f->dz, H = f->H;
@@ -160,17 +171,18 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->dest_rows = xcalloc((size_t)ep, sizeof(int));
     f->dy_send = xcalloc((size_t)(n * ep * C), sizeof(float));
     f->wrow = xcalloc((size_t)(M * Hl), sizeof(float));
-    f->used = xcalloc((size_t)(M * nbl), 1);
-    f->blk_n = xcalloc((size_t)nbl, sizeof(int32_t));
-    f->blk_row = xcalloc((size_t)(nbl * M), sizeof(int32_t));
-    f->Wt = xcalloc((size_t)(nbl * M * f->b), sizeof(float));
-    f->Hp = xcalloc((size_t)(nbl * M * f->b), sizeof(float));
-    f->Ac = xcalloc((size_t)(nbl * M * f->b), sizeof(float));
+    (void)nbl;
+    f->used = xcalloc((size_t)(M * f->nc_local), 1);
+    f->blk_n = xcalloc((size_t)f->nc_local, sizeof(int32_t));
+    f->blk_row = xcalloc((size_t)(f->nc_local * M), sizeof(int32_t));
+    f->Wt = xcalloc((size_t)(M * Hl), sizeof(float));
+    f->Hp = xcalloc((size_t)(M * Hl), sizeof(float));
+    f->Ac = xcalloc((size_t)(M * Hl), sizeof(float));
     f->rows_out = xcalloc((size_t)(M * C), sizeof(float));
     f->xg = xcalloc((size_t)(M * C), sizeof(float));
     f->yg = xcalloc((size_t)(M * C), sizeof(float));
-    f->aw = xcalloc((size_t)(M * f->b), sizeof(float));
-    f->daw = xcalloc((size_t)(M * f->b), sizeof(float));
+    f->aw = xcalloc((size_t)(M * f->cu), sizeof(float));
+    f->daw = xcalloc((size_t)(M * f->cu), sizeof(float));
     f->dmu = xcalloc((size_t)(n * dz), sizeof(float));
     f->dsig = xcalloc((size_t)(n * dz), sizeof(float));
     f->dr = xcalloc((size_t)(n * R), sizeof(float));
@@ -250,14 +262,6 @@ double inf_matmul_params_per_token(const inf_layer *f) {
 
 /* ---- masks ---- */
 
-/* Signed ring distance from unit position c to z (in [-0.5, 0.5)). */
-static float ring_diff(float zz, float c) {
-    float d = zz - c;
-    if (d >= 0.5f) d -= 1.0f;
-    if (d < -0.5f) d += 1.0f;
-    return d;
-}
-
 /*
  * One sample's mask from z: the kept blocks (ascending), the softmax p over
  * their units (block order), and, with dedz, d unit logit / d z per unit.
@@ -267,8 +271,11 @@ static void sample_mask(const inf_layer *f, const float *params, const float *z,
     const int nb = f->nb, kb = f->kb, b = f->b, H = f->H, dz = f->dz;
     float zz = 0.0f;
     if (f->mask == MASK_WINDOW) {
+        /* the kb block centres nearest z: the arc centred on z (block centre i sits at
+         * (i + 0.5) / nb, so z lies at centre index x = z nb - 0.5) */
         zz = z[0] - floorf(z[0]);
-        for (int i = 0; i < nb; i++) s->key[i] = fabsf(ring_diff(zz, ((float)i + 0.5f) / nb));
+        int start = (int)floorf(zz * nb - 0.5f - (kb - 1) * 0.5f + 0.5f);
+        for (int j = 0; j < kb; j++) s->blocks[j] = ((start + j) % nb + nb) % nb;
     } else {
         const float *P = params + f->P, *q = params + f->q;
         for (int j = 0; j < H; j++) {
@@ -281,47 +288,57 @@ static void sample_mask(const inf_layer *f, const float *params, const float *z,
             for (int u = 0; u < b; u++) m += s->scores[i * b + u];
             s->key[i] = -m / b; /* smaller key = better block */
         }
-    }
-    /* kb smallest keys, ties to the lower index, then ascending block order */
-    for (int j = 0; j < kb; j++) {
-        int best = -1;
-        for (int i = 0; i < nb; i++) {
-            if (s->key[i] == INFINITY) continue;
-            if (best < 0 || s->key[i] < s->key[best]) best = i;
+        /* kb smallest keys, ties to the lower index */
+        for (int j = 0; j < kb; j++) {
+            int best = -1;
+            for (int i = 0; i < nb; i++) {
+                if (s->key[i] == INFINITY) continue;
+                if (best < 0 || s->key[i] < s->key[best]) best = i;
+            }
+            s->blocks[j] = best;
+            s->key[best] = INFINITY;
         }
-        s->blocks[j] = best;
-        s->key[best] = INFINITY;
     }
+    /* ascending block order */
     for (int i = 1; i < kb; i++)
         for (int j = i; j > 0 && s->blocks[j - 1] > s->blocks[j]; j--) {
             int32_t t = s->blocks[j];
             s->blocks[j] = s->blocks[j - 1];
             s->blocks[j - 1] = t;
         }
-    float max = -INFINITY;
-    for (int i = 0; i < kb; i++)
-        for (int u = 0; u < b; u++) {
-            int j = s->blocks[i] * b + u, o = i * b + u;
-            float e;
-            if (f->mask == MASK_WINDOW) {
-                float diff = ring_diff(zz, ((float)j + 0.5f) / H);
-                float d = fabsf(diff) * H / f->n_keep;
-                e = -(d / f->tau) * (d / f->tau);
-                if (want_dedz) {
-                    float sign = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
-                    s->dedz[o] = -2.0f * d / (f->tau * f->tau) * sign * H / f->n_keep;
-                }
-            } else {
-                e = s->scores[j];
-                if (want_dedz)
-                    for (int d = 0; d < dz; d++) s->dedz[(size_t)o * dz + d] = params[f->P + (size_t)j * dz + d];
+    /* unit logits (vectorised within each block), then the softmax over the kept units */
+    const float scale = (float)H / f->n_keep, inv_tau2 = 1.0f / (f->tau * f->tau);
+    for (int i = 0; i < kb; i++) {
+        float *e = s->p + i * b;
+        const int j0 = s->blocks[i] * b;
+        if (f->mask == MASK_WINDOW) {
+            float *de = s->dedz + i * b;
+#pragma omp simd
+            for (int u = 0; u < b; u++) {
+                float diff = zz - ((float)(j0 + u) + 0.5f) / H;
+                diff = diff >= 0.5f ? diff - 1.0f : diff < -0.5f ? diff + 1.0f : diff;
+                float d = fabsf(diff) * scale;
+                e[u] = -d * d * inv_tau2;
+                float sign = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
+                de[u] = -2.0f * d * inv_tau2 * sign * scale;
             }
-            s->p[o] = e;
-            max = e > max ? e : max;
+        } else {
+            memcpy(e, s->scores + j0, sizeof(float) * b);
+            if (want_dedz) memcpy(s->dedz + (size_t)i * b * dz, params + f->P + (size_t)j0 * dz, sizeof(float) * b * dz);
         }
-    float sum = 0.0f;
-    for (int o = 0; o < f->n_keep; o++) sum += (s->p[o] = expf(s->p[o] - max));
-    for (int o = 0; o < f->n_keep; o++) s->p[o] /= sum;
+    }
+    const int n = f->n_keep;
+    float *p = s->p, max = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : max)
+    for (int o = 0; o < n; o++) max = p[o] > max ? p[o] : max;
+#pragma omp simd reduction(+ : sum)
+    for (int o = 0; o < n; o++) {
+        p[o] = exp_fast(p[o] - max);
+        sum += p[o];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int o = 0; o < n; o++) p[o] *= inv;
 }
 
 /* ---- forward ---- */
@@ -349,13 +366,14 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
     }
 }
 
-/* Receiver: per-unit weights of every received row, and the rows of each local block. */
+/* Receiver: per-unit weights of every received row, and the rows of each local chunk. */
 static void build_block_lists(inf_layer *f, const float *params) {
     const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, nbl = f->nb_local;
+    const int ncl = f->nc_local, cu = f->cu;
     const int W = C + K * dz;
     const int64_t M = f->n_recv;
     memset(f->wrow, 0, sizeof(float) * (size_t)(M * Hl));
-    memset(f->used, 0, (size_t)(M * nbl));
+    memset(f->used, 0, (size_t)(M * ncl));
 #pragma omp parallel for
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
@@ -365,19 +383,19 @@ static void build_block_lists(inf_layer *f, const float *params) {
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= nbl) continue;
-                f->used[i * nbl + lb] = 1;
+                f->used[i * ncl + lb * b / cu] = 1;
                 for (int u = 0; u < b; u++)
                     f->wrow[i * Hl + lb * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
             }
         }
     }
-    memset(f->blk_n, 0, sizeof(int32_t) * (size_t)nbl);
+    memset(f->blk_n, 0, sizeof(int32_t) * (size_t)ncl);
     for (int64_t i = 0; i < M; i++)
-        for (int lb = 0; lb < nbl; lb++) {
-            if (!f->used[i * nbl + lb]) continue;
-            int32_t e = f->blk_n[lb]++;
-            f->blk_row[(int64_t)lb * f->max_recv + e] = (int32_t)i;
-            memcpy(f->Wt + ((int64_t)lb * f->max_recv + e) * b, f->wrow + i * Hl + lb * b, sizeof(float) * b);
+        for (int c = 0; c < ncl; c++) {
+            if (!f->used[i * ncl + c]) continue;
+            int32_t e = f->blk_n[c]++;
+            f->blk_row[(int64_t)c * f->max_recv + e] = (int32_t)i;
+            memcpy(f->Wt + ((int64_t)c * f->max_recv + e) * cu, f->wrow + i * Hl + c * cu, sizeof(float) * cu);
         }
 }
 
@@ -386,26 +404,33 @@ static void gather_rows(float *dst, const float *src, int64_t stride, const int3
     for (int64_t r = 0; r < n; r++) memcpy(dst + r * C, src + (int64_t)rows[r] * stride, sizeof(float) * C);
 }
 
-/* Receiver: one GEMM pair per local unit block on the rows that use it. */
+static void scatter_add_rows(float *dst, int64_t stride, const float *src, const int32_t *rows,
+                             int64_t n, int C) {
+    for (int64_t r = 0; r < n; r++) {
+        float *o = dst + (int64_t)rows[r] * stride;
+        const float *y = src + r * C;
+#pragma omp simd
+        for (int c = 0; c < C; c++) o[c] += y[c];
+    }
+}
+
+/* Receiver: one GEMM pair per local chunk on the rows that use it. */
 static void blocks_forward(inf_layer *f, const float *params) {
-    const int C = f->C, b = f->b, W = C + f->K * f->dz;
+    const int C = f->C, cu = f->cu, W = C + f->K * f->dz;
     memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
-    for (int lb = 0; lb < f->nb_local; lb++) {
-        int64_t rows = f->blk_n[lb], base = (int64_t)lb * f->max_recv;
+    for (int ch = 0; ch < f->nc_local; ch++) {
+        int64_t rows = f->blk_n[ch], base = (int64_t)ch * f->max_recv;
         if (rows == 0) continue;
         const int32_t *rl = f->blk_row + base;
-        float *Hp = f->Hp + base * b, *Ac = f->Ac + base * b, *Wt = f->Wt + base * b;
+        float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
         gather_rows(f->xg, f->recv, W, rl, rows, C);
-        gemm_var(0, 1, rows, b, C, f->xg, C, params + f->W1 + (size_t)lb * b * C, C, Hp, b, 0,
-                 params + f->b1 + (size_t)lb * b);
-        gelu_forward(Ac, Hp, rows * b);
-        for (int64_t i = 0; i < rows * b; i++) f->aw[i] = Ac[i] * Wt[i];
-        gemm_var(0, 0, rows, C, b, f->aw, b, params + f->W2 + (size_t)lb * b * C, C, f->yg, C, 0, NULL);
-        for (int64_t r = 0; r < rows; r++) {
-            float *o = f->rows_out + (int64_t)rl[r] * C;
-            const float *y = f->yg + r * C;
-            for (int c = 0; c < C; c++) o[c] += y[c];
-        }
+        gemm_var(0, 1, rows, cu, C, f->xg, C, params + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0,
+                 params + f->b1 + (size_t)ch * cu);
+        gelu_forward(Ac, Hp, rows * cu);
+#pragma omp parallel for simd
+        for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
+        gemm_var(0, 0, rows, C, cu, f->aw, cu, params + f->W2 + (size_t)ch * cu * C, C, f->yg, C, 0, NULL);
+        scatter_add_rows(f->rows_out, C, f->yg, rl, rows, C);
     }
 }
 
@@ -473,6 +498,8 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
         dispatch_init(&f->plan, ctx->ep_comm);
         f->have_plan = 1;
     }
+    inf_stats *st = &f->stats;
+    double t0 = wall_time();
     router_forward(f, params, in, n, ctx);
     /* kept blocks of every sample, and the shards each token needs */
     uint8_t *need = xcalloc((size_t)(n * ep), 1);
@@ -499,16 +526,25 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
         }
     }
     free(need);
+    double t1 = wall_time();
     dispatch_exchange_counts(&f->plan, f->dest_rows);
     ALWAYS(f->plan.n_send == rows);
     if (f->plan.n_recv > f->max_recv) INFMOE_FAIL("more rows than planned for this shard");
     f->n_recv = f->plan.n_recv;
     dispatch_forward(&f->plan, f->send, f->recv, W);
+    double t2 = wall_time();
     build_block_lists(f, params);
+    double t3 = wall_time();
     blocks_forward(f, params);
+    double t4 = wall_time();
     /* partial outputs back; they add up at the owner, which adds b2 once */
     float *partial = f->dy_send; /* free until backward */
     dispatch_reverse(&f->plan, f->rows_out, partial, C);
+    double t5 = wall_time();
+    st->t_router += t1 - t0;
+    st->t_alltoall += (t2 - t1) + (t5 - t4);
+    st->t_masks += t3 - t2;
+    st->t_units += t4 - t3;
     const float *b2 = params + f->b2;
     for (int64_t i = 0; i < rows; i++) {
         float *o = out + (int64_t)f->row_token[i] * C;
@@ -525,40 +561,46 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
 /* Receiver: block GEMMs backward; fills rows_back with [d u | A_k | S_k] per row. */
 static void blocks_backward(inf_layer *f, const float *params, float *grads, const float *dY) {
     const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, W = C + K * dz;
-    const int WB = C + K * dz + K;
+    const int WB = C + K * dz + K, cu = f->cu;
     const int64_t M = f->n_recv;
     memset(f->rows_back, 0, sizeof(float) * (size_t)(M * WB));
-    memset(f->wrow, 0, sizeof(float) * (size_t)(M * Hl)); /* now d loss / d weight per unit */
-    for (int lb = 0; lb < f->nb_local; lb++) {
-        int64_t rows = f->blk_n[lb], base = (int64_t)lb * f->max_recv;
+    /* wrow becomes d loss / d weight per unit; units a row does not use keep weight 0 and
+     * are never read, so only the chunks computed are written */
+    for (int ch = 0; ch < f->nc_local; ch++) {
+        int64_t rows = f->blk_n[ch], base = (int64_t)ch * f->max_recv;
         if (rows == 0) continue;
         const int32_t *rl = f->blk_row + base;
-        float *Hp = f->Hp + base * b, *Ac = f->Ac + base * b, *Wt = f->Wt + base * b;
-        const float *W1 = params + f->W1 + (size_t)lb * b * C, *W2 = params + f->W2 + (size_t)lb * b * C;
+        float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
+        const float *W1 = params + f->W1 + (size_t)ch * cu * C, *W2 = params + f->W2 + (size_t)ch * cu * C;
         gather_rows(f->yg, dY, C, rl, rows, C);
-        for (int64_t i = 0; i < rows * b; i++) f->aw[i] = Ac[i] * Wt[i];
-        gemm_var(0, 1, rows, b, C, f->yg, C, W2, C, f->daw, b, 0, NULL);
-        gemm_var(1, 0, b, C, rows, f->aw, b, f->yg, C, grads + f->W2 + (size_t)lb * b * C, C, 1, NULL);
-        for (int64_t r = 0; r < rows; r++)
-            for (int u = 0; u < b; u++) {
-                int64_t i = r * b + u;
-                f->wrow[(int64_t)rl[r] * Hl + lb * b + u] = f->daw[i] * Ac[i]; /* d loss / d w */
-                f->daw[i] *= Wt[i];                                              /* d loss / d a */
-            }
-        /* GELU backward in place: aw <- GELU'(Hp) * daw */
-        memset(f->aw, 0, sizeof(float) * (size_t)(rows * b));
-        gelu_backward(f->aw, Hp, f->daw, rows * b);
-        gather_rows(f->xg, f->recv, W, rl, rows, C);
-        gemm_var(1, 0, b, C, rows, f->aw, b, f->xg, C, grads + f->W1 + (size_t)lb * b * C, C, 1, NULL);
-        float *db1 = grads + f->b1 + (size_t)lb * b;
-        for (int64_t r = 0; r < rows; r++)
-            for (int u = 0; u < b; u++) db1[u] += f->aw[r * b + u];
-        gemm_var(0, 0, rows, C, b, f->aw, b, W1, C, f->yg, C, 0, NULL);
+#pragma omp parallel for simd
+        for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
+        gemm_var(0, 1, rows, cu, C, f->yg, C, W2, C, f->daw, cu, 0, NULL);
+        gemm_var(1, 0, cu, C, rows, f->aw, cu, f->yg, C, grads + f->W2 + (size_t)ch * cu * C, C, 1, NULL);
+#pragma omp parallel for
         for (int64_t r = 0; r < rows; r++) {
-            float *d = f->rows_back + (int64_t)rl[r] * WB;
-            for (int c = 0; c < C; c++) d[c] += f->yg[r * C + c];
+            float *g = f->wrow + (int64_t)rl[r] * Hl + ch * cu;
+            float *da = f->daw + r * cu;
+            const float *ac = Ac + r * cu, *wt = Wt + r * cu;
+#pragma omp simd
+            for (int u = 0; u < cu; u++) {
+                g[u] = da[u] * ac[u]; /* d loss / d w */
+                da[u] *= wt[u];       /* d loss / d a */
+            }
         }
+        /* GELU backward: aw <- GELU'(Hp) * daw */
+        memset(f->aw, 0, sizeof(float) * (size_t)(rows * cu));
+        gelu_backward(f->aw, Hp, f->daw, rows * cu);
+        gather_rows(f->xg, f->recv, W, rl, rows, C);
+        gemm_var(1, 0, cu, C, rows, f->aw, cu, f->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
+        float *db1 = grads + f->b1 + (size_t)ch * cu;
+        for (int64_t r = 0; r < rows; r++)
+#pragma omp simd
+            for (int u = 0; u < cu; u++) db1[u] += f->aw[r * cu + u];
+        gemm_var(0, 0, rows, C, cu, f->aw, cu, W1, C, f->yg, C, 0, NULL);
+        scatter_add_rows(f->rows_back, WB, f->yg, rl, rows, C);
     }
+    double t_mask0 = wall_time();
     /* the masks' share: per row and sample, A = n_keep sum p g de/dz and S = sum p g over
      * this shard's kept units (g = d loss / d m = d loss / d w / K) */
     if (f->mask == MASK_LEARNED)
@@ -594,6 +636,7 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
             for (int64_t j = 0; j < (int64_t)f->H * dz; j++) grads[f->P + j] += gp[j];
             for (int j = 0; j < f->H; j++) grads[f->q + j] += gp[(size_t)f->H * dz + j];
         }
+    f->stats.t_masks += wall_time() - t_mask0;
 }
 
 void inf_backward(inf_layer *f, const float *params, float *grads, float *din, const float *dout,
@@ -602,11 +645,18 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     const int C = f->C, K = f->K, dz = f->dz, R = f->R, WB = C + K * dz + K;
     const int64_t rows = f->plan.n_send;
     /* 1. dy to the shards along the forward plan */
+    inf_stats *st = &f->stats;
+    double t0 = wall_time();
     for (int64_t i = 0; i < rows; i++)
         memcpy(f->dy_send + i * C, dout + (int64_t)f->row_token[i] * C, sizeof(float) * C);
     dispatch_forward(&f->plan, f->dy_send, f->rows_out, C);
+    double t1 = wall_time(), masks_before = st->t_masks;
     blocks_backward(f, params, grads, f->rows_out);
+    double t2 = wall_time();
+    st->t_units += (t2 - t1) - (st->t_masks - masks_before);
     dispatch_reverse(&f->plan, f->rows_back, f->back, WB);
+    double t3 = wall_time();
+    st->t_alltoall += (t1 - t0) + (t3 - t2);
     /* 2. owner: input gradients, and the per-sample sums A and S over all shards */
     float *Atot = xcalloc((size_t)(n * K * dz), sizeof(float)), *Stot = xcalloc((size_t)(n * K), sizeof(float));
     for (int64_t i = 0; i < rows; i++) {
@@ -677,6 +727,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     memset(dpre, 0, sizeof(float) * (size_t)(n * R));
     gelu_backward(dpre, f->pre_r, f->dr, n * R);
     matmul_backward(din, grads + f->A, grads + f->a, dpre, in, params + f->A, n, C, R);
+    st->t_router += wall_time() - t3;
 }
 
 /* ---- reference and fingerprint (tests) ---- */

@@ -6,32 +6,6 @@
 
 #include "infmoe/gemm.h"
 
-/*
- * e^x without calls or branches, so loops over it vectorise (libm's expf and
- * tanhf are scalar calls and were the largest non-GEMM cost). Range reduction
- * x = n ln2 + r and a degree-6 polynomial for e^r (Cephes coefficients);
- * relative error below 3e-7 over the clamped range [-87, 88].
- */
-static inline float exp_fast(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
-
-/* tanh(u) = 1 - 2 / (e^{2u} + 1): exact to ~1e-7 absolute, saturates cleanly. */
-static inline float tanh_fast(float u) { return 1.0f - 2.0f / (exp_fast(2.0f * u) + 1.0f); }
-
 void encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe, int B,
                      int T, int C) {
 #pragma omp parallel for

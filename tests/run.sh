@@ -170,6 +170,8 @@ equivalence() { # config, then layouts "P:ep" compared with the first
 }
 equivalence tests/configs/tiny.yaml 1:1 2:1 4:1
 equivalence tests/configs/tiny-topk.yaml 1:1 2:1 2:2 4:2 4:4
+equivalence tests/configs/tiny-infinite.yaml 1:1 2:2 4:2 4:4
+equivalence tests/configs/tiny-infinite-learned.yaml 1:1 2:2 4:2 4:4
 
 # ---- an expert that receives no tokens: no hang, zero gradients, same losses ----
 empty_ref=""
@@ -207,7 +209,7 @@ same_tensors() {
     local g
     for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
 }
-for name in tiny tiny-topk; do
+for name in tiny tiny-topk tiny-infinite; do
     cfg=tests/configs/$name.yaml
     train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"
     train_to "$CK/$name-first.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/$name-first"
@@ -346,6 +348,21 @@ if [ -n "$e1" ] && [ -n "$e2" ] && [ "$(max_rel_diff "$e1" "$e2")" = "0.00e+00" 
     pass "eval: checkpoint saved at P=4 ep=2 evaluates to the same loss at P=1 and P=2 ep=2 ($e1, $e2)"
 else
     fail "eval on other rank counts ($e1 vs $e2)"
+fi
+# ∞-MoE at inference: K samples per token, or the deterministic z = mu, on 2 ranks ep 2
+inf_ck="$CK/tiny-infinite-straight/latest"
+inf_ok=1
+inf_out=""
+for k in 1 2 4 8 deterministic; do
+    if [ "$k" = deterministic ]; then flag=(--deterministic); else flag=(--samples "$k"); fi
+    line=$("${MPIRUN[@]}" -np 2 $INFMOE eval "$inf_ck" --ep 2 "${flag[@]}" 2>&1)
+    inf_out="$inf_out$line"$'\n'
+    printf '%s\n' "$line" | grep -qE "val_loss [0-9]+\.[0-9]{6} \| samples $k \|" || inf_ok=0
+done
+if [ $inf_ok -eq 1 ]; then
+    pass "eval: ∞-MoE checkpoint at inference K = 1, 2, 4, 8 and deterministic (2 ranks, ep 2)"
+else
+    fail "eval: ∞-MoE at inference K" "$inf_out"
 fi
 if out=$("${MPIRUN[@]}" -np 2 $INFMOE sample "$CK/p4/latest" --prompt "The " --tokens 20 --ep 2 2>&1) &&
     [ "$(printf '%s' "$out" | head -c 4)" = "The " ] && [ "$(printf '%s' "$out" | wc -c)" -ge 24 ]; then

@@ -26,6 +26,7 @@ static uint64_t routing(void) {
     uint64_t h = 0;
     for (int l = 0; l < m.L; l++)
         if (m.ffn[l].moe) h = h * 31 + moe_routing_hash(m.ffn[l].moe);
+        else if (m.ffn[l].inf) h = h * 31 + inf_routing_hash(m.ffn[l].inf);
     return h;
 }
 
@@ -62,7 +63,7 @@ static double directional_fd(const tensor_spec *t, const float *dir, double h) {
 
 static void check_model(const char *label, run_config cfg, const dist_ctx *d) {
     /* MoE models: a smaller step, so that few probes cross a routing boundary */
-    const double step = cfg.ffn_kind == FFN_DENSE ? 1e-2 : 2e-3;
+    const double step = cfg.ffn_kind == FFN_DENSE ? 1e-2 : cfg.ffn_kind == FFN_INFINITE ? 1e-3 : 2e-3;
     skipped = probes = 0;
     cfg.n_layer = 2;
     cfg.n_embd = 16;
@@ -70,7 +71,7 @@ static void check_model(const char *label, run_config cfg, const dist_ctx *d) {
     cfg.seq_len = 8;
     cfg.vocab_size = 50; /* padded to 64: the padding path is exercised */
     cfg.ffn_hidden = 64;
-    if (cfg.ffn_kind != FFN_DENSE) cfg.expert_hidden = 24;
+    if (cfg.ffn_kind != FFN_DENSE && cfg.ffn_kind != FFN_INFINITE) cfg.expert_hidden = 24;
     const int B = 2;
     model_build(&m, &cfg, B, cfg.ffn_kind == FFN_DENSE ? NULL : d);
     model_init_params(&m, 1);
@@ -162,6 +163,17 @@ int main(int argc, char **argv) {
     cfg.experts = 8;
     cfg.moge_lambda = 0.05f;
     check_model("moge", cfg, &d);
+    config_defaults(&cfg);
+    cfg.ffn_kind = FFN_INFINITE;
+    cfg.inf_units = 64;
+    cfg.mask_block = 8;
+    cfg.latent_dim = 1;
+    cfg.router_hidden = 8;
+    cfg.kl_weight = 0.1f;
+    check_model("infinite window", cfg, &d);
+    cfg.mask = MASK_LEARNED;
+    cfg.latent_dim = 3;
+    check_model("infinite learned", cfg, &d);
     gemm_shutdown();
     int rc = check_finish("gradients: whole dense and MoE models against finite differences");
     dist_finalize(&d);

@@ -39,6 +39,11 @@ typedef struct {
     double active_units;   /* mean units a token uses (union over its samples) */
     double aux_kl;         /* the KL aux loss (training) */
     int64_t n_tokens;
+    /* seconds since the layer was created, forward and backward together */
+    double t_router;       /* router MLP, sampling, the owner's masks and d z */
+    double t_masks;        /* the shards' masks: weights and their gradients */
+    double t_units;        /* unit GEMMs, GELU, row gathers and scatters */
+    double t_alltoall;     /* the MPI exchanges */
 } inf_stats;
 
 inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
