@@ -7,8 +7,10 @@
  *   mpirun -np P bench_step [--layers 12 --embd 768 --heads 12 --seq 256
  *                            --batch 4 --vocab 50257 --hidden 0 --steps 3]
  *                           [--experts E --k K --expert-hidden H --ep EP]
+ *                           [--units H --keep F --samples K --block B --ep EP]
  * With --experts, every FFN is a noisy top-k MoE and the routing, dispatch,
- * all-to-all and expert GEMM shares of the step are printed too.
+ * all-to-all and expert GEMM shares of the step are printed too; with --units,
+ * every FFN is an ∞-MoE (window mask) and its phase shares are printed.
  */
 #include <math.h>
 #include <stddef.h>
@@ -43,6 +45,7 @@ int main(int argc, char **argv) {
             printf("usage: mpirun -np P bench_step [--layers L] [--embd C] [--heads NH] [--seq T]\n"
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
                    "       [--experts E --k K --expert-hidden HE --ep EP]\n"
+                   "       [--units H --keep F --samples K --block B --ep EP]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
                    "--experts); defaults: GPT-2 small, T=256, B=4, 3 timed steps after one warm-up.\n");
             return 0;
@@ -60,6 +63,19 @@ int main(int argc, char **argv) {
     cfg.ffn_hidden = arg_int(argc, argv, "--hidden", 0);
     if (cfg.ffn_hidden == 0) cfg.ffn_hidden = 4 * cfg.n_embd;
     int steps = arg_int(argc, argv, "--steps", 3);
+    cfg.inf_units = arg_int(argc, argv, "--units", 0);
+    if (cfg.inf_units > 0) {
+        cfg.ffn_kind = FFN_INFINITE;
+        for (int i = 1; i + 1 < argc; i++)
+            if (strcmp(argv[i], "--keep") == 0) cfg.keep = (float)atof(argv[i + 1]);
+        cfg.samples = arg_int(argc, argv, "--samples", 2);
+        cfg.mask_block = arg_int(argc, argv, "--block", 64);
+        cfg.latent_dim = 1;
+        cfg.ep = arg_int(argc, argv, "--ep", 1);
+        if (cfg.inf_units % (cfg.ep * cfg.mask_block) || d.size % cfg.ep)
+            infmoe_die_all("--ep x --block must divide --units, and --ep the rank count");
+        dist_set_layout(&d, cfg.ep);
+    }
     cfg.experts = arg_int(argc, argv, "--experts", 0);
     if (cfg.experts > 0) {
         cfg.ffn_kind = FFN_TOPK;
@@ -149,6 +165,23 @@ int main(int argc, char **argv) {
                    100 * moe_t[1] / t_total, 100 * moe_t[2] / t_total, 100 * moe_t[3] / t_total,
                    100 * expert_flops / moe_t[3] / (rank_peak * 1e9),
                    rows / steps / m.n_moe / (cfg.experts / cfg.ep));
+        if (m.n_inf > 0) {
+            double t[4] = {0};
+            for (int l = 0; l < m.L; l++)
+                if (m.ffn[l].inf) {
+                    const inf_stats *st = inf_get_stats(m.ffn[l].inf);
+                    t[0] += st->t_router;
+                    t[1] += st->t_masks;
+                    t[2] += st->t_units;
+                    t[3] += st->t_alltoall;
+                }
+            double all = (steps + 1.0) * t_total / steps; /* the timers include the warm-up step */
+            printf("  ∞-MoE H%d keep %.1f%% K%d blocks %d ep %d | router %.1f%% | masks %.1f%% | "
+                   "unit GEMMs %.1f%% | all-to-all %.1f%% | active units/token %.0f\n",
+                   cfg.inf_units, 100 * cfg.keep, cfg.samples, cfg.mask_block, cfg.ep,
+                   100 * t[0] / all, 100 * t[1] / all, 100 * t[2] / all, 100 * t[3] / all,
+                   inf_get_stats(m.ffn[0].inf)->active_units);
+        }
     }
     free(tok);
     model_free(&m);

@@ -45,10 +45,33 @@ if [ "$CORES" -ge 2 ]; then
 fi
 
 echo
-echo "== checkpoint save and load, GPT-2 small MoE (4 experts x 1536), vs sequential write (bench/bench_ckpt) =="
-CKDIR=$(mktemp -d -p "${BENCH_CKPT_DIR:-checkpoints}" bench-ckpt.XXXXXX)
-OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 1 build/bench/bench_ckpt configs/gpt2s-topk4.yaml "$CKDIR/p1"
+echo "== ∞-MoE FFN layer at GPT-2 small shapes vs masked dense and dense of the same active width (bench/bench_infinite) =="
+OMP_NUM_THREADS=1 build/bench/bench_infinite
+echo
+echo "== GPT-2 small: ∞-MoE (H 6144, keep 25%, K 2) against dense, back to back (bench/bench_step) =="
+inf_pair() { # label, ranks, threads, ep
+    local dense inf
+    dense=$(mktemp)
+    inf=$(mktemp)
+    echo "-- $1: dense --"
+    OMP_NUM_THREADS=$3 "${MPIRUN[@]}" -np "$2" build/bench/bench_step --steps "$STEPS" | tee "$dense"
+    echo "-- $1: ∞-MoE, ep $4 --"
+    OMP_NUM_THREADS=$3 "${MPIRUN[@]}" -np "$2" build/bench/bench_step --steps "$STEPS" \
+        --units 6144 --keep 0.25 --samples 2 --block 64 --ep "$4" | tee "$inf"
+    awk -v a="$(ms "$inf")" -v b="$(ms "$dense")" -v l="$1" \
+        'BEGIN{printf "== %s: step time ∞-MoE / dense = %.3f ==\n", l, a / b}'
+    rm -f "$dense" "$inf"
+}
+inf_pair "1 rank x $CORES threads" 1 "$CORES" 1
 if [ "$CORES" -ge 2 ]; then
-    OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 2 build/bench/bench_ckpt configs/gpt2s-topk4.yaml "$CKDIR/p2" --ep 2
+    inf_pair "2 ranks x 1 thread, ep 2" 2 1 2
+fi
+
+echo
+echo "== checkpoint save and load, GPT-2 small ∞-MoE (configs/gpt2s-infinite.yaml), vs sequential write (bench/bench_ckpt) =="
+CKDIR=$(mktemp -d -p "${BENCH_CKPT_DIR:-checkpoints}" bench-ckpt.XXXXXX)
+OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 1 build/bench/bench_ckpt configs/gpt2s-infinite.yaml "$CKDIR/p1"
+if [ "$CORES" -ge 2 ]; then
+    OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 2 build/bench/bench_ckpt configs/gpt2s-infinite.yaml "$CKDIR/p2" --ep 2
 fi
 rm -rf "$CKDIR"
