@@ -11,6 +11,7 @@ PACKAGES=(
     libhdf5-openmpi-dev hdf5-tools
     libyaml-dev
     fortunes fortunes-min
+    slurm-wlm munge
 )
 
 missing=()

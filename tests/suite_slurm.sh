@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Launchers: launch/infmoe-mpirun's layout checks and a 2-rank run, then a real
+# one-node SLURM (launch/slurm/local-cluster) running launch/slurm/train.sbatch:
+# a plain job, an srun job, and a job that gets SIGUSR1, saves, requeues itself
+# and finishes from its checkpoint with the losses of an uninterrupted run.
+# Prints PASS/FAIL lines (tests/run.sh counts them), or SKIP when SLURM is
+# unavailable. Run from anywhere: bash tests/suite_slurm.sh
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+TMP=$(mktemp -d /tmp/infmoe-suite-slurm.XXXXXX)
+CLUSTER=""
+cleanup() {
+    if [ -n "$CLUSTER" ]; then launch/slurm/local-cluster stop "$CLUSTER" >/dev/null 2>&1; fi
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+pass() { echo "PASS $1"; }
+fail() {
+    echo "FAIL $1"
+    [ $# -gt 1 ] && printf '%s\n' "$2" | tail -25 | sed 's/^/    /'
+}
+W=launch/infmoe-mpirun
+INFMOE=build/infmoe
+CORES=$(nproc)
+START=$(date +%s)
+
+# ---- (a) the wrapper refuses inconsistent layouts: one line, exit 2 ----
+refused() { # name, expected text, wrapper args...
+    local name=$1 want=$2 out rc
+    shift 2
+    out=$("$W" "$@" 2>&1)
+    rc=$?
+    if [ $rc -eq 2 ] && printf '%s\n' "$out" | grep -qF -- "$want" && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ]; then
+        pass "$name"
+    else
+        fail "$name (exit $rc, want exit 2 and one line: $want)" "$out"
+    fi
+}
+refused "infmoe-mpirun: refuses $((CORES + 1)) ranks x 1 thread on $CORES cores" \
+    "infmoe-mpirun: $((CORES + 1)) ranks x 1 thread(s) per node need $((CORES + 1)) cores, but this node has $CORES" \
+    -n $((CORES + 1)) -t 1 tests/configs/tiny.yaml
+refused "infmoe-mpirun: refuses 1 rank x $((CORES + 1)) threads on $CORES cores" \
+    "infmoe-mpirun: 1 ranks x $((CORES + 1)) thread(s) per node need $((CORES + 1)) cores, but this node has $CORES" \
+    -n 1 -t $((CORES + 1)) tests/configs/tiny.yaml
+refused "infmoe-mpirun: refuses --set parallel.ep=2 on 3 ranks" \
+    "infmoe-mpirun: parallel.ep=2 does not divide 3 ranks" \
+    -n 3 -t 1 --oversubscribe tests/configs/tiny-topk.yaml --set parallel.ep=2
+printf 'data:\n  train: data/demo/train.bin\nffn:\n  kind: topk\n  experts: 8\nparallel:\n  ep: 4  # four ranks a group\n' >"$TMP/ep4.yaml"
+refused "infmoe-mpirun: refuses parallel.ep: 4 from the config file on 2 ranks" \
+    "infmoe-mpirun: parallel.ep=4 does not divide 2 ranks" \
+    -n 2 -t 1 --oversubscribe "$TMP/ep4.yaml"
+
+# ---- (b) the wrapper trains on 2 ranks ----
+over=()
+[ "$CORES" -lt 2 ] && over=(--oversubscribe)
+"$W" -n 2 "${over[@]}" tests/configs/tiny.yaml --set output.dir="$TMP/w2" >"$TMP/w2.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && tail -1 "$TMP/w2.log" | grep -q '^done 20 steps .*| ranks 2 x threads [0-9]*$'; then
+    pass "infmoe-mpirun: tiny on 2 ranks ($(tail -1 "$TMP/w2.log" | sed 's/.*| ranks/ranks/'))"
+else
+    fail "infmoe-mpirun: tiny on 2 ranks (exit $rc)" "$(cat "$TMP/w2.log")"
+fi
+
+# ---- (c) a real SLURM: start a one-node cluster ----
+skip() {
+    echo "SKIP slurm: $1"
+    exit 0
+}
+for c in munged slurmctld slurmd sbatch squeue scontrol scancel; do
+    command -v $c >/dev/null 2>&1 || skip "$c not installed (Debian packages slurm-wlm and munge: make deps)"
+done
+[ "$(id -u)" -eq 0 ] || skip "the local cluster needs root"
+[ "$CORES" -ge 2 ] || skip "the batch jobs need 2 cores, this machine has $CORES"
+if ! out=$(launch/slurm/local-cluster start "$TMP/slurm" 2>&1); then
+    skip "the local cluster did not start: $(printf '%s\n' "$out" | tail -1)"
+fi
+CLUSTER=$TMP/slurm
+export SLURM_CONF=$CLUSTER/slurm.conf
+echo "slurm: local cluster up in $(($(date +%s) - START)) s ($CLUSTER)"
+
+mkdir -p "$TMP/out"
+submit() { # sbatch options... -- train.sbatch args...; prints the job id
+    local opts=()
+    while [ "$1" != -- ]; do opts+=("$1"); shift; done
+    shift
+    sbatch --parsable --time=00:10:00 --output="$TMP/out/%j.out" "${opts[@]}" launch/slurm/train.sbatch "$@" 2>&1
+}
+# wait until job $1 has left the queue and its output has the batch shell's last line
+wait_job() { # jobid, timeout seconds
+    local out=$TMP/out/$1.out t0=$SECONDS
+    while [ $((SECONDS - t0)) -lt "$2" ]; do
+        if [ -z "$(squeue -h -j "$1" -o %i 2>/dev/null)" ] && grep -q '^train.sbatch: finished with status' "$out" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+diag() { # jobid: the output and the controller's last lines
+    grep -v '^step ' "$TMP/out/$1.out" 2>/dev/null | tail -20
+    squeue -j "$1" 2>&1 | tail -2
+    tail -5 "$CLUSTER/log/slurmctld.log" 2>/dev/null
+}
+last_loss() { grep "^step $2/$2 " "$1" | tail -1 | sed 's/.*| loss \([0-9.]*\) |.*/\1/'; }
+
+# a 20-step job through the mpirun launcher: done, checkpoint saved and verified
+t0=$SECONDS
+job=$(submit -- tests/configs/tiny.yaml --set output.dir="$TMP/sb-tiny")
+if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 90 && grep -q '^done 20 steps' "$TMP/out/$job.out" &&
+    grep -q '^train.sbatch: finished with status 0' "$TMP/out/$job.out" &&
+    [ "$(cat "$TMP/sb-tiny/latest" 2>/dev/null)" = step_000020 ] &&
+    vout=$($INFMOE ckpt verify "$TMP/sb-tiny/latest" 2>&1); then
+    pass "slurm: sbatch train.sbatch tiny.yaml (mpirun, 2 ranks): done, step_000020 verified ($(printf '%s' "$vout" | sed 's/.*: ok: /ok: /' | head -1)) in $((SECONDS - t0)) s"
+else
+    fail "slurm: sbatch train.sbatch tiny.yaml (mpirun launcher), job $job" "$(diag "$job"; printf '%s\n' "${vout:-}")"
+fi
+
+# the same through srun --mpi=pmix
+t0=$SECONDS
+job=$(submit --export=ALL,LAUNCHER=srun -- tests/configs/tiny.yaml --set output.dir="$TMP/sb-srun")
+if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 90 && grep -q '^done 20 steps .*| ranks 2 x threads 1$' "$TMP/out/$job.out" &&
+    [ "$(last_loss "$TMP/out/$job.out" 20)" = "$(last_loss "$TMP/w2.log" 20)" ]; then
+    pass "slurm: LAUNCHER=srun (srun --mpi=pmix, 2 ranks): done, final loss as infmoe-mpirun's in $((SECONDS - t0)) s"
+else
+    fail "slurm: LAUNCHER=srun, job $job" "$(diag "$job")"
+fi
+
+# ---- (d) SIGUSR1 to the batch shell: save, requeue, resume, same losses as a straight run ----
+STEPS=5000
+long=(tests/configs/tiny.yaml --set train.steps=$STEPS --set train.log_every=50)
+t0=$SECONDS
+job=$(submit -- "${long[@]}" --set output.dir="$TMP/sb-sig")
+signalled=0
+if [[ $job =~ ^[0-9]+$ ]]; then
+    for _ in $(seq 600); do
+        n=$(grep -c '^step ' "$TMP/out/$job.out" 2>/dev/null)
+        [ "${n:-0}" -ge 2 ] && break
+        grep -q '^train.sbatch: finished' "$TMP/out/$job.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    scancel --signal=USR1 --batch "$job" && signalled=1
+fi
+if [ $signalled -eq 1 ] && wait_job "$job" 150; then
+    out=$TMP/out/$job.out
+    saved=$(sed -n 's/^signal 10: saved at step \([0-9]*\);.*/\1/p' "$out" | head -1)
+    # the uninterrupted run, directly with mpirun
+    mpi=(mpirun -np 2 --bind-to core)
+    [ "$(id -u)" -eq 0 ] && mpi+=(--allow-run-as-root)
+    OMP_NUM_THREADS=1 "${mpi[@]}" $INFMOE train "${long[@]}" --set output.dir="$TMP/straight" >"$TMP/straight.log" 2>&1
+    want=$(last_loss "$TMP/straight.log" $STEPS)
+    got=$(last_loss "$out" $STEPS)
+    if [ -n "$saved" ] && [ "$saved" -lt $STEPS ] &&
+        grep -q "^train.sbatch: saved a checkpoint (status 75); requeueing job $job" "$out" &&
+        grep -q "^train.sbatch: job $job start 2 " "$out" &&
+        grep -q "^resumed from .*step_$(printf %06d "$saved"): step $saved," "$out" &&
+        grep -q "^done $STEPS steps" "$out" && grep -q '^train.sbatch: finished with status 0' "$out" &&
+        [ -n "$want" ] && [ "$got" = "$want" ]; then
+        pass "slurm: USR1 at step $saved: saved, requeued, resumed, done $STEPS steps, final loss $got = uninterrupted run's ($((SECONDS - t0)) s)"
+    else
+        fail "slurm: USR1 -> save -> requeue -> resume (saved at '${saved:-none}', final loss '$got' vs uninterrupted '$want')" "$(diag "$job")"
+    fi
+else
+    fail "slurm: USR1 -> save -> requeue -> resume: job $job did not finish (signalled: $signalled)" "$(diag "$job")"
+fi
+
+echo "slurm: suite took $(($(date +%s) - START)) s"
