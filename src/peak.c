@@ -49,7 +49,8 @@ __attribute__((noinline, noipa)) static float fma_loop(long iters) {
 
 int peak_fma_lanes(void) { return LANES; }
 
-double peak_fma_gflops(double seconds) {
+/* One measurement of about `seconds` on every thread at once. */
+static double measure(double seconds) {
     double total = 0.0;
 #pragma omp parallel reduction(+ : total)
     {
@@ -68,4 +69,14 @@ double peak_fma_gflops(double seconds) {
         total += 2.0 * ACC * LANES * (double)run / dt * 1e-9;
     }
     return total;
+}
+
+double peak_fma_gflops(double seconds) {
+    /* the best of five rounds: another process on the cores lowers a round, never raises it */
+    double best = 0.0;
+    for (int r = 0; r < 5; r++) {
+        double g = measure(seconds / 5);
+        if (g > best) best = g;
+    }
+    return best;
 }
