@@ -58,7 +58,8 @@ data/demo/train.bin: build/infmoe
 run:
 	@bash scripts/install-deps.sh
 	$(MAKE) all data
-	OMP_NUM_THREADS=1 $(MPIRUN) -np 2 build/infmoe train configs/tiny-dense.yaml
+	OMP_NUM_THREADS=1 $(MPIRUN) -np 2 build/infmoe train configs/tiny-topk.yaml
+	build/infmoe stats checkpoints/tiny-topk/stats.h5
 
 test: all data
 	@bash tests/run.sh

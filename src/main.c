@@ -8,6 +8,7 @@
 #include "infmoe/ckpt.h"
 #include "infmoe/data.h"
 #include "infmoe/infer.h"
+#include "infmoe/stats.h"
 #include "infmoe/train.h"
 
 static void usage(FILE *f) {
@@ -20,6 +21,7 @@ static void usage(FILE *f) {
             "  eval CKPT      validation loss of a checkpoint\n"
             "  sample CKPT    generate text from a checkpoint and a prompt\n"
             "  ckpt info|verify PATH   describe or check a checkpoint\n"
+            "  stats FILE     report the routing statistics of a run (stats.h5)\n"
             "\n"
             "'infmoe COMMAND --help' describes each command. Configs: docs/config.md.\n");
 }
@@ -39,6 +41,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "ckpt") == 0) return ckpt_main(argc - 1, argv + 1);
     if (strcmp(cmd, "eval") == 0) return infer_eval_main(argc - 1, argv + 1);
     if (strcmp(cmd, "sample") == 0) return infer_sample_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "stats") == 0) return stats_main(argc - 1, argv + 1);
     fprintf(stderr, "infmoe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 1;

@@ -65,7 +65,10 @@ enum { S_IMP, S_LOAD, S_ARGMAX, S_PROB, S_KEPT, S_VECTORS };
 #define SUM_LSE2(m) ((m)->gsum[S_VECTORS * (m)->E + 1])
 #define SUM_OMEGA(m) ((m)->gsum[S_VECTORS * (m)->E + 2])
 #define SUM_TOKENS(m) ((m)->gsum[S_VECTORS * (m)->E + 3])
-#define N_SUMS(m) (S_VECTORS * (m)->E + 4)
+#define SUM_GATE_ENT(m) ((m)->gsum[S_VECTORS * (m)->E + 4])
+#define SUM_ROUTER_ENT(m) ((m)->gsum[S_VECTORS * (m)->E + 5])
+#define SUM_TOP_GATE(m) ((m)->gsum[S_VECTORS * (m)->E + 6])
+#define N_SUMS(m) (S_VECTORS * (m)->E + 7)
 
 void moe_grid(int E, int *rows, int *cols) {
     int r = 1;
@@ -391,6 +394,22 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
         for (int e = 0; e < E; e++) SUM_AT(m, S_PROB)[e] += m->probs[t * E + e];
         SUM_LSE2(m) += (double)m->lse[t] * m->lse[t];
         if (m->moge) SUM_OMEGA(m) += moge_omega(m, m->probs + t * E, NULL, 0);
+        /* statistics only (docs/stats.md): entropy of the k gates normalised to sum 1,
+         * entropy of the clean router softmax, the first choice's gate */
+        double gs = 0.0, h = 0.0, hr = 0.0;
+        for (int j = 0; j < k; j++) gs += m->gates[t * k + j];
+        for (int j = 0; j < k; j++) {
+            double q = gs > 0.0 ? m->gates[t * k + j] / gs : 0.0;
+            if (q > 0.0) h -= q * log(q);
+        }
+        for (int e = 0; e < E; e++) { /* -sum p log p = lse - sum p logit: no log per expert */
+            double p = m->probs[t * E + e];
+            if (p > 0.0) hr -= p * m->logits[t * E + e];
+        }
+        hr += m->lse[t];
+        SUM_GATE_ENT(m) += h;
+        SUM_ROUTER_ENT(m) += hr;
+        SUM_TOP_GATE(m) += m->gates[t * k];
     }
     SUM_TOKENS(m) = (double)n;
     dist_allreduce_sum_d(m->gsum, N_SUMS(m), ctx->world);
@@ -420,6 +439,9 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
     st->assignments = (int64_t)N * k;
     st->dropped = (int64_t)SUM_DROPPED(m);
     st->max_over_mean = kept > 0 ? max / (kept / E) : 0.0;
+    st->gate_entropy = N > 0 ? SUM_GATE_ENT(m) / N : 0.0;
+    st->router_entropy = N > 0 ? SUM_ROUTER_ENT(m) / N : 0.0;
+    st->top_gate = N > 0 ? SUM_TOP_GATE(m) / N : 0.0;
     return aux;
 }
 

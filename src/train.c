@@ -17,6 +17,7 @@
 #include "infmoe/model.h"
 #include "infmoe/optim.h"
 #include "infmoe/peak.h"
+#include "infmoe/stats.h"
 #include "infmoe/util.h"
 
 static void train_usage(FILE *f) {
@@ -165,6 +166,9 @@ int train_main(int argc, char **argv) {
     if (ckpt_path[0])
         dist_log("resumed from %s: step %lld, %lld sequences seen\n", ckpt_path,
                  (long long)start.step, (long long)start.data_position);
+    /* routing statistics: <output.dir>/stats.h5 every stats_every steps (docs/stats.md);
+     * a resumed run keeps the rows up to the checkpoint's step and appends */
+    stats_run *stats = stats_open(cfg.output_dir, &m, &cfg, &d, resume ? start.step : -1);
     double t_train = 0.0, mfu_sum = 0.0;
     int timed_steps = 0, stop = 0;
     float loss = NAN, val_loss = NAN;
@@ -186,6 +190,7 @@ int train_main(int argc, char **argv) {
         optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, lr, step,
                          optim_clip_scale(cfg.grad_clip, norm));
         model_end_step(&m);
+        if (stats && (step + 1) % cfg.stats_every == 0) stats_append(stats, &m, step + 1);
         double dt = wall_time() - t0;
         double tok_s = tokens_per_step / dt;
         double mfu = tok_s * flops_per_token / (peak * 1e9) * 100.0;
@@ -242,6 +247,7 @@ int train_main(int argc, char **argv) {
                  cfg.steps, loss, val_loss, tok_s, timed_steps ? mfu_sum / timed_steps : 0.0,
                  d.size, threads);
 
+    stats_close(stats);
     free(inputs);
     free(targets);
     model_free(&m);

@@ -40,6 +40,10 @@ typedef struct {
     int64_t n_tokens;
     double aux_importance, aux_load, aux_switch, aux_z, aux_moge;
     double max_over_mean; /* max_i tokens_i / mean_i tokens_i */
+    /* means over the tokens, for the statistics file (docs/stats.md); no loss uses them */
+    double gate_entropy;   /* entropy (nats) of a token's k gates normalised to sum 1 */
+    double router_entropy; /* entropy (nats) of the token's clean router softmax over E */
+    double top_gate;       /* the gate of the token's first choice (router confidence) */
     /* seconds spent since the layer was created, forward and backward together */
     double t_route;       /* router GEMMs, gating, capacity, aux losses and their gradients */
     double t_dispatch;    /* packing and unpacking rows, combining outputs */
