@@ -24,7 +24,7 @@ fail() {
 }
 W=launch/infmoe-mpirun
 INFMOE=build/infmoe
-CORES=$(nproc)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) # nproc obeys OMP_NUM_THREADS otherwise
 START=$(date +%s)
 
 # ---- (a) the wrapper refuses inconsistent layouts: one line, exit 2 ----
