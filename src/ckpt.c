@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "infmoe/h5util.h"
 #include "infmoe/util.h"
 
 /* hdf5.h defines H5CHECK: our wrapper is h5_check. */
@@ -28,52 +29,9 @@ static float *model_buffer(gpt_model *m, int g) { return g == 0 ? m->params : g 
 
 static void quiet_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
 
-/* ---- attributes ---- */
+/* ---- attributes: a failed write is an internal error ---- */
 
-static void attr_write(hid_t obj, const char *name, hid_t type, const void *value) {
-    hid_t sp = h5_check(H5Screate(H5S_SCALAR));
-    hid_t a = h5_check(H5Acreate2(obj, name, type, sp, H5P_DEFAULT, H5P_DEFAULT));
-    h5_check(H5Awrite(a, type, value));
-    H5Aclose(a);
-    H5Sclose(sp);
-}
-
-static void attr_write_string(hid_t obj, const char *name, const char *value) {
-    hid_t t = h5_check(H5Tcopy(H5T_C_S1));
-    h5_check(H5Tset_size(t, strlen(value) + 1));
-    attr_write(obj, name, t, value);
-    H5Tclose(t);
-}
-
-/* Read an int64 attribute; 0 and a message through `err` when it is missing. */
-static int attr_read_i64(hid_t obj, const char *name, int64_t *out) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return -1;
-    herr_t rc = H5Aread(a, H5T_NATIVE_INT64, out);
-    H5Aclose(a);
-    return rc < 0 ? -1 : 0;
-}
-
-static char *attr_read_string(hid_t obj, const char *name) {
-    if (H5Aexists(obj, name) <= 0) return NULL;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return NULL;
-    hid_t t = H5Aget_type(a);
-    size_t n = H5Tget_size(t);
-    char *s = xcalloc(n + 1, 1);
-    hid_t mt = H5Tcopy(H5T_C_S1);
-    H5Tset_size(mt, n);
-    herr_t rc = H5Aread(a, mt, s);
-    H5Tclose(mt);
-    H5Tclose(t);
-    H5Aclose(a);
-    if (rc < 0) {
-        free(s);
-        return NULL;
-    }
-    return s;
-}
+#define ATTR_WRITE(call) h5_check((call) < 0 ? -1 : 0)
 
 /* ---- layout of a tensor in the file ---- */
 
@@ -207,16 +165,16 @@ void ckpt_save(const char *run_dir, gpt_model *m, const run_config *cfg, const d
     if (f < 0) infmoe_die("cannot create the checkpoint file %s", file);
     int64_t version = CKPT_FORMAT_VERSION, ranks = d->size, ep = d->ep, seed = cfg->seed;
     int64_t tokens = pos.data_position * cfg->seq_len;
-    attr_write(f, "format_version", H5T_NATIVE_INT64, &version);
-    attr_write(f, "step", H5T_NATIVE_INT64, &pos.step);
-    attr_write(f, "data_position", H5T_NATIVE_INT64, &pos.data_position);
-    attr_write(f, "tokens_seen", H5T_NATIVE_INT64, &tokens);
-    attr_write(f, "ranks", H5T_NATIVE_INT64, &ranks);
-    attr_write(f, "ep", H5T_NATIVE_INT64, &ep);
-    attr_write(f, "seed", H5T_NATIVE_INT64, &seed);
-    attr_write_string(f, "config", cfg->text);
-    attr_write_string(f, "rng", "counter-based: every draw is a function of (seed, layer, step, "
-                                "global token), so no generator state is stored");
+    ATTR_WRITE(h5_attr_put_i64(f, "format_version", version));
+    ATTR_WRITE(h5_attr_put_i64(f, "step", pos.step));
+    ATTR_WRITE(h5_attr_put_i64(f, "data_position", pos.data_position));
+    ATTR_WRITE(h5_attr_put_i64(f, "tokens_seen", tokens));
+    ATTR_WRITE(h5_attr_put_i64(f, "ranks", ranks));
+    ATTR_WRITE(h5_attr_put_i64(f, "ep", ep));
+    ATTR_WRITE(h5_attr_put_i64(f, "seed", seed));
+    ATTR_WRITE(h5_attr_put_str(f, "config", cfg->text));
+    ATTR_WRITE(h5_attr_put_str(f, "rng", "counter-based: every draw is a function of (seed, layer, "
+                                         "step, global token), so no generator state is stored"));
     hid_t dxpl = h5_check(H5Pcreate(H5P_DATASET_XFER));
     h5_check(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE));
     for (int g = 0; g < 3; g++) {
@@ -339,7 +297,7 @@ static hid_t open_checkpoint(const char *path, int all) {
 
 char *ckpt_config_text(const char *path) {
     hid_t f = open_checkpoint(path, 1);
-    char *text = attr_read_string(f, "config");
+    char *text = h5_attr_get_str(f, "config");
     H5Fclose(f);
     if (!text) infmoe_die_all("%s: the checkpoint has no 'config' attribute", path);
     return text;
@@ -417,14 +375,14 @@ ckpt_position ckpt_load(const char *path, gpt_model *m, const dist_ctx *d) {
     hid_t f = open_checkpoint(path, 1);
     int64_t version = 0;
     ckpt_position pos = {0, 0};
-    if (attr_read_i64(f, "format_version", &version) != 0)
+    if (h5_attr_get_i64(f, "format_version", &version) != 0)
         infmoe_die_all("%s: missing attribute 'format_version': not an infmoe checkpoint", path);
     if (version != CKPT_FORMAT_VERSION)
         infmoe_die_all("%s: checkpoint format version %lld, this infmoe reads version %d", path,
                        (long long)version, CKPT_FORMAT_VERSION);
-    if (attr_read_i64(f, "step", &pos.step) != 0)
+    if (h5_attr_get_i64(f, "step", &pos.step) != 0)
         infmoe_die_all("%s: missing attribute 'step'", path);
-    if (attr_read_i64(f, "data_position", &pos.data_position) != 0)
+    if (h5_attr_get_i64(f, "data_position", &pos.data_position) != 0)
         infmoe_die_all("%s: missing attribute 'data_position'", path);
     char err[1024] = "";
     for (int g = 0; g < 3 && !err[0]; g++) {
@@ -472,9 +430,9 @@ static int ckpt_info_or_verify(const char *arg, int verify) {
     const char *needed[] = {"format_version", "step", "data_position", "tokens_seen", "ranks", "ep"};
     int64_t v[6];
     for (int i = 0; i < 6; i++)
-        if (attr_read_i64(f, needed[i], &v[i]) != 0)
+        if (h5_attr_get_i64(f, needed[i], &v[i]) != 0)
             infmoe_die_all("%s: missing attribute '%s'", path, needed[i]);
-    char *text = attr_read_string(f, "config");
+    char *text = h5_attr_get_str(f, "config");
     if (!text) infmoe_die_all("%s: missing attribute 'config'", path);
     run_config cfg;
     config_load_text(&cfg, "config of the checkpoint", text, 0, NULL, 0);

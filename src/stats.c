@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "infmoe/h5util.h"
 #include "infmoe/infinite.h"
 #include "infmoe/moe.h"
 #include "infmoe/util.h"
@@ -106,62 +107,13 @@ static derived derive(const int64_t *tokens, int n) {
 
 /* ---- small HDF5 helpers (every failure is reported by the caller) ---- */
 
-static int attr_put(hid_t obj, const char *name, hid_t type, const void *value) {
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(obj, name, type, sp, H5P_DEFAULT, H5P_DEFAULT);
-    int ok = a >= 0 && H5Awrite(a, type, value) >= 0;
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
-    return ok ? 0 : -1;
-}
-
-static int attr_put_i64(hid_t obj, const char *name, int64_t v) {
-    return attr_put(obj, name, H5T_NATIVE_INT64, &v);
-}
-
-static int attr_put_f64(hid_t obj, const char *name, double v) {
-    return attr_put(obj, name, H5T_NATIVE_DOUBLE, &v);
-}
-
-static int attr_put_str(hid_t obj, const char *name, const char *value) {
-    hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, strlen(value) + 1);
-    int rc = attr_put(obj, name, t, value);
-    H5Tclose(t);
-    return rc;
-}
-
-static int attr_get_i64(hid_t obj, const char *name, int64_t *out) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return -1;
-    herr_t rc = H5Aread(a, H5T_NATIVE_INT64, out);
-    H5Aclose(a);
-    return rc < 0 ? -1 : 0;
-}
-
 /* String attribute into buf; -1 if missing or not a string. */
 static int attr_get_str(hid_t obj, const char *name, char *buf, size_t cap) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return -1;
-    hid_t t = H5Aget_type(a);
-    int rc = -1;
-    if (H5Tget_class(t) == H5T_STRING && !H5Tis_variable_str(t)) {
-        size_t n = H5Tget_size(t);
-        char *s = xcalloc(n + 1, 1);
-        hid_t mt = H5Tcopy(H5T_C_S1);
-        H5Tset_size(mt, n);
-        if (H5Aread(a, mt, s) >= 0) {
-            snprintf(buf, cap, "%s", s);
-            rc = 0;
-        }
-        H5Tclose(mt);
-        free(s);
-    }
-    H5Tclose(t);
-    H5Aclose(a);
-    return rc;
+    char *s = h5_attr_get_str(obj, name);
+    if (!s) return -1;
+    snprintf(buf, cap, "%s", s);
+    free(s);
+    return 0;
 }
 
 static int64_t ds_rows(hid_t ds) {
@@ -187,7 +139,7 @@ static hid_t ds_create(hid_t group, const char *name, hid_t ftype, int width, co
     hid_t ds = H5Dcreate2(group, name, ftype, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
     H5Pclose(dcpl);
     H5Sclose(sp);
-    if (ds >= 0 && descr && attr_put_str(ds, "description", descr) < 0) {
+    if (ds >= 0 && descr && h5_attr_put_str(ds, "description", descr) < 0) {
         H5Dclose(ds);
         return -1;
     }
@@ -362,9 +314,9 @@ static int create_file(stats_writer *w, const char *config_text, char *err, size
         snprintf(err, cap, "cannot create %s", w->path);
         return -1;
     }
-    int bad = attr_put_str(w->f, "format", STATS_FORMAT) < 0 ||
-              attr_put_i64(w->f, "format_version", STATS_FORMAT_VERSION) < 0 ||
-              attr_put_str(w->f, "config", config_text ? config_text : "") < 0;
+    int bad = h5_attr_put_str(w->f, "format", STATS_FORMAT) < 0 ||
+              h5_attr_put_i64(w->f, "format_version", STATS_FORMAT_VERSION) < 0 ||
+              h5_attr_put_str(w->f, "config", config_text ? config_text : "") < 0;
     hid_t s = ds_create(w->f, "step", H5T_STD_I64LE, 1, "optimizer steps completed at each row");
     bad |= s < 0;
     if (s >= 0) H5Dclose(s);
@@ -379,16 +331,16 @@ static int create_file(stats_writer *w, const char *config_text, char *err, size
             bad = 1;
             break;
         }
-        bad |= attr_put_i64(grp, "layer", L->d.layer) < 0 || attr_put_str(grp, "kind", L->kind) < 0 ||
-               attr_put_str(grp, "bucket", L->bucket) < 0 ||
-               attr_put_i64(grp, "n_buckets", L->d.n_buckets) < 0 || attr_put_i64(grp, "k", L->d.k) < 0;
+        bad |= h5_attr_put_i64(grp, "layer", L->d.layer) < 0 || h5_attr_put_str(grp, "kind", L->kind) < 0 ||
+               h5_attr_put_str(grp, "bucket", L->bucket) < 0 ||
+               h5_attr_put_i64(grp, "n_buckets", L->d.n_buckets) < 0 || h5_attr_put_i64(grp, "k", L->d.k) < 0;
         hid_t ds = ds_create(grp, "rows", L->ftype, 1,
                              "one record per row of /step: tokens per bucket and the scalars of docs/stats.md");
         bad |= ds < 0;
         if (ds >= 0 && L->d.z_bins > 0)
-            bad |= attr_put_f64(ds, "z_lo", L->d.z_lo) < 0 || attr_put_f64(ds, "z_hi", L->d.z_hi) < 0;
+            bad |= h5_attr_put_f64(ds, "z_lo", L->d.z_lo) < 0 || h5_attr_put_f64(ds, "z_hi", L->d.z_hi) < 0;
         if (ds >= 0 && L->d.sigma_bins > 0)
-            bad |= attr_put_f64(ds, "sigma_lo", L->d.sigma_lo) < 0 || attr_put_f64(ds, "sigma_hi", L->d.sigma_hi) < 0;
+            bad |= h5_attr_put_f64(ds, "sigma_lo", L->d.sigma_lo) < 0 || h5_attr_put_f64(ds, "sigma_hi", L->d.sigma_hi) < 0;
         if (ds >= 0) H5Dclose(ds);
         H5Gclose(grp);
     }
@@ -422,7 +374,7 @@ static int reopen_file(stats_writer *w, int64_t resume_step, char *err, size_t c
     char fmt[64] = "";
     int64_t version = 0;
     if (attr_get_str(w->f, "format", fmt, sizeof fmt) < 0 || strcmp(fmt, STATS_FORMAT) != 0 ||
-        attr_get_i64(w->f, "format_version", &version) < 0 || version != STATS_FORMAT_VERSION) {
+        h5_attr_get_i64(w->f, "format_version", &version) < 0 || version != STATS_FORMAT_VERSION) {
         snprintf(err, cap, "%s: not an infmoe stats file of format version %d", w->path,
                  STATS_FORMAT_VERSION);
         return -1;
@@ -808,7 +760,7 @@ static int rfile_read(const char *path, rfile *r, char *err, size_t cap) {
         H5Fclose(f);
         return RD_FOREIGN;
     }
-    if (attr_get_i64(f, "format_version", &version) < 0 || version != STATS_FORMAT_VERSION) {
+    if (h5_attr_get_i64(f, "format_version", &version) < 0 || version != STATS_FORMAT_VERSION) {
         snprintf(err, cap, "%s: stats format version %lld; this infmoe reads version %d", path,
                  (long long)version, STATS_FORMAT_VERSION);
         H5Fclose(f);
@@ -833,9 +785,9 @@ static int rfile_read(const char *path, rfile *r, char *err, size_t cap) {
         rlayer *L = &r->L[l];
         hid_t g = H5Gopen2(lg, L->name, H5P_DEFAULT);
         int64_t v = 0;
-        if (g >= 0 && attr_get_i64(g, "n_buckets", &v) == 0 && v >= 1 && H5Lexists(g, "rows", H5P_DEFAULT) > 0) {
+        if (g >= 0 && h5_attr_get_i64(g, "n_buckets", &v) == 0 && v >= 1 && H5Lexists(g, "rows", H5P_DEFAULT) > 0) {
             L->nb = (int)v;
-            L->k = attr_get_i64(g, "k", &v) == 0 ? (int)v : 0;
+            L->k = h5_attr_get_i64(g, "k", &v) == 0 ? (int)v : 0;
             if (attr_get_str(g, "kind", L->kind, sizeof L->kind) < 0) snprintf(L->kind, sizeof L->kind, "?");
             if (attr_get_str(g, "bucket", L->bucket, sizeof L->bucket) < 0)
                 snprintf(L->bucket, sizeof L->bucket, "expert");
