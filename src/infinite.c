@@ -14,6 +14,19 @@
 #include "infmoe/util.h"
 
 #define Z_BINS 32
+#define SIGMA_BINS 20
+
+/*
+ * Router init (decisions, docs/infinite.md). The router's gain from u to mu sets
+ * how far a token's window moves when u changes, and so the size of the gradient
+ * the router sends back into the backbone: with Wm ~ N(0, 1/R) (mu spread over the
+ * whole ring) that gradient outgrew the language-model gradient and training
+ * diverged; a gain of 0.2 keeps it in proportion. sigma starts at 0.05 (a fifth of
+ * a 25% arc): near 0.7 (softplus(0)), samples land anywhere on the ring, routing
+ * is random and mu gets no consistent gradient.
+ */
+#define MU_INIT_GAIN 0.2f
+#define SIGMA_INIT 0.05f
 
 /* Scratch for computing one sample's mask (one per OpenMP thread). */
 typedef struct {
@@ -42,6 +55,9 @@ struct inf_layer {
     float *pre_r, *r, *mu, *spre, *sigma, *eps, *z; /* (n,R) (n,R) (n,dz) x3, (n,K,dz) x2 */
     int32_t *blocks_of;                              /* (n,K,kb) kept blocks per sample */
     int32_t *row_token;                              /* (n*ep) token of each sent row */
+    uint8_t *need;                                   /* (n*ep) shards each token needs */
+    uint8_t *seen;                                   /* (nb) diagnostics: blocks a token uses */
+    float *Atot, *Stot;                              /* (n,K,dz), (n,K) backward sums over shards */
     int *dest_rows;
     float *send, *back;                              /* (n*ep, C+K*dz), (n*ep, C+K*dz+K) */
     float *dy_send;                                  /* (n*ep, C) */
@@ -92,6 +108,10 @@ static void alloc_sample_buffers(inf_layer *f, int K) {
     free(f->back);
     free(f->recv);
     free(f->rows_back);
+    free(f->Atot);
+    free(f->Stot);
+    f->Atot = xcalloc((size_t)(n * K * dz), sizeof(float));
+    f->Stot = xcalloc((size_t)(n * K), sizeof(float));
     f->eps = xcalloc((size_t)(n * K * dz), sizeof(float));
     f->z = xcalloc((size_t)(n * K * dz), sizeof(float));
     f->blocks_of = xcalloc((size_t)(n * K * f->kb), sizeof(int32_t));
@@ -137,8 +157,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->max_recv = (int64_t)ep * max_tokens;
     const int C = f->C, R = f->R, dz = f->dz, H = f->H;
 
-    /* Router: mu's initial spread covers the ring (window) or the score space
-     * (learned); sigma starts near 0.05 (decision, docs/infinite.md). */
+    /* Router init: MU_INIT_GAIN and SIGMA_INIT above. */
     char name[64];
     int64_t sA[2] = {R, C}, sa[1] = {R}, sW[2] = {dz, R}, sb[1] = {dz}, sP[2] = {H, dz}, sq[1] = {H},
             sC[1] = {C};
@@ -149,10 +168,10 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     } while (0)
     REG(A, "h.%d.inf.router.fc.w", 2, sA, 1, INIT_NORMAL, 1.0f / sqrtf((float)C));
     REG(a, "h.%d.inf.router.fc.b", 1, sa, 0, INIT_ZERO, 0);
-    REG(Wm, "h.%d.inf.router.mu.w", 2, sW, 0, INIT_NORMAL, 1.0f / sqrtf((float)R));
+    REG(Wm, "h.%d.inf.router.mu.w", 2, sW, 0, INIT_NORMAL, MU_INIT_GAIN / sqrtf((float)R));
     REG(bm, "h.%d.inf.router.mu.b", 1, sb, 0, INIT_ZERO, 0);
     REG(Ws, "h.%d.inf.router.sigma.w", 2, sW, 0, INIT_NORMAL, 0.01f);
-    REG(bs, "h.%d.inf.router.sigma.b", 1, sb, 0, INIT_ZERO, 0);
+    REG(bs, "h.%d.inf.router.sigma.b", 1, sb, 0, INIT_CONST, logf(expm1f(SIGMA_INIT - 1e-4f)));
     if (f->mask == MASK_LEARNED) {
         REG(P, "h.%d.inf.scores.w", 2, sP, 0, INIT_NORMAL, 1.0f);
         REG(q, "h.%d.inf.scores.b", 1, sq, 0, INIT_ZERO, 0);
@@ -168,6 +187,8 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->sigma = xcalloc((size_t)(n * dz), sizeof(float));
     alloc_sample_buffers(f, (int)K);
     f->row_token = xcalloc((size_t)(n * ep), sizeof(int32_t));
+    f->need = xcalloc((size_t)(n * ep), 1);
+    f->seen = xcalloc((size_t)f->nb, 1);
     f->dest_rows = xcalloc((size_t)ep, sizeof(int));
     f->dy_send = xcalloc((size_t)(n * ep * C), sizeof(float));
     f->wrow = xcalloc((size_t)(M * Hl), sizeof(float));
@@ -201,7 +222,11 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->stats.block_tokens = xcalloc((size_t)f->nb, sizeof(int64_t));
     f->stats.n_bins = Z_BINS;
     f->stats.z_hist = xcalloc(Z_BINS, sizeof(int64_t));
-    f->sums = xcalloc((size_t)(f->nb + Z_BINS + 5), sizeof(double));
+    f->stats.n_sigma_bins = SIGMA_BINS;
+    /* sigma's histogram range: half the ring (window), or the scores' unit scale (learned) */
+    f->stats.sigma_hi = f->mask == MASK_WINDOW ? 0.5 : 2.0;
+    f->stats.sigma_hist = xcalloc(SIGMA_BINS, sizeof(int64_t));
+    f->sums = xcalloc((size_t)(f->nb + Z_BINS + 5 + SIGMA_BINS), sizeof(double));
     return f;
 }
 
@@ -222,10 +247,13 @@ void inf_free(inf_layer *f) {
     if (!f) return;
     float *bufs[] = {f->pre_r, f->r, f->mu, f->spre, f->sigma, f->eps, f->z, f->send, f->back,
                      f->dy_send, f->recv, f->wrow, f->Wt, f->Hp, f->Ac, f->rows_out,
-                     f->rows_back, f->xg, f->yg, f->aw, f->daw, f->dmu, f->dsig, f->dr};
+                     f->rows_back, f->xg, f->yg, f->aw, f->daw, f->dmu, f->dsig, f->dr,
+                     f->Atot, f->Stot};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(f->blocks_of);
     free(f->row_token);
+    free(f->need);
+    free(f->seen);
     free(f->dest_rows);
     free(f->used);
     free(f->blk_n);
@@ -242,6 +270,7 @@ void inf_free(inf_layer *f) {
     free(f->scratch);
     free(f->stats.block_tokens);
     free(f->stats.z_hist);
+    free(f->stats.sigma_hist);
     free(f->sums);
     if (f->have_plan) dispatch_free(&f->plan);
     free(f);
@@ -438,8 +467,9 @@ static void blocks_forward(inf_layer *f, const float *params) {
 static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
     const int nb = f->nb, K = f->K, dz = f->dz, kb = f->kb;
     double *S = f->sums;
-    memset(S, 0, sizeof(double) * (size_t)(nb + Z_BINS + 5));
-    uint8_t *seen = xcalloc((size_t)nb, 1);
+    const int S0 = nb + Z_BINS + 5; /* then the sigma histogram */
+    memset(S, 0, sizeof(double) * (size_t)(S0 + SIGMA_BINS));
+    uint8_t *seen = f->seen;
     for (int64_t t = 0; t < n; t++) {
         memset(seen, 0, (size_t)nb);
         int active = 0;
@@ -470,16 +500,19 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
         for (int d = 0; d < dz; d++) {
             float m = f->mu[t * dz + d], sg = f->sigma[t * dz + d];
             S[nb + Z_BINS] += sg / dz;
+            int sbin = (int)(sg / f->stats.sigma_hi * SIGMA_BINS);
+            S[S0 + (sbin < SIGMA_BINS ? sbin : SIGMA_BINS - 1)] += 1;
             S[nb + Z_BINS + 3] += 0.5 * (m * m + sg * sg - 1.0 - 2.0 * log(sg));
         }
     }
-    free(seen);
     S[nb + Z_BINS + 4] = (double)n;
-    dist_allreduce_sum_d(S, nb + Z_BINS + 5, ctx->world);
+    dist_allreduce_sum_d(S, S0 + SIGMA_BINS, ctx->world);
     inf_stats *st = &f->stats;
     double N = S[nb + Z_BINS + 4];
     for (int bl = 0; bl < nb; bl++) st->block_tokens[bl] = (int64_t)S[bl];
     for (int i = 0; i < Z_BINS; i++) st->z_hist[i] = (int64_t)S[nb + i];
+    for (int i = 0; i < SIGMA_BINS; i++) st->sigma_hist[i] = (int64_t)S[S0 + i];
+    st->K = K;
     st->mean_sigma = S[nb + Z_BINS] / N;
     st->mask_overlap = K > 1 ? S[nb + Z_BINS + 1] / N : 1.0;
     st->active_units = S[nb + Z_BINS + 2] / N;
@@ -502,7 +535,8 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     double t0 = wall_time();
     router_forward(f, params, in, n, ctx);
     /* kept blocks of every sample, and the shards each token needs */
-    uint8_t *need = xcalloc((size_t)(n * ep), 1);
+    uint8_t *need = f->need;
+    memset(need, 0, (size_t)(n * ep));
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
@@ -525,7 +559,6 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
             f->dest_rows[r]++;
         }
     }
-    free(need);
     double t1 = wall_time();
     dispatch_exchange_counts(&f->plan, f->dest_rows);
     ALWAYS(f->plan.n_send == rows);
@@ -658,7 +691,9 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     double t3 = wall_time();
     st->t_alltoall += (t1 - t0) + (t3 - t2);
     /* 2. owner: input gradients, and the per-sample sums A and S over all shards */
-    float *Atot = xcalloc((size_t)(n * K * dz), sizeof(float)), *Stot = xcalloc((size_t)(n * K), sizeof(float));
+    float *Atot = f->Atot, *Stot = f->Stot;
+    memset(Atot, 0, sizeof(float) * (size_t)(n * K * dz));
+    memset(Stot, 0, sizeof(float) * (size_t)(n * K));
     for (int64_t i = 0; i < rows; i++) {
         int64_t t = f->row_token[i];
         const float *bk = f->back + i * WB;
@@ -711,8 +746,6 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
             for (int64_t j = 0; j < (int64_t)f->H * dz; j++) grads[f->P + j] += gp[j];
             for (int j = 0; j < f->H; j++) grads[f->q + j] += gp[(size_t)f->H * dz + j];
         }
-    free(Atot);
-    free(Stot);
     /* 4. router MLP */
     gemm(1, 0, dz, R, n, f->dmu, dz, f->r, R, grads + f->Wm, R, 1, NULL);
     gemm(1, 0, dz, R, n, f->dsig, dz, f->r, R, grads + f->Ws, R, 1, NULL);

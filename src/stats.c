@@ -25,7 +25,7 @@
 enum {
     D_TOKENS, D_N_TOKENS, D_DROPPED, D_DROPPED_FRAC, D_GATE_ENT, D_ROUTER_ENT, D_CONFIDENCE,
     D_CV, D_MAX_MEAN, D_UNUSED, D_TOP20, D_BOTTOM20, D_T_ROUTE, D_T_DISPATCH, D_T_ALLTOALL,
-    D_T_EXPERT, D_FIXED /* then aux_<name>..., z_hist, sigma_hist */
+    D_T_EXPERT, D_SIGMA, D_OVERLAP, D_ACTIVE, D_FIXED /* then aux_<name>..., z_hist, sigma_hist */
 };
 
 static const struct {
@@ -49,6 +49,9 @@ static const struct {
     {"t_dispatch", 0, "seconds per step packing and combining rows (as t_route)"},
     {"t_alltoall", 0, "seconds per step in the dispatch all-to-alls (as t_route)"},
     {"t_expert", 0, "seconds per step in expert compute (as t_route)"},
+    {"mean_sigma", 0, "infinite: mean router sigma over tokens and latent dimensions (else 0)"},
+    {"mask_overlap", 0, "infinite: mean share of sample 1's kept blocks that sample 2 keeps too (K > 1; else 0)"},
+    {"active_units", 0, "infinite: mean units a token uses, union over its samples (else 0)"},
 };
 
 static void quiet_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
@@ -481,6 +484,9 @@ int stats_writer_append(stats_writer *w, int64_t step, const stats_row *rows) {
         fv[D_T_DISPATCH] = x->t_dispatch;
         fv[D_T_ALLTOALL] = x->t_alltoall;
         fv[D_T_EXPERT] = x->t_expert;
+        fv[D_SIGMA] = x->mean_sigma;
+        fv[D_OVERLAP] = x->mask_overlap;
+        fv[D_ACTIVE] = x->active_units;
         memcpy(L->rec, x->tokens, 8 * (size_t)L->d.n_buckets);
         for (int s = 1; s < D_FIXED; s++)
             memcpy(L->rec + L->off_col + 8 * (size_t)(s - 1), SERIES[s].is_int ? (void *)&iv[s] : (void *)&fv[s], 8);
@@ -524,7 +530,7 @@ static const char *const MOE_AUX[] = {"importance", "load", "switch", "z", "moge
  * The layers that have statistics and how they are described: discrete MoE
  * (experts as buckets, five aux losses) and ∞-MoE (unit blocks as buckets, the
  * tokens using each block; the KL loss; a histogram of the sampled z mod 1 with
- * the window rule). A sigma histogram plugs in here once a layer keeps one.
+ * the window rule; a histogram of sigma).
  */
 static int describe_layers(const gpt_model *m, const run_config *cfg, stats_layer_desc *desc,
                            int *layer) {
@@ -552,15 +558,26 @@ static int describe_layers(const gpt_model *m, const run_config *cfg, stats_laye
                 d->z_lo = 0.0;
                 d->z_hi = 1.0;
             }
+            d->sigma_bins = st->n_sigma_bins;
+            d->sigma_lo = 0.0;
+            d->sigma_hi = st->sigma_hi;
         }
         layer[n++] = l;
     }
     return n;
 }
 
-/* Cumulative phase timers of layer l (∞-MoE: none yet, zeros). */
+/* Cumulative phase timers of layer l. ∞-MoE: routing is the router MLP, sampling,
+ * the masks (owner and shards) and packing rows; it has no separate dispatch phase. */
 static void timers_of(const gpt_model *m, int l, double t[4]) {
     memset(t, 0, 4 * sizeof(double));
+    if (m->ffn[l].inf) {
+        const inf_stats *st = inf_get_stats(m->ffn[l].inf);
+        t[0] = st->t_router + st->t_masks;
+        t[2] = st->t_alltoall;
+        t[3] = st->t_units;
+        return;
+    }
     if (!m->ffn[l].moe) return;
     const moe_stats *st = moe_get_stats(m->ffn[l].moe);
     t[0] = st->t_route;
@@ -581,6 +598,10 @@ static void fill_row(const gpt_model *m, int l, const double t[4], stats_row *r)
         r->n_tokens = r->assignments = st->n_tokens;
         r->aux[0] = st->aux_kl;
         r->z_hist = st->z_hist;
+        r->sigma_hist = st->sigma_hist;
+        r->mean_sigma = st->mean_sigma;
+        r->mask_overlap = st->K > 1 ? st->mask_overlap : 0.0;
+        r->active_units = st->active_units;
         return;
     }
     const moe_stats *st = moe_get_stats(m->ffn[l].moe);
@@ -1049,7 +1070,7 @@ static void print_layer_report(const rlayer *L, const rfile *r, int64_t i0, int6
     }
     if (L->k > 0) { /* routers with gates */
         printf("  entropy   gate %.3f -> %.3f nats (ln k = %.3f) | router %.3f -> %.3f (ln E = %.3f) | "
-               "first -> last row\n",
+               "first -> last row",
                L->v[D_GATE_ENT][i0], L->v[D_GATE_ENT][i1 - 1], log((double)L->k), L->v[D_ROUTER_ENT][i0],
                L->v[D_ROUTER_ENT][i1 - 1], log((double)L->nb));
         printf("  confidence %.3f -> %.3f (mean top gate, first -> last row)\n", L->v[D_CONFIDENCE][i0],
@@ -1057,7 +1078,13 @@ static void print_layer_report(const rlayer *L, const rfile *r, int64_t i0, int6
     }
     printf("  top 20%%   of %ss take %.1f%% of the tokens, the bottom 20%% %.1f%% (mean over rows)\n",
            L->bucket, 100.0 * m_top / n, 100.0 * m_bot / n);
-    printf("  dropped   %.2f%% of assignments (mean)", 100.0 * m_drop / n);
+    if (strcmp(L->kind, "infinite") == 0)
+        printf("  sigma     %.4f -> %.4f | active units %.0f -> %.0f | mask overlap %.3f -> %.3f | "
+               "first -> last row",
+               L->v[D_SIGMA][i0], L->v[D_SIGMA][i1 - 1], L->v[D_ACTIVE][i0], L->v[D_ACTIVE][i1 - 1],
+               L->v[D_OVERLAP][i0], L->v[D_OVERLAP][i1 - 1]);
+    else
+        printf("  dropped   %.2f%% of assignments (mean)", 100.0 * m_drop / n);
     for (int a = 0; a < L->n_aux; a++) {
         double s = 0;
         for (int64_t i = i0; i < i1; i++) s += L->auxv[a][i];

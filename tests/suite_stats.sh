@@ -145,6 +145,30 @@ else
     fail "stats: --layers/--steps/--csv" "$out"
 fi
 
+# ---- ∞-MoE at P=2 ep=2: sigma, active units, overlap and phase times in the rows ----
+inf="$TMP/inf"
+out=$(timeout 120 "${MPIRUN[@]}" -np 2 $INFMOE train tests/configs/tiny-infinite.yaml --set parallel.ep=2 \
+    --set train.steps=10 --set train.stats_every=5 --set output.dir="$inf" 2>&1)
+csv=$($INFMOE stats "$inf/stats.h5" --csv 2>&1)
+# every row: the block counts add up to active_units x n_tokens / mask_block (16), sigma in
+# (0, 10), overlap in [0, 1], routing, unit and all-to-all times > 0, dispatch 0
+bad=$(printf '%s\n' "$csv" | awk -F, 'NR == 1 {for (i = 1; i <= NF; i++) c[$i] = i; next}
+    {s = 0; for (i = 1; i <= NF; i++) if (i >= c["tokens_0"]) s += $i
+     d = s * 16 - $c["active_units"] * $c["n_tokens"]; if (d < 0) d = -d
+     if (d > 1e-6 * s * 16 || $c["mean_sigma"] <= 0 || $c["mean_sigma"] >= 10 ||
+         $c["mask_overlap"] < 0 || $c["mask_overlap"] > 1 || $c["t_route"] <= 0 ||
+         $c["t_expert"] <= 0 || $c["t_alltoall"] <= 0 || $c["t_dispatch"] != 0) print}')
+rows=$(printf '%s\n' "$csv" | awk 'NR > 1' | wc -l)
+report=$($INFMOE stats "$inf/stats.h5" 2>&1)
+if [ "$rows" -eq 4 ] && [ -z "$bad" ] && printf '%s\n' "$report" | grep -q '^  sigma .* active units .* mask overlap' &&
+    h5dump -H "$inf/stats.h5" 2>/dev/null | grep -q '"sigma_hist"'; then
+    pass "stats: ∞-MoE rows at P=2 ep=2 carry sigma, active units (= block counts), overlap, sigma_hist and phase times"
+else
+    fail "stats: ∞-MoE rows at P=2 ep=2 ($rows rows)" "$out
+$bad
+$report"
+fi
+
 # ---- clear messages: missing, empty, foreign, not HDF5 ----
 $INFMOE train $CFG --set train.steps=5 --set train.stats_every=10 --set output.dir="$TMP/empty" > /dev/null 2>&1
 expect_error() { # name, expected text, command...

@@ -34,6 +34,10 @@ typedef struct {
     int64_t *block_tokens; /* (n_blocks) tokens using each block (any sample) */
     int n_bins;            /* histogram bins of z mod 1 over [0, 1) (window) */
     int64_t *z_hist;       /* (n_bins) sampled z (window rule) */
+    int n_sigma_bins;      /* histogram of sigma over [0, sigma_hi), the last bin open-ended */
+    double sigma_hi;
+    int64_t *sigma_hist;   /* (n_sigma_bins) every token's sigma, each latent dimension */
+    int K;                 /* samples per token of the last forward */
     double mean_sigma;     /* mean over tokens and latent dimensions */
     double mask_overlap;   /* mean over tokens of |kept units of sample 1 and 2| / n_keep (K > 1) */
     double active_units;   /* mean units a token uses (union over its samples) */

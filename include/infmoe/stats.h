@@ -50,6 +50,7 @@ typedef struct {
     double gate_entropy, router_entropy, top_gate;
     double aux[STATS_MAX_AUX];
     double t_route, t_dispatch, t_alltoall, t_expert; /* seconds per step */
+    double mean_sigma, mask_overlap, active_units;   /* ∞-MoE (0 for discrete MoE) */
     const int64_t *z_hist, *sigma_hist;               /* (z_bins), (sigma_bins) or NULL */
 } stats_row;
 

@@ -18,7 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { INIT_ZERO, INIT_ONE, INIT_NORMAL } tensor_init;
+typedef enum { INIT_ZERO, INIT_ONE, INIT_CONST, INIT_NORMAL } tensor_init;
 
 typedef struct {
     char name[64];
@@ -27,7 +27,7 @@ typedef struct {
     size_t offset, numel;
     int decay;         /* AdamW weight decay applies (matrices, not biases or norms) */
     tensor_init init;
-    float std;         /* INIT_NORMAL */
+    float std;         /* INIT_NORMAL: the standard deviation; INIT_CONST: the value */
     int sharded;       /* expert-parallel: rows of a larger global tensor */
     int64_t global_dim0, shard_first;
 } tensor_spec;
