@@ -401,8 +401,9 @@ static void build_block_lists(inf_layer *f, const float *params) {
     const int ncl = f->nc_local, cu = f->cu;
     const int W = C + K * dz;
     const int64_t M = f->n_recv;
-    memset(f->wrow, 0, sizeof(float) * (size_t)(M * Hl));
     memset(f->used, 0, (size_t)(M * ncl));
+    /* wrow is written only in the chunks a row uses (zeroed when first used), which are
+     * the only parts read later */
 #pragma omp parallel for
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
@@ -412,7 +413,11 @@ static void build_block_lists(inf_layer *f, const float *params) {
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= nbl) continue;
-                f->used[i * ncl + lb * b / cu] = 1;
+                const int c = lb * b / cu;
+                if (!f->used[i * ncl + c]) {
+                    f->used[i * ncl + c] = 1;
+                    memset(f->wrow + i * Hl + (int64_t)c * cu, 0, sizeof(float) * cu);
+                }
                 for (int u = 0; u < b; u++)
                     f->wrow[i * Hl + lb * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
             }
@@ -649,6 +654,19 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= f->nb_local) continue;
+                if (dz == 1 && f->mask == MASK_WINDOW) { /* the common case, vectorised */
+                    const float *p = s->p + bi * b, *de = s->dedz + bi * b, *g = f->wrow + i * Hl + lb * b;
+                    float sa = 0.0f, ss = 0.0f;
+#pragma omp simd reduction(+ : sa, ss)
+                    for (int u = 0; u < b; u++) {
+                        float pg = p[u] * g[u];
+                        ss += pg;
+                        sa += pg * de[u];
+                    }
+                    S[k] += ss / K;
+                    A[k] += f->n_keep * sa / K;
+                    continue;
+                }
                 for (int u = 0; u < b; u++) {
                     int o = bi * b + u;
                     float pg = s->p[o] * f->wrow[i * Hl + lb * b + u] / K;
@@ -719,7 +737,12 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
             float St = Stot[t * K + k];
             for (int d = 0; d < dz; d++) {
                 float Q = 0.0f;
-                for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[(size_t)o * dz + d];
+                if (dz == 1) {
+#pragma omp simd reduction(+ : Q)
+                    for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[o];
+                } else {
+                    for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[(size_t)o * dz + d];
+                }
                 float g = Atot[(t * K + k) * dz + d] - f->n_keep * St * Q;
                 f->dmu[t * dz + d] += g;
                 f->dsig[t * dz + d] += g * f->eps[(t * K + k) * dz + d];
