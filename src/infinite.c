@@ -291,12 +291,17 @@ double inf_matmul_params_per_token(const inf_layer *f) {
 
 /* ---- masks ---- */
 
+/* What sample_mask computes: the kept blocks only, also their units' weights, or also d/dz. */
+enum { MASK_BLOCKS, MASK_WEIGHTS, MASK_DEDZ };
+
 /*
- * One sample's mask from z: the kept blocks (ascending), the softmax p over
- * their units (block order), and, with dedz, d unit logit / d z per unit.
+ * One sample's mask from z: the kept blocks (ascending), and from MASK_WEIGHTS on
+ * the softmax p over their units (block order), with MASK_DEDZ d unit logit / d z
+ * per unit.
  */
 static void sample_mask(const inf_layer *f, const float *params, const float *z, mask_scratch *s,
-                        int want_dedz) {
+                        int want) {
+    const int want_dedz = want == MASK_DEDZ;
     const int nb = f->nb, kb = f->kb, b = f->b, H = f->H, dz = f->dz;
     float zz = 0.0f;
     if (f->mask == MASK_WINDOW) {
@@ -335,6 +340,7 @@ static void sample_mask(const inf_layer *f, const float *params, const float *z,
             s->blocks[j] = s->blocks[j - 1];
             s->blocks[j - 1] = t;
         }
+    if (want == MASK_BLOCKS) return;
     /* unit logits (vectorised within each block), then the softmax over the kept units */
     const float scale = (float)H / f->n_keep, inv_tau2 = 1.0f / (f->tau * f->tau);
     for (int i = 0; i < kb; i++) {
@@ -409,7 +415,7 @@ static void build_block_lists(inf_layer *f, const float *params) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         const float *z = f->recv + i * W + C;
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, z + k * dz, s, 0);
+            sample_mask(f, params, z + k * dz, s, MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= nbl) continue;
@@ -546,7 +552,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     for (int64_t t = 0; t < n; t++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, f->z + (t * K + k) * dz, s, 0);
+            sample_mask(f, params, f->z + (t * K + k) * dz, s, MASK_BLOCKS);
             memcpy(f->blocks_of + (t * K + k) * kb, s->blocks, sizeof(int32_t) * kb);
             for (int i = 0; i < kb; i++) need[t * ep + s->blocks[i] / f->nb_local] = 1;
         }
@@ -650,7 +656,7 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
         const float *z = f->recv + i * W + C;
         float *A = f->rows_back + i * WB + C, *S = A + K * dz;
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, z + k * dz, s, 1);
+            sample_mask(f, params, z + k * dz, s, MASK_DEDZ);
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= f->nb_local) continue;
@@ -733,7 +739,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
         for (int d = 0; d < dz; d++) f->dmu[t * dz + d] = f->dsig[t * dz + d] = 0.0f;
         for (int k = 0; k < K; k++) {
             const float *z = f->z + (t * K + k) * dz;
-            sample_mask(f, params, z, s, 1);
+            sample_mask(f, params, z, s, MASK_DEDZ);
             float St = Stot[t * K + k];
             for (int d = 0; d < dz; d++) {
                 float Q = 0.0f;
@@ -798,7 +804,7 @@ void inf_reference_forward(const inf_layer *f, const float *params, float *out, 
     for (int64_t t = 0; t < n; t++) {
         memset(w, 0, sizeof(float) * H);
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, f->z + (t * K + k) * dz, s, 0);
+            sample_mask(f, params, f->z + (t * K + k) * dz, s, MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++)
                 for (int u = 0; u < b; u++) w[s->blocks[bi] * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
         }
