@@ -9,7 +9,9 @@
 #include <math.h>
 #include <stdio.h>
 
-static int check_failures = 0;
+#include "infmoe/config.h"
+
+static int check_failures __attribute__((unused)) = 0;
 
 #define CHECK(cond, ...)                                                      \
     do {                                                                      \
@@ -49,6 +51,15 @@ static inline int check_arrays_close(const char *what, const float *got, const f
 static inline int check_finish(const char *name) {
     printf("%s %s\n", check_failures ? "FAIL" : "PASS", name);
     return check_failures ? 1 : 0;
+}
+
+/* The model tests' backbone: the config defaults with two layers of these shapes. */
+static inline void tiny_backbone(run_config *c, int n_embd, int n_head, int seq_len, int vocab_size) {
+    c->n_layer = 2;
+    c->n_embd = n_embd;
+    c->n_head = n_head;
+    c->seq_len = seq_len;
+    c->vocab_size = vocab_size;
 }
 
 #endif

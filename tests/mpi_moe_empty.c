@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
 #include "infmoe/model.h"
@@ -24,11 +25,7 @@ int main(int argc, char **argv) {
     int ep = argc > 1 ? atoi(argv[1]) : 1;
     run_config cfg;
     config_defaults(&cfg);
-    cfg.n_layer = 2;
-    cfg.n_embd = 16;
-    cfg.n_head = 2;
-    cfg.seq_len = 8;
-    cfg.vocab_size = 64;
+    tiny_backbone(&cfg, 16, 2, 8, 64);
     cfg.ffn_kind = FFN_TOPK;
     cfg.experts = 4;
     cfg.top_k = 2;

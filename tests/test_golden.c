@@ -88,11 +88,7 @@ int main(void) {
     load_fixture();
     run_config cfg;
     config_defaults(&cfg);
-    cfg.n_layer = 2;
-    cfg.n_embd = 32;
-    cfg.n_head = 4;
-    cfg.seq_len = 16;
-    cfg.vocab_size = 250;
+    tiny_backbone(&cfg, 32, 4, 16, 250);
     cfg.ffn_hidden = 128;
     cfg.steps = 10;
     cfg.lr = 1e-3f;

@@ -65,11 +65,7 @@ static void check_model(const char *label, run_config cfg, const dist_ctx *d) {
     /* MoE models: a smaller step, so that few probes cross a routing boundary */
     const double step = cfg.ffn_kind == FFN_DENSE ? 1e-2 : cfg.ffn_kind == FFN_INFINITE ? 1e-3 : 2e-3;
     skipped = probes = 0;
-    cfg.n_layer = 2;
-    cfg.n_embd = 16;
-    cfg.n_head = 2;
-    cfg.seq_len = 8;
-    cfg.vocab_size = 50; /* padded to 64: the padding path is exercised */
+    tiny_backbone(&cfg, 16, 2, 8, 50); /* vocabulary padded to 64: the padding path is exercised */
     cfg.ffn_hidden = 64;
     if (cfg.ffn_kind != FFN_DENSE && cfg.ffn_kind != FFN_INFINITE) cfg.expert_hidden = 24;
     const int B = 2;
