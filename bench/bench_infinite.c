@@ -5,7 +5,7 @@
  *                 per-unit mask applied to the activations (the naive way)
  *   dense active  a dense FFN as wide as the units a token actually uses
  *                 (K x keep x H)
- *   bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--reps R]
+ *   bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--reps R] [--keep F --samples K]
  */
 #include <mpi.h>
 #include <omp.h>
@@ -103,7 +103,8 @@ static double layer_time(run_config *cfg, int64_t N, int reps, rng_state *r, dou
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     if (argc > 1 && strcmp(argv[1], "--help") == 0) {
-        printf("usage: bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--reps R]\n");
+        printf("usage: bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--reps R]\n"
+               "                      [--keep F --samples K]   one setting instead of the table\n");
         MPI_Finalize();
         return 0;
     }
@@ -118,9 +119,16 @@ int main(int argc, char **argv) {
            (long long)N, C, H, block, omp_get_max_threads(), peak);
     printf("  masked dense (all %d units): %.1f ms forward+backward (%.1f%% of peak)\n", H, md * 1e3,
            100.0 * 12.0 * N * C * H / md / (peak * 1e9));
-    const float keeps[] = {0.125f, 0.25f, 0.5f, 1.0f};
-    for (int samples = 1; samples <= 2; samples++)
-        for (int i = 0; i < 4; i++) {
+    float keeps[] = {0.125f, 0.25f, 0.5f, 1.0f};
+    int n_keeps = 4, k_lo = 1, k_hi = 2;
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--keep") == 0) {
+            keeps[0] = (float)atof(argv[i + 1]);
+            n_keeps = 1;
+            k_lo = k_hi = arg_int(argc, argv, "--samples", 1);
+        }
+    for (int samples = k_lo; samples <= k_hi; samples++)
+        for (int i = 0; i < n_keeps; i++) {
             run_config cfg;
             config_defaults(&cfg);
             cfg.n_embd = C;
