@@ -646,7 +646,8 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
     }
     double t_mask0 = wall_time();
     /* the masks' share: per row and sample, A = n_keep sum p g de/dz and S = sum p g over
-     * this shard's kept units (g = d loss / d m = d loss / d w / K) */
+     * this shard's kept units (g = d loss / d m = d loss / d w / K); window rule: A minus
+     * this shard's part of the normaliser term, n_keep S Q */
     if (f->mask == MASK_LEARNED)
         for (int t = 0; t < f->n_threads; t++)
             memset(f->scratch[t].grad_pq, 0, sizeof(float) * (size_t)(f->H * dz + f->H));
@@ -684,6 +685,15 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
                         s->grad_pq[(size_t)f->H * dz + j] += f->n_keep * pg;
                     }
                 }
+            }
+            if (f->mask == MASK_WINDOW) {
+                /* the normaliser's share, Q = sum over all kept units of p de/dz, is the
+                 * same on every shard, so the shard subtracts n_keep S Q itself: the
+                 * owner then only sums A (and needs no softmax of its own) */
+                float Q = 0.0f;
+#pragma omp simd reduction(+ : Q)
+                for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[o];
+                A[k] -= f->n_keep * S[k] * Q;
             }
         }
     }
@@ -728,7 +738,8 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     float *db2 = grads + f->b2;
     for (int64_t t = 0; t < n; t++)
         for (int c = 0; c < C; c++) db2[c] += dout[t * C + c];
-    /* 3. d z = A - n_keep S sum_{kept} p de/dz; learned: the S share of d/dP, d/dq */
+    /* 3. d z = A - n_keep S sum_{kept} p de/dz (window: the shards did the second term);
+     * learned: the S share of d/dP, d/dq */
     if (f->mask == MASK_LEARNED)
         for (int t = 0; t < f->n_threads; t++)
             memset(f->scratch[t].grad_pq, 0, sizeof(float) * (size_t)(f->H * dz + f->H));
@@ -738,6 +749,12 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         for (int d = 0; d < dz; d++) f->dmu[t * dz + d] = f->dsig[t * dz + d] = 0.0f;
         for (int k = 0; k < K; k++) {
+            if (f->mask == MASK_WINDOW) { /* the shards subtracted n_keep S Q already */
+                float g = Atot[t * K + k];
+                f->dmu[t] += g;
+                f->dsig[t] += g * f->eps[t * K + k];
+                continue;
+            }
             const float *z = f->z + (t * K + k) * dz;
             sample_mask(f, params, z, s, MASK_DEDZ);
             float St = Stot[t * K + k];
