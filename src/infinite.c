@@ -523,9 +523,8 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
     for (int bl = 0; bl < nb; bl++) st->block_tokens[bl] = (int64_t)S[bl];
     for (int i = 0; i < Z_BINS; i++) st->z_hist[i] = (int64_t)S[nb + i];
     for (int i = 0; i < SIGMA_BINS; i++) st->sigma_hist[i] = (int64_t)S[S0 + i];
-    st->K = K;
     st->mean_sigma = S[nb + Z_BINS] / N;
-    st->mask_overlap = K > 1 ? S[nb + Z_BINS + 1] / N : 1.0;
+    st->mask_overlap = K > 1 ? S[nb + Z_BINS + 1] / N : 0.0;
     st->active_units = S[nb + Z_BINS + 2] / N;
     st->n_tokens = (int64_t)N;
     st->aux_kl = ctx->training ? f->kl * S[nb + Z_BINS + 3] / N : 0.0;
@@ -661,7 +660,7 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= f->nb_local) continue;
-                if (dz == 1 && f->mask == MASK_WINDOW) { /* the common case, vectorised */
+                if (f->mask == MASK_WINDOW) { /* dz = 1: vectorised */
                     const float *p = s->p + bi * b, *de = s->dedz + bi * b, *g = f->wrow + i * Hl + lb * b;
                     float sa = 0.0f, ss = 0.0f;
 #pragma omp simd reduction(+ : sa, ss)
@@ -760,12 +759,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
             float St = Stot[t * K + k];
             for (int d = 0; d < dz; d++) {
                 float Q = 0.0f;
-                if (dz == 1) {
-#pragma omp simd reduction(+ : Q)
-                    for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[o];
-                } else {
-                    for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[(size_t)o * dz + d];
-                }
+                for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[(size_t)o * dz + d];
                 float g = Atot[(t * K + k) * dz + d] - f->n_keep * St * Q;
                 f->dmu[t * dz + d] += g;
                 f->dsig[t * dz + d] += g * f->eps[(t * K + k) * dz + d];

@@ -56,19 +56,19 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->ffn = xcalloc((size_t)L, sizeof(ffn_layer));
     for (int l = 0; l < L; l++) {
         block_offsets *o = &m->block[l];
-        o->ln1_w = add(tab, "h.%d.ln1.w", l, 1, C, 0, 0, INIT_ONE, 0);
+        o->ln1_w = add(tab, "h.%d.ln1.w", l, 1, C, 0, 0, INIT_CONST, 1.0f);
         o->ln1_b = add(tab, "h.%d.ln1.b", l, 1, C, 0, 0, INIT_ZERO, 0);
         o->qkv_w = add(tab, "h.%d.attn.qkv.w", l, 2, 3 * C, C, 1, INIT_NORMAL, std);
         o->qkv_b = add(tab, "h.%d.attn.qkv.b", l, 1, 3 * C, 0, 0, INIT_ZERO, 0);
         o->proj_w = add(tab, "h.%d.attn.proj.w", l, 2, C, C, 1, INIT_NORMAL, proj_std);
         o->proj_b = add(tab, "h.%d.attn.proj.b", l, 1, C, 0, 0, INIT_ZERO, 0);
-        o->ln2_w = add(tab, "h.%d.ln2.w", l, 1, C, 0, 0, INIT_ONE, 0);
+        o->ln2_w = add(tab, "h.%d.ln2.w", l, 1, C, 0, 0, INIT_CONST, 1.0f);
         o->ln2_b = add(tab, "h.%d.ln2.b", l, 1, C, 0, 0, INIT_ZERO, 0);
         ffn_init(&m->ffn[l], cfg, l, tab, N, ctx->ep, ctx->ep_rank);
         m->n_moe += m->ffn[l].moe != NULL;
         m->n_inf += m->ffn[l].inf != NULL;
     }
-    m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_ONE, 0);
+    m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_CONST, 1.0f);
     m->lnf_b = add(tab, "lnf.b", 0, 1, C, 0, 0, INIT_ZERO, 0);
     m->n_replicated = (tab->total + 15) / 16 * 16;
     for (int l = 0; l < L; l++) ffn_register_sharded(&m->ffn[l], tab);

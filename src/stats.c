@@ -600,7 +600,7 @@ static void fill_row(const gpt_model *m, int l, const double t[4], stats_row *r)
         r->z_hist = st->z_hist;
         r->sigma_hist = st->sigma_hist;
         r->mean_sigma = st->mean_sigma;
-        r->mask_overlap = st->K > 1 ? st->mask_overlap : 0.0;
+        r->mask_overlap = st->mask_overlap;
         r->active_units = st->active_units;
         return;
     }

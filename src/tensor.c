@@ -63,8 +63,8 @@ void tensor_init_values(const tensor_table *tab, float *buf, uint64_t seed) {
     for (int i = 0; i < tab->n; i++) {
         const tensor_spec *s = &tab->t[i];
         float *p = buf + s->offset;
-        if (s->init == INIT_ONE || s->init == INIT_CONST)
-            for (size_t k = 0; k < s->numel; k++) p[k] = s->init == INIT_ONE ? 1.0f : s->std;
+        if (s->init == INIT_CONST)
+            for (size_t k = 0; k < s->numel; k++) p[k] = s->std;
         if (s->init != INIT_NORMAL) continue;
         size_t row = s->numel / (size_t)s->shape[0];
         uint64_t h = name_hash(s->name) ^ (seed * 0x9e3779b97f4a7c15ULL);

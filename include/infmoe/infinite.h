@@ -37,9 +37,8 @@ typedef struct {
     int n_sigma_bins;      /* histogram of sigma over [0, sigma_hi), the last bin open-ended */
     double sigma_hi;
     int64_t *sigma_hist;   /* (n_sigma_bins) every token's sigma, each latent dimension */
-    int K;                 /* samples per token of the last forward */
     double mean_sigma;     /* mean over tokens and latent dimensions */
-    double mask_overlap;   /* mean over tokens of |kept units of sample 1 and 2| / n_keep (K > 1) */
+    double mask_overlap;   /* mean over tokens of |kept units of sample 1 and 2| / n_keep (0 for K = 1) */
     double active_units;   /* mean units a token uses (union over its samples) */
     double aux_kl;         /* the KL aux loss (training) */
     int64_t n_tokens;

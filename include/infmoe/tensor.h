@@ -18,7 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { INIT_ZERO, INIT_ONE, INIT_CONST, INIT_NORMAL } tensor_init;
+typedef enum { INIT_ZERO, INIT_CONST, INIT_NORMAL } tensor_init;
 
 typedef struct {
     char name[64];
