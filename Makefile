@@ -38,7 +38,7 @@ build/libinfmoe.a: $(LIB_OBJ)
 build/infmoe: src/main.c build/libinfmoe.a
 	$(CC) $(CFLAGS) $< build/libinfmoe.a $(LDLIBS) -o $@
 
-build/tests/%: tests/%.c tests/check.h build/libinfmoe.a | build/tests
+build/tests/%: tests/%.c $(wildcard tests/*.h) build/libinfmoe.a | build/tests
 	$(CC) $(CFLAGS) -Itests $< build/libinfmoe.a $(LDLIBS) -o $@
 
 build/bench/%: bench/%.c build/libinfmoe.a | build/bench

@@ -21,6 +21,7 @@
 #include "check.h"
 #include "infmoe/stats.h"
 #include "infmoe/util.h"
+#include "stats_rows.h"
 
 static const char *const AUX[] = {"importance", "load", "switch", "z", "moge"};
 
@@ -96,23 +97,6 @@ static int64_t read_steps(const char *path, int64_t *steps, int64_t cap) {
     H5Dclose(ds);
     H5Fclose(f);
     return rc;
-}
-
-static double metric(hid_t g, const char *field, hsize_t row) {
-    hid_t ds = H5Dopen2(g, "rows", H5P_DEFAULT);
-    hid_t mt = H5Tcreate(H5T_COMPOUND, sizeof(double));
-    H5Tinsert(mt, field, 0, H5T_NATIVE_DOUBLE);
-    hid_t fsp = H5Dget_space(ds);
-    hsize_t one = 1;
-    H5Sselect_hyperslab(fsp, H5S_SELECT_SET, &row, NULL, &one, NULL);
-    hid_t msp = H5Screate_simple(1, &one, NULL);
-    double v = NAN;
-    if (H5Dread(ds, mt, msp, fsp, H5P_DEFAULT, &v) < 0) v = NAN;
-    H5Sclose(msp);
-    H5Sclose(fsp);
-    H5Tclose(mt);
-    H5Dclose(ds);
-    return v;
 }
 
 /* Field `name` (int64[width]) of record `row` of the layer's /rows. */

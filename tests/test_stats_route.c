@@ -25,6 +25,7 @@
 #include "infmoe/model.h"
 #include "infmoe/stats.h"
 #include "infmoe/util.h"
+#include "stats_rows.h"
 
 enum { STEPS = 3, E = 4 };
 
@@ -37,23 +38,6 @@ static void zero_tensor(gpt_model *m, const char *name) {
     const tensor_spec *s = tensor_find(&m->tensors, name);
     ALWAYS(s != NULL);
     memset(m->params + s->offset, 0, sizeof(float) * s->numel);
-}
-
-static double metric(hid_t g, const char *field, hsize_t row) {
-    hid_t ds = H5Dopen2(g, "rows", H5P_DEFAULT);
-    hid_t mt = H5Tcreate(H5T_COMPOUND, sizeof(double));
-    H5Tinsert(mt, field, 0, H5T_NATIVE_DOUBLE);
-    hid_t fsp = H5Dget_space(ds);
-    hsize_t one = 1;
-    H5Sselect_hyperslab(fsp, H5S_SELECT_SET, &row, NULL, &one, NULL);
-    hid_t msp = H5Screate_simple(1, &one, NULL);
-    double v = NAN;
-    if (H5Dread(ds, mt, msp, fsp, H5P_DEFAULT, &v) < 0) v = NAN;
-    H5Sclose(msp);
-    H5Sclose(fsp);
-    H5Tclose(mt);
-    H5Dclose(ds);
-    return v;
 }
 
 int main(int argc, char **argv) {
