@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Recorded runs: every tiny config trained 20 steps, compared with what an
+# earlier build of infmoe produced (tests/golden/runs/). Run by tests/run.sh
+# from the repo root; prints one PASS/FAIL line per run.
+#
+# What a run leaves is compared: each log line's loss, lr, grad norm and routing
+# fields (not its timings), the routing statistics (stats.h5 rows, timers left
+# out), and a bitwise fingerprint of every dataset of the final checkpoint
+# (params, AdamW m and v, layer state). On the CPU the recording was made on
+# (tests/golden/runs/MACHINE) everything must be identical; on another CPU the
+# kernels oneDNN picks may round differently, so only the losses are compared,
+# to 1e-4 relative, and the line says so.
+#
+#   bash tests/suite_golden_runs.sh            compare
+#   bash tests/suite_golden_runs.sh --record   write tests/golden/runs/ anew (after
+#                                              a change that is meant to alter results)
+set -u
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
+MPIRUN=(mpirun --oversubscribe --bind-to none)
+[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
+INFMOE=build/infmoe
+GOLD=tests/golden/runs
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+record=0
+[ "${1:-}" = --record ] && record=1
+
+pass() { echo "PASS $1"; }
+fail() {
+    echo "FAIL $1"
+    [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
+}
+
+machine() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1; grep -o -w 'avx512_bf16\|avx512f\|avx2\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; }
+
+# The deterministic content of one run: log fields, stats rows, checkpoint hashes.
+summarise() { # log, run dir
+    grep '^step ' "$1" | sed -E 's/ \| ms [0-9.]+ \| tok\/s [0-9]+ \| mfu [0-9.]+%//'
+    if [ -e "$2/stats.h5" ]; then
+        $INFMOE stats "$2/stats.h5" --csv |
+            awk -F, 'NR == 1 {for (i = 1; i <= NF; i++) if ($i !~ /^t_/) keep[i] = 1}
+                     {s = ""; for (i = 1; i <= NF; i++) if (i in keep) s = s (s == "" ? "" : ",") $i; print "stats " s}'
+    fi
+    build/tests/tool_ckhash "$2/$(cat "$2/latest")/model.h5" 2>&1 | sed 's/^/ckpt /'
+}
+
+# config, ranks, ep
+RUNS=(
+    "configs/tiny-dense.yaml 2 1"
+    "configs/tiny-topk.yaml 2 2"
+    "configs/tiny-switch.yaml 2 2"
+    "configs/tiny-moge.yaml 2 2"
+    "configs/tiny-infinite.yaml 2 2"
+    "tests/configs/tiny.yaml 1 1"
+    "tests/configs/tiny-topk.yaml 1 1"
+    "tests/configs/tiny-topk.yaml 4 4"
+    "tests/configs/tiny-infinite.yaml 1 1"
+    "tests/configs/tiny-infinite.yaml 4 2"
+    "tests/configs/tiny-infinite-learned.yaml 2 2"
+)
+
+if [ $record -eq 1 ]; then
+    mkdir -p "$GOLD"
+    machine > "$GOLD/MACHINE"
+fi
+same_machine=0
+[ -e "$GOLD/MACHINE" ] && [ "$(machine)" = "$(cat "$GOLD/MACHINE")" ] && same_machine=1
+
+for run in "${RUNS[@]}"; do
+    read -r cfg p ep <<< "$run"
+    name="$(dirname "$cfg" | tr / -)-$(basename "$cfg" .yaml)-p$p-ep$ep"
+    dir="$TMP/$name"
+    log="$TMP/$name.log"
+    if ! "${MPIRUN[@]}" -np "$p" $INFMOE train "$cfg" --set train.steps=20 --set train.warmup=5 --set train.log_every=1 \
+        --set train.eval_every=0 --set train.stats_every=5 --set parallel.ep="$ep" \
+        --set output.dir="$dir" > "$log" 2>&1; then
+        fail "recorded run $name: training failed" "$(tail -5 "$log")"
+        continue
+    fi
+    got=$(summarise "$log" "$dir")
+    if [ $record -eq 1 ]; then
+        printf '%s\n' "$got" > "$GOLD/$name.txt"
+        pass "recorded run $name: written to $GOLD/$name.txt"
+        continue
+    fi
+    if [ ! -e "$GOLD/$name.txt" ]; then
+        fail "recorded run $name: no $GOLD/$name.txt (run bash tests/suite_golden_runs.sh --record)"
+        continue
+    fi
+    want=$(cat "$GOLD/$name.txt")
+    if [ $same_machine -eq 1 ]; then
+        if [ "$got" = "$want" ]; then
+            pass "recorded run $name: 20 losses, log fields, stats rows and $(printf '%s\n' "$got" | grep -c '^ckpt ') checkpoint datasets bitwise as recorded"
+        else
+            fail "recorded run $name differs from $GOLD/$name.txt" "$(diff <(printf '%s\n' "$want") <(printf '%s\n' "$got") | head -20)"
+        fi
+    else
+        worst=$(paste <(printf '%s\n' "$want" | sed -n 's/^step .* | loss \([0-9.]*\) |.*/\1/p') \
+                      <(printf '%s\n' "$got" | sed -n 's/^step .* | loss \([0-9.]*\) |.*/\1/p') |
+            awk 'BEGIN{w=0} {if ($2 == "") {w = 1; next} d = $1 - $2; if (d < 0) d = -d; if (d / $1 > w) w = d / $1} END{if (NR != 20) w = 1; printf "%.2e", w}')
+        if awk -v w="$worst" 'BEGIN{exit !(w <= 1e-4)}'; then
+            pass "recorded run $name: another CPU than the recording's, so losses only: max rel diff $worst <= 1e-4"
+        else
+            fail "recorded run $name: losses differ from $GOLD/$name.txt by $worst (another CPU than the recording's)"
+        fi
+    fi
+done
