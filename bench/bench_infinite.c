@@ -64,14 +64,14 @@ static double masked_dense(int64_t N, int C, int H, int reps, rng_state *r) {
 static double layer_time(run_config *cfg, int64_t N, int reps, rng_state *r, double *active) {
     tensor_table tab = {0};
     ffn_layer f;
-    ffn_init(&f, cfg, 0, &tab, N, 1, 0);
+    ffn_context ctx = {MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 5, 1, 10, 0, 1};
+    ffn_init(&f, cfg, 0, &tab, N, &ctx);
     ffn_register_sharded(&f, &tab);
     float *P = xcalloc(tab.total, 4), *G = xcalloc(tab.total, 4);
     tensor_init_values(&tab, P, 3);
     float *X = randn((size_t)(N * cfg->n_embd), 1, r), *dY = randn((size_t)(N * cfg->n_embd), 1, r);
     float *out = xcalloc((size_t)(N * cfg->n_embd), 4), *dX = xcalloc((size_t)(N * cfg->n_embd), 4);
     float *scratch = xcalloc(ffn_scratch_floats(&f, N) + 1, 4);
-    ffn_context ctx = {MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 5, 1, 10, 0, 1};
     double best = 1e30;
     for (int rep = 0; rep <= reps; rep++) {
         double t0 = wall_time();
@@ -80,13 +80,15 @@ static double layer_time(run_config *cfg, int64_t N, int reps, rng_state *r, dou
         double dt = wall_time() - t0;
         if (rep > 0 && dt < best) best = dt;
     }
-    if (active) *active = f.inf ? inf_get_stats(f.inf)->active_units : cfg->ffn_hidden;
-    if (f.inf) {
-        const inf_stats *st = inf_get_stats(f.inf);
-        double tot = st->t_router + st->t_masks + st->t_units + st->t_alltoall;
+    stats_row row;
+    ffn_stats_row(&f, &row);
+    if (active) *active = f.kind == FFN_INFINITE ? row.active_units : cfg->ffn_hidden;
+    if (f.kind == FFN_INFINITE) {
+        double t[4];
+        inf_phase_detail(f.inf, t);
+        double tot = t[0] + t[1] + t[2] + t[3];
         printf("    (router %.0f%% | masks %.0f%% | unit GEMMs and gathers %.0f%% | all-to-all %.0f%%)\n",
-               100 * st->t_router / tot, 100 * st->t_masks / tot, 100 * st->t_units / tot,
-               100 * st->t_alltoall / tot);
+               100 * t[0] / tot, 100 * t[1] / tot, 100 * t[2] / tot, 100 * t[3] / tot);
     }
     ffn_free(&f);
     tensor_table_free(&tab);

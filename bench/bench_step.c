@@ -25,11 +25,13 @@
 #include "infmoe/peak.h"
 #include "infmoe/util.h"
 
-/* Sum of a timer over the MoE layers. */
-static double moe_time(const gpt_model *m, size_t offset) {
-    double t = 0.0;
-    for (int l = 0; l < m->L; l++)
-        if (m->ffn[l].moe) t += *(const double *)((const char *)moe_get_stats(m->ffn[l].moe) + offset);
+/* Cumulative seconds in phase i (route, dispatch, all-to-all, expert) over the sparse layers. */
+static double phase_time(const gpt_model *m, int i) {
+    double t = 0.0, p[4];
+    for (int l = 0; l < m->L; l++) {
+        ffn_phase_times(&m->ffn[l], p);
+        t += p[i];
+    }
     return t;
 }
 
@@ -105,7 +107,7 @@ int main(int argc, char **argv) {
     for (int s = 0; s <= steps; s++) {
         if (s == 1) /* start the MoE timers after the warm-up step */
             for (int i = 0; i < 4; i++)
-                moe0[i] = moe_time(&m, offsetof(moe_stats, t_route) + (size_t)i * sizeof(double));
+                moe0[i] = phase_time(&m, i);
         MPI_CHECK(MPI_Barrier(d.world));
         double t0 = wall_time();
         model_set_step(&m, s, (int64_t)d.rank * B * T, 1);
@@ -122,10 +124,11 @@ int main(int argc, char **argv) {
         double t4 = wall_time();
         if (s > 0) /* expert rows this rank computed: its experts' share of all assignments */
             for (int l = 0; l < m.L; l++)
-                if (m.ffn[l].moe) {
-                    const moe_stats *st = moe_get_stats(m.ffn[l].moe);
+                if (m.ffn[l].kind == FFN_TOPK || m.ffn[l].kind == FFN_MOGE) {
+                    stats_row st;
+                    ffn_stats_row(&m.ffn[l], &st);
                     for (int e = 0; e < cfg.experts / cfg.ep; e++)
-                        rows += (double)st->tokens[d.ep_rank * (cfg.experts / cfg.ep) + e] /
+                        rows += (double)st.tokens[d.ep_rank * (cfg.experts / cfg.ep) + e] /
                                 (d.size / cfg.ep);
                 }
         double times[5] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0};
@@ -139,13 +142,18 @@ int main(int argc, char **argv) {
     }
     double moe_t[4];
     for (int i = 0; i < 4; i++)
-        moe_t[i] = moe_time(&m, offsetof(moe_stats, t_route) + (size_t)i * sizeof(double)) - moe0[i];
+        moe_t[i] = phase_time(&m, i) - moe0[i];
     dist_allreduce_max_d(moe_t, 4, d.world);
     double expert_flops = rows * 12.0 * cfg.n_embd * cfg.expert_hidden; /* fwd 2 + bwd 4 GEMMs */
     double rank_peak = peak / d.size;
     double ms = t_total / steps * 1e3;
     double tok_s = (double)cfg.batch_size * T / (t_total / steps);
     double flops = model_flops_per_token(&m);
+    int n_moe = 0, n_inf = 0;
+    for (int l = 0; l < m.L; l++) {
+        n_inf += m.ffn[l].kind == FFN_INFINITE;
+        n_moe += m.ffn[l].kind == FFN_TOPK || m.ffn[l].kind == FFN_MOGE;
+    }
     if (d.rank == 0) {
         printf("bench_step: L%d C%d NH%d T%d V%d H%d | global batch %d | ranks %d x threads %d\n",
                cfg.n_layer, cfg.n_embd, cfg.n_head, T, cfg.vocab_size, cfg.ffn_hidden,
@@ -158,29 +166,23 @@ int main(int argc, char **argv) {
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% | optimizer %.1f%%\n",
                100 * t_fwd / t_total, 100 * t_bwd / t_total, 100 * t_ar / t_total,
                100 * t_opt / t_total);
-        if (m.n_moe > 0)
+        if (n_moe > 0)
             printf("  moe E%d top-%d width %d ep %d | routing %.1f%% | dispatch %.1f%% | "
                    "all-to-all %.1f%% | expert GEMMs %.1f%% at %.1f%% of peak (%.0f rows/expert/layer)\n",
                    cfg.experts, cfg.top_k, cfg.expert_hidden, cfg.ep, 100 * moe_t[0] / t_total,
                    100 * moe_t[1] / t_total, 100 * moe_t[2] / t_total, 100 * moe_t[3] / t_total,
                    100 * expert_flops / moe_t[3] / (rank_peak * 1e9),
-                   rows / steps / m.n_moe / (cfg.experts / cfg.ep));
-        if (m.n_inf > 0) {
-            double t[4] = {0};
-            for (int l = 0; l < m.L; l++)
-                if (m.ffn[l].inf) {
-                    const inf_stats *st = inf_get_stats(m.ffn[l].inf);
-                    t[0] += st->t_router;
-                    t[1] += st->t_masks;
-                    t[2] += st->t_units;
-                    t[3] += st->t_alltoall;
-                }
-            double all = (steps + 1.0) * t_total / steps; /* the timers include the warm-up step */
-            printf("  ∞-MoE H%d keep %.1f%% K%d blocks %d ep %d | router %.1f%% | masks %.1f%% | "
+                   rows / steps / n_moe / (cfg.experts / cfg.ep));
+        if (n_inf > 0) {
+            /* the timers include the warm-up step; routing is the router MLP, sampling and masks */
+            double all = (steps + 1.0) * t_total / steps;
+            stats_row st;
+            ffn_stats_row(&m.ffn[0], &st);
+            printf("  ∞-MoE H%d keep %.1f%% K%d blocks %d ep %d | routing and masks %.1f%% | "
                    "unit GEMMs %.1f%% | all-to-all %.1f%% | active units/token %.0f\n",
                    cfg.inf_units, 100 * cfg.keep, cfg.samples, cfg.mask_block, cfg.ep,
-                   100 * t[0] / all, 100 * t[1] / all, 100 * t[2] / all, 100 * t[3] / all,
-                   inf_get_stats(m.ffn[0].inf)->active_units);
+                   100 * phase_time(&m, 0) / all, 100 * phase_time(&m, 3) / all,
+                   100 * phase_time(&m, 2) / all, st.active_units);
         }
     }
     free(tok);

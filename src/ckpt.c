@@ -13,21 +13,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "infmoe/ffn.h"
 #include "infmoe/h5util.h"
 #include "infmoe/util.h"
 
-/* hdf5.h defines H5CHECK: our wrapper is h5_check. */
-static hid_t h5_check_at(hid_t rc, const char *call, const char *file, int line) {
-    if (rc < 0) infmoe_fail_at(file, line, "HDF5 call failed: %s", call);
-    return rc;
-}
-#define h5_check(call) h5_check_at((hid_t)(call), #call, __FILE__, __LINE__)
-
 static const char *const GROUPS[3] = {"params", "adam_m", "adam_v"};
+/* State arrays a layer may carry besides its parameters (ffn_state). */
+#define CKPT_MAX_STATE 4
 
 static float *model_buffer(gpt_model *m, int g) { return g == 0 ? m->params : g == 1 ? m->m : m->v; }
-
-static void quiet_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
 
 /* ---- attributes: a failed write is an internal error ---- */
 
@@ -149,7 +143,7 @@ static void write_tensor(hid_t group, const tensor_spec *s, const float *buf, co
 
 void ckpt_save(const char *run_dir, gpt_model *m, const run_config *cfg, const dist_ctx *d,
                ckpt_position pos, int keep_last) {
-    quiet_hdf5();
+    h5_quiet();
     char final[2048], tmp[2060], file[2100];
     snprintf(final, sizeof final, "%s/step_%06lld", run_dir, (long long)pos.step);
     snprintf(tmp, sizeof tmp, "%s.tmp", final);
@@ -187,16 +181,19 @@ void ckpt_save(const char *run_dir, gpt_model *m, const run_config *cfg, const d
     }
     hid_t state = h5_check(H5Gcreate2(f, "state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
     for (int l = 0; l < m->L; l++) {
-        if (!m->ffn[l].moe) continue;
-        char name[64];
-        snprintf(name, sizeof name, "h.%d.guard_totals", l);
-        hsize_t n = (hsize_t)moe_num_experts(m->ffn[l].moe);
-        hid_t sp = h5_check(H5Screate_simple(1, &n, NULL));
-        hid_t ds = h5_check(H5Dcreate2(state, name, H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-        if (d->rank != 0) h5_check(H5Sselect_none(sp));
-        h5_check(H5Dwrite(ds, H5T_NATIVE_DOUBLE, sp, sp, dxpl, moe_guard_totals(m->ffn[l].moe)));
-        H5Dclose(ds);
-        H5Sclose(sp);
+        ffn_state_array arr[CKPT_MAX_STATE];
+        int n_arr = ffn_state(&m->ffn[l], arr, CKPT_MAX_STATE);
+        for (int a = 0; a < n_arr; a++) {
+            char name[96];
+            snprintf(name, sizeof name, "h.%d.%s", l, arr[a].name);
+            hsize_t n = (hsize_t)arr[a].n;
+            hid_t sp = h5_check(H5Screate_simple(1, &n, NULL));
+            hid_t ds = h5_check(H5Dcreate2(state, name, H5T_NATIVE_DOUBLE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+            if (d->rank != 0) h5_check(H5Sselect_none(sp));
+            h5_check(H5Dwrite(ds, H5T_NATIVE_DOUBLE, sp, sp, dxpl, arr[a].data));
+            H5Dclose(ds);
+            H5Sclose(sp);
+        }
     }
     H5Gclose(state);
     H5Pclose(dxpl);
@@ -282,7 +279,7 @@ int ckpt_resolve(const char *arg, const char *run_dir, char *path, size_t cap) {
 /* ---- load ---- */
 
 static hid_t open_checkpoint(const char *path, int all) {
-    quiet_hdf5();
+    h5_quiet();
     char file[2100];
     snprintf(file, sizeof file, "%s/model.h5", path);
     if (access(file, R_OK) != 0) {
@@ -396,14 +393,16 @@ ckpt_position ckpt_load(const char *path, gpt_model *m, const dist_ctx *d) {
         H5Gclose(grp);
     }
     for (int l = 0; l < m->L && !err[0]; l++) {
-        if (!m->ffn[l].moe) continue;
-        char name[80];
-        snprintf(name, sizeof name, "state/h.%d.guard_totals", l);
-        hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
-        if (ds < 0 || H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT,
-                              moe_guard_totals(m->ffn[l].moe)) < 0)
-            snprintf(err, sizeof err, "%s: cannot read %s", path, name);
-        if (ds >= 0) H5Dclose(ds);
+        ffn_state_array arr[CKPT_MAX_STATE];
+        int n_arr = ffn_state(&m->ffn[l], arr, CKPT_MAX_STATE);
+        for (int a = 0; a < n_arr && !err[0]; a++) {
+            char name[112];
+            snprintf(name, sizeof name, "state/h.%d.%s", l, arr[a].name);
+            hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+            if (ds < 0 || H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, arr[a].data) < 0)
+                snprintf(err, sizeof err, "%s: cannot read %s", path, name);
+            if (ds >= 0) H5Dclose(ds);
+        }
     }
     H5Fclose(f);
     agree_on_errors(d, err);
@@ -445,7 +444,7 @@ static int ckpt_info_or_verify(const char *arg, int verify) {
                (long long)v[4], (long long)v[5]);
         printf("  model: %d layers, C %d, %d heads, T %d, vocab %d, ffn %s\n", cfg.n_layer,
                cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
-               cfg.ffn_kind == FFN_DENSE ? "dense" : cfg.ffn_kind == FFN_TOPK ? "topk" : "moge");
+               ffn_kind_name(cfg.ffn_kind));
         size_t total = 0;
         printf("  tensors (each in params, adam_m, adam_v):\n");
         for (int t = 0; t < m.tensors.n; t++) {

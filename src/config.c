@@ -26,6 +26,11 @@ typedef struct {
 } key_spec;
 
 static const char *const ffn_kind_names[] = {"dense", "topk", "moge", "infinite", NULL};
+
+const char *ffn_kind_name(ffn_kind kind) {
+    ALWAYS(kind >= FFN_DENSE && kind <= FFN_INFINITE);
+    return ffn_kind_names[kind];
+}
 static const char *const mask_names[] = {"window", "learned", NULL};
 static const char *const gate_names[] = {"noisy", "switch", NULL};
 
@@ -487,6 +492,14 @@ void config_check_layout(const run_config *cfg, int nranks, int quiet) {
         config_error(&ctx, 0, 0,
                      "train.batch_size (%d) must be divisible by the number of ranks (%d)",
                      cfg->batch_size, nranks);
+    config_check_ep(cfg, nranks, quiet);
+}
+
+void config_check_ep(const run_config *cfg, int nranks, int quiet) {
+    load_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.name = cfg->path;
+    ctx.quiet = quiet;
     if (nranks % cfg->ep != 0)
         config_error(&ctx, 0, 0, "parallel.ep (%d) must divide the number of ranks (%d)",
                      cfg->ep, nranks);

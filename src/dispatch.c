@@ -11,8 +11,8 @@
 void dispatch_init(dispatch_plan *p, MPI_Comm comm) {
     memset(p, 0, sizeof *p);
     p->comm = comm;
-    MPI_CHECK(MPI_Comm_size(comm, &p->size));
-    size_t n = (size_t)p->size;
+    if (comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_size(comm, &p->size));
+    size_t n = (size_t)(p->size > 0 ? p->size : 1);
     p->send_rows = xcalloc(n, sizeof(int));
     p->recv_rows = xcalloc(n, sizeof(int));
     p->scount = xcalloc(n, sizeof(int));
@@ -31,14 +31,26 @@ void dispatch_free(dispatch_plan *p) {
     memset(p, 0, sizeof *p);
 }
 
-void dispatch_exchange_counts(dispatch_plan *p, const int *send_rows) {
-    memcpy(p->send_rows, send_rows, (size_t)p->size * sizeof(int));
-    MPI_CHECK(MPI_Alltoall(p->send_rows, 1, MPI_INT, p->recv_rows, 1, MPI_INT, p->comm));
-    p->n_send = p->n_recv = 0;
+int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items, int n_buckets,
+                       int buckets_per_rank, int32_t *slot, int32_t *item) {
+    ALWAYS(p->comm != MPI_COMM_NULL && n_buckets == buckets_per_rank * p->size);
+    int64_t *start = xcalloc((size_t)n_buckets + 1, sizeof(int64_t));
+    for (int64_t i = 0; i < n_items; i++)
+        if (bucket[i] >= 0) start[bucket[i] + 1]++;
+    for (int b = 0; b < n_buckets; b++) start[b + 1] += start[b];
     for (int r = 0; r < p->size; r++) {
-        p->n_send += p->send_rows[r];
-        p->n_recv += p->recv_rows[r];
+        int64_t rows = start[(r + 1) * buckets_per_rank] - start[r * buckets_per_rank];
+        if (rows > INT_MAX) INFMOE_FAIL("dispatch of %lld rows to one rank exceeds MPI's int counts", (long long)rows);
+        p->send_rows[r] = (int)rows;
     }
+    int64_t n_send = start[n_buckets];
+    for (int64_t i = 0; i < n_items; i++) {
+        int64_t s = bucket[i] >= 0 ? start[bucket[i]]++ : -1;
+        if (slot) slot[i] = (int32_t)s;
+        if (s >= 0) item[s] = (int32_t)i;
+    }
+    free(start);
+    return n_send;
 }
 
 /* Float counts and displacements for rows of `width` (MPI counts are int). */
@@ -54,6 +66,20 @@ static void set_counts(int *count, int *displ, const int *rows, int size, int wi
     }
 }
 
+int64_t dispatch_send(dispatch_plan *p, const float *send, float *recv, int width, int64_t max_recv) {
+    MPI_CHECK(MPI_Alltoall(p->send_rows, 1, MPI_INT, p->recv_rows, 1, MPI_INT, p->comm));
+    p->n_send = p->n_recv = 0;
+    for (int r = 0; r < p->size; r++) {
+        p->n_send += p->send_rows[r];
+        p->n_recv += p->recv_rows[r];
+    }
+    if (p->n_recv > max_recv)
+        INFMOE_FAIL("%lld rows arrive for this rank's experts or units, more than the %lld planned",
+                    (long long)p->n_recv, (long long)max_recv);
+    dispatch_forward(p, send, recv, width);
+    return p->n_recv;
+}
+
 void dispatch_forward(dispatch_plan *p, const float *send, float *recv, int width) {
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
@@ -66,4 +92,71 @@ void dispatch_reverse(dispatch_plan *p, const float *back, float *out, int width
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
     MPI_CHECK(MPI_Alltoallv(back, p->rcount, p->rdispl, MPI_FLOAT, out, p->scount, p->sdispl,
                             MPI_FLOAT, p->comm));
+}
+
+void dispatch_groups_init(dispatch_groups *g, int n_buckets, int64_t cap) {
+    g->n_buckets = n_buckets;
+    g->cap = cap;
+    g->start = xcalloc((size_t)n_buckets + 1, sizeof(int64_t));
+    g->row = xcalloc((size_t)(cap > 0 ? cap : 1), sizeof(int32_t));
+}
+
+void dispatch_groups_free(dispatch_groups *g) {
+    free(g->start);
+    free(g->row);
+    memset(g, 0, sizeof *g);
+}
+
+void dispatch_group_by_id(dispatch_groups *g, const int32_t *bucket, int64_t n_rows) {
+    const int nb = g->n_buckets;
+    ALWAYS(n_rows <= g->cap);
+    memset(g->start, 0, sizeof(int64_t) * ((size_t)nb + 1));
+    for (int64_t i = 0; i < n_rows; i++) {
+        ALWAYS(bucket[i] >= 0 && bucket[i] < nb);
+        g->start[bucket[i] + 1]++;
+    }
+    for (int b = 0; b < nb; b++) g->start[b + 1] += g->start[b];
+    int64_t *fill = xmalloc(sizeof(int64_t) * ((size_t)nb + 1));
+    memcpy(fill, g->start, sizeof(int64_t) * (size_t)nb);
+    for (int64_t i = 0; i < n_rows; i++) g->row[fill[bucket[i]]++] = (int32_t)i;
+    free(fill);
+}
+
+void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t n_rows) {
+    const int nb = g->n_buckets;
+    memset(g->start, 0, sizeof(int64_t) * ((size_t)nb + 1));
+    for (int64_t i = 0; i < n_rows; i++)
+        for (int b = 0; b < nb; b++) g->start[b + 1] += member[i * nb + b] != 0;
+    for (int b = 0; b < nb; b++) g->start[b + 1] += g->start[b];
+    ALWAYS(g->start[nb] <= g->cap);
+    int64_t *fill = xmalloc(sizeof(int64_t) * ((size_t)nb + 1));
+    memcpy(fill, g->start, sizeof(int64_t) * (size_t)nb);
+    for (int64_t i = 0; i < n_rows; i++)
+        for (int b = 0; b < nb; b++)
+            if (member[i * nb + b]) g->row[fill[b]++] = (int32_t)i;
+    free(fill);
+}
+
+void dispatch_gather(float *dst, const float *src, int64_t src_stride, const int32_t *idx,
+                     int64_t n, int width) {
+#pragma omp parallel for
+    for (int64_t r = 0; r < n; r++)
+        memcpy(dst + r * width, src + (int64_t)idx[r] * src_stride, sizeof(float) * (size_t)width);
+}
+
+void dispatch_scatter(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
+                      int64_t n, int width) {
+#pragma omp parallel for
+    for (int64_t r = 0; r < n; r++)
+        memcpy(dst + (int64_t)idx[r] * dst_stride, src + r * width, sizeof(float) * (size_t)width);
+}
+
+void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
+                          int64_t n, int width) {
+    for (int64_t r = 0; r < n; r++) {
+        float *o = dst + (int64_t)idx[r] * dst_stride;
+        const float *y = src + r * width;
+#pragma omp simd
+        for (int c = 0; c < width; c++) o[c] += y[c];
+    }
 }

@@ -1,4 +1,8 @@
-/* ffn: the FFN interface: the dense GPT-2 MLP here, MoE layers in moe.c (see ffn.h). */
+/*
+ * ffn: the FFN interface (see ffn.h). The dense GPT-2 MLP is here; every entry
+ * point sends MoE layers to moe.c and ∞-MoE layers to infinite.c. This is the
+ * one file that knows which variant a layer is.
+ */
 #include "infmoe/ffn.h"
 
 #include <math.h>
@@ -6,70 +10,47 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/gemm.h"
+#include "infmoe/infinite.h"
+#include "infmoe/moe.h"
 #include "infmoe/ops.h"
 #include "infmoe/util.h"
 
-void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
-              int64_t max_tokens, int ep, int ep_rank) {
-    memset(f, 0, sizeof *f);
+struct dense_layer {
+    int C, H;
+    size_t fc_w, fc_b, proj_w, proj_b; /* parameter offsets */
+    float *pre, *act; /* saved for backward: (max_tokens, H) pre-activation, GELU output */
+    void *mem;
+};
+
+static dense_layer *dense_create(const run_config *cfg, int layer, tensor_table *tab,
+                                 int64_t max_tokens) {
+    dense_layer *f = xcalloc(1, sizeof *f);
     f->C = cfg->n_embd;
-    f->max_tokens = max_tokens;
-    if (cfg->ffn_kind != FFN_DENSE && (layer + 1) % cfg->ffn_every == 0) {
-        f->kind = cfg->ffn_kind;
-        if (f->kind == FFN_INFINITE)
-            f->inf = inf_create(cfg, layer, tab, max_tokens, ep, ep_rank);
-        else
-            f->moe = moe_create(cfg, layer, tab, max_tokens, ep, ep_rank);
-        return;
-    }
-    f->kind = FFN_DENSE;
     f->H = cfg->ffn_hidden;
-    char name[64];
     const float std = 0.02f;
     /* GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L). */
     const float proj_std = 0.02f / sqrtf(2.0f * (float)cfg->n_layer);
     int64_t s_fc_w[2] = {f->H, f->C}, s_fc_b[1] = {f->H};
     int64_t s_pr_w[2] = {f->C, f->H}, s_pr_b[1] = {f->C};
-    snprintf(name, sizeof name, "h.%d.ffn.fc.w", layer);
-    f->fc_w = tensor_add(tab, name, 2, s_fc_w, 1, INIT_NORMAL, std);
-    snprintf(name, sizeof name, "h.%d.ffn.fc.b", layer);
-    f->fc_b = tensor_add(tab, name, 1, s_fc_b, 0, INIT_ZERO, 0);
-    snprintf(name, sizeof name, "h.%d.ffn.proj.w", layer);
-    f->proj_w = tensor_add(tab, name, 2, s_pr_w, 1, INIT_NORMAL, proj_std);
-    snprintf(name, sizeof name, "h.%d.ffn.proj.b", layer);
-    f->proj_b = tensor_add(tab, name, 1, s_pr_b, 0, INIT_ZERO, 0);
-    f->pre = xcalloc((size_t)(max_tokens * f->H), sizeof(float));
-    f->act = xcalloc((size_t)(max_tokens * f->H), sizeof(float));
+    f->fc_w = tensor_add_layer(tab, "h.%d.ffn.fc.w", layer, 2, s_fc_w, 1, INIT_NORMAL, std);
+    f->fc_b = tensor_add_layer(tab, "h.%d.ffn.fc.b", layer, 1, s_fc_b, 0, INIT_ZERO, 0);
+    f->proj_w = tensor_add_layer(tab, "h.%d.ffn.proj.w", layer, 2, s_pr_w, 1, INIT_NORMAL, proj_std);
+    f->proj_b = tensor_add_layer(tab, "h.%d.ffn.proj.b", layer, 1, s_pr_b, 0, INIT_ZERO, 0);
+    const mem_part parts[] = {MEM_PART(f->pre, max_tokens * f->H), MEM_PART(f->act, max_tokens * f->H)};
+    f->mem = mem_carve(parts, 2);
+    return f;
 }
 
-void ffn_register_sharded(ffn_layer *f, tensor_table *tab) {
-    if (f->moe) moe_register_experts(f->moe, tab);
-    if (f->inf) inf_register_units(f->inf, tab);
-}
-
-size_t ffn_scratch_floats(const ffn_layer *f, int64_t n) { return (size_t)(n * f->H); }
-
-double ffn_forward(ffn_layer *f, const float *params, float *out, const float *in, int64_t n,
-                   const ffn_context *ctx) {
-    ALWAYS(n <= f->max_tokens);
-    if (f->moe) return moe_forward(f->moe, params, out, in, n, ctx);
-    if (f->inf) return inf_forward(f->inf, params, out, in, n, ctx);
+static void dense_forward(dense_layer *f, const float *params, float *out, const float *in,
+                          int64_t n) {
     matmul_forward(f->pre, in, params + f->fc_w, params + f->fc_b, n, f->C, f->H, 0);
     gelu_forward(f->act, f->pre, n * f->H);
     matmul_forward(out, f->act, params + f->proj_w, params + f->proj_b, n, f->H, f->C, 1);
-    return 0.0;
 }
 
-void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, const float *dout,
-                  const float *in, int64_t n, float *scratch, const ffn_context *ctx) {
-    if (f->moe) {
-        moe_backward(f->moe, params, grads, din, dout, in, n, ctx);
-        return;
-    }
-    if (f->inf) {
-        inf_backward(f->inf, params, grads, din, dout, in, n, ctx);
-        return;
-    }
+static void dense_backward(dense_layer *f, const float *params, float *grads, float *din,
+                           const float *dout, const float *in, int64_t n, float *scratch) {
     float *dact = scratch; /* (n,H), reused for the pre-activation gradient */
     memset(dact, 0, (size_t)(n * f->H) * sizeof(float));
     matmul_backward(dact, grads + f->proj_w, grads + f->proj_b, dout, f->act,
@@ -82,6 +63,74 @@ void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, c
                     f->H);
 }
 
+/* The dense MLP token by token with gemm_naive (in is the last forward's input). */
+static void dense_reference(const dense_layer *f, const float *params, float *out, const float *in,
+                            int64_t n) {
+    float *h = xcalloc((size_t)f->H, sizeof(float)), *y = xcalloc((size_t)f->C, sizeof(float));
+    for (int64_t t = 0; t < n; t++) {
+        gemm_naive(0, 1, 1, f->H, f->C, in + t * f->C, f->C, params + f->fc_w, f->C, h, f->H, 0,
+                   params + f->fc_b);
+        for (int i = 0; i < f->H; i++) {
+            float x = h[i];
+            h[i] = 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+        }
+        gemm_naive(0, 1, 1, f->C, f->H, h, f->H, params + f->proj_w, f->H, y, f->C, 0,
+                   params + f->proj_b);
+        for (int c = 0; c < f->C; c++) out[t * f->C + c] += y[c];
+    }
+    free(h);
+    free(y);
+}
+
+static void dense_free(dense_layer *f) {
+    if (!f) return;
+    free(f->mem);
+    free(f);
+}
+
+/* ---- the interface ---- */
+
+int ffn_kind_has_samples(ffn_kind kind) { return kind == FFN_INFINITE; }
+
+void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
+              int64_t max_tokens, const ffn_context *ctx) {
+    memset(f, 0, sizeof *f);
+    f->layer = layer;
+    f->max_tokens = max_tokens;
+    f->kind = cfg->ffn_kind != FFN_DENSE && (layer + 1) % cfg->ffn_every == 0 ? cfg->ffn_kind : FFN_DENSE;
+    switch (f->kind) {
+    case FFN_DENSE: f->dense = dense_create(cfg, layer, tab, max_tokens); break;
+    case FFN_TOPK:
+    case FFN_MOGE: f->moe = moe_create(cfg, layer, tab, max_tokens, ctx); break;
+    case FFN_INFINITE: f->inf = inf_create(cfg, layer, tab, max_tokens, ctx); break;
+    }
+}
+
+void ffn_register_sharded(ffn_layer *f, tensor_table *tab) {
+    if (f->moe) moe_register_experts(f->moe, tab);
+    if (f->inf) inf_register_units(f->inf, tab);
+}
+
+size_t ffn_scratch_floats(const ffn_layer *f, int64_t n) {
+    return f->dense ? (size_t)(n * f->dense->H) : 0;
+}
+
+double ffn_forward(ffn_layer *f, const float *params, float *out, const float *in, int64_t n,
+                   const ffn_context *ctx) {
+    ALWAYS(n <= f->max_tokens);
+    if (f->moe) return moe_forward(f->moe, params, out, in, n, ctx);
+    if (f->inf) return inf_forward(f->inf, params, out, in, n, ctx);
+    dense_forward(f->dense, params, out, in, n);
+    return 0.0;
+}
+
+void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, const float *dout,
+                  const float *in, int64_t n, float *scratch, const ffn_context *ctx) {
+    if (f->moe) moe_backward(f->moe, params, grads, din, dout, in, n, ctx);
+    else if (f->inf) inf_backward(f->inf, params, grads, din, dout, in, n, ctx);
+    else dense_backward(f->dense, params, grads, din, dout, in, n, scratch);
+}
+
 void ffn_end_step(ffn_layer *f, const ffn_context *ctx) {
     if (f->moe) moe_end_step(f->moe, ctx);
 }
@@ -92,13 +141,65 @@ void ffn_set_samples(ffn_layer *f, int samples, int deterministic) {
 
 double ffn_matmul_params_per_token(const ffn_layer *f) {
     if (f->inf) return inf_matmul_params_per_token(f->inf);
-    return f->moe ? moe_matmul_params_per_token(f->moe) : 2.0 * f->C * f->H;
+    if (f->moe) return moe_matmul_params_per_token(f->moe);
+    return 2.0 * f->dense->C * f->dense->H;
+}
+
+int ffn_stats_describe(const ffn_layer *f, stats_layer_desc *d) {
+    if (f->moe) moe_stats_describe(f->moe, d);
+    else if (f->inf) inf_stats_describe(f->inf, d);
+    return f->moe || f->inf;
+}
+
+void ffn_stats_row(const ffn_layer *f, stats_row *r) {
+    if (f->moe) moe_stats_row(f->moe, r);
+    else if (f->inf) inf_stats_row(f->inf, r);
+    else memset(r, 0, sizeof *r);
+}
+
+void ffn_phase_times(const ffn_layer *f, double t[4]) {
+    memset(t, 0, 4 * sizeof(double));
+    if (f->moe) moe_phase_times(f->moe, t);
+    if (f->inf) inf_phase_times(f->inf, t);
+}
+
+void ffn_log_fields(const ffn_layer *layers, int n, double aux_loss, char *buf, size_t cap) {
+    const moe_layer **moe = xcalloc((size_t)(n > 0 ? n : 1), sizeof *moe);
+    const inf_layer **inf = xcalloc((size_t)(n > 0 ? n : 1), sizeof *inf);
+    int n_moe = 0, n_inf = 0;
+    for (int l = 0; l < n; l++) {
+        if (layers[l].moe) moe[n_moe++] = layers[l].moe;
+        if (layers[l].inf) inf[n_inf++] = layers[l].inf;
+    }
+    buf[0] = '\0';
+    if (n_moe > 0) moe_log_fields(moe, n_moe, aux_loss, buf, cap);
+    if (n_inf > 0) inf_log_fields(inf, n_inf, buf + strlen(buf), cap - strlen(buf));
+    free(moe);
+    free(inf);
+}
+
+int ffn_state(ffn_layer *f, ffn_state_array *s, int cap) {
+    if (!f->moe || cap < 1) return 0;
+    s[0] = (ffn_state_array){"guard_totals", moe_guard_totals(f->moe), moe_num_experts(f->moe)};
+    return 1;
+}
+
+void ffn_reference_forward(const ffn_layer *f, const float *params, float *out, const float *in,
+                           int64_t n) {
+    if (f->moe) moe_reference_forward(f->moe, params, out, in, n);
+    else if (f->inf) inf_reference_forward(f->inf, params, out, in, n);
+    else dense_reference(f->dense, params, out, in, n);
+}
+
+uint64_t ffn_routing_hash(const ffn_layer *f) {
+    if (f->moe) return moe_routing_hash(f->moe);
+    if (f->inf) return inf_routing_hash(f->inf);
+    return 0; /* dense: no routing */
 }
 
 void ffn_free(ffn_layer *f) {
     moe_free(f->moe);
     inf_free(f->inf);
-    free(f->pre);
-    free(f->act);
+    dense_free(f->dense);
     memset(f, 0, sizeof *f);
 }

@@ -1,10 +1,18 @@
-/* h5util: HDF5 attribute helpers shared by ckpt and stats (see h5util.h). */
+/* h5util: HDF5 helpers shared by ckpt and the stats file (see h5util.h). */
 #include "infmoe/h5util.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #include "infmoe/util.h"
+
+hid_t h5_check_at(hid_t rc, const char *call, const char *file, int line) {
+    if (rc < 0) infmoe_fail_at(file, line, "HDF5 call failed: %s", call);
+    return rc;
+}
+
+void h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
 
 int h5_attr_put(hid_t obj, const char *name, hid_t type, const void *value) {
     hid_t sp = H5Screate(H5S_SCALAR);
@@ -61,4 +69,65 @@ char *h5_attr_get_str(hid_t obj, const char *name) {
     if (t >= 0) H5Tclose(t);
     H5Aclose(a);
     return s;
+}
+
+int64_t h5_ds_rows(hid_t ds) {
+    hid_t sp = H5Dget_space(ds);
+    if (sp < 0) return -1;
+    hsize_t dims[2] = {0, 0};
+    int nd = H5Sget_simple_extent_dims(sp, dims, NULL);
+    H5Sclose(sp);
+    return nd < 1 ? -1 : (int64_t)dims[0];
+}
+
+hid_t h5_ds_create_rows(hid_t group, const char *name, hid_t ftype, int width, const char *descr) {
+    int nd = width > 1 ? 2 : 1;
+    hsize_t dims[2] = {0, (hsize_t)width}, maxd[2] = {H5S_UNLIMITED, (hsize_t)width};
+    size_t row_bytes = H5Tget_size(ftype) * (size_t)width;
+    hsize_t rows = (hsize_t)(4096 / row_bytes);
+    hsize_t chunk[2] = {rows < 1 ? 1 : rows, (hsize_t)width};
+    hid_t sp = h5_check(H5Screate_simple(nd, dims, maxd));
+    hid_t dcpl = h5_check(H5Pcreate(H5P_DATASET_CREATE));
+    h5_check(H5Pset_chunk(dcpl, nd, chunk));
+    h5_check(H5Pset_obj_track_times(dcpl, 0)); /* no modification time: one object header write less per row */
+    hid_t ds = H5Dcreate2(group, name, ftype, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    H5Pclose(dcpl);
+    H5Sclose(sp);
+    if (ds >= 0 && descr && h5_attr_put_str(ds, "description", descr) < 0) {
+        H5Dclose(ds);
+        return -1;
+    }
+    return ds;
+}
+
+/* Rows [row0, row0 + rows) of ds as memtype, read into or written from buf: 0 or -1. */
+static int rows_io(hid_t ds, hsize_t row0, hsize_t rows, int width, hid_t memtype, void *buf, int write) {
+    hid_t fsp = H5Dget_space(ds);
+    if (fsp < 0) return -1;
+    int nd = H5Sget_simple_extent_ndims(fsp) == 2 ? 2 : 1;
+    hsize_t start[2] = {row0, 0}, count[2] = {rows, (hsize_t)width};
+    hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
+    int ok = H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, NULL) >= 0 &&
+             (write ? H5Dwrite(ds, memtype, msp, fsp, H5P_DEFAULT, buf)
+                    : H5Dread(ds, memtype, msp, fsp, H5P_DEFAULT, buf)) >= 0;
+    H5Sclose(msp);
+    H5Sclose(fsp);
+    return ok ? 0 : -1;
+}
+
+int h5_ds_append_row(hid_t ds, hsize_t row, int width, hid_t memtype, const void *buf) {
+    hsize_t dims[2] = {row + 1, (hsize_t)width};
+    if (H5Dset_extent(ds, dims) < 0) return -1;
+    return rows_io(ds, row, 1, width, memtype, (void *)buf, 1);
+}
+
+int h5_ds_read_rows(hid_t ds, int64_t rows, int width, hid_t memtype, void *buf) {
+    return rows <= 0 ? 0 : rows_io(ds, 0, (hsize_t)rows, width, memtype, buf, 0);
+}
+
+hid_t h5_fapl_latest(int locking) {
+    hid_t fapl = h5_check(H5Pcreate(H5P_FILE_ACCESS));
+    h5_check(H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST));
+    if (!locking) h5_check(H5Pset_file_locking(fapl, 0, 1));
+    return fapl;
 }

@@ -11,6 +11,7 @@
 #include "infmoe/config.h"
 #include "infmoe/data.h"
 #include "infmoe/dist.h"
+#include "infmoe/ffn.h"
 #include "infmoe/gemm.h"
 #include "infmoe/model.h"
 #include "infmoe/util.h"
@@ -56,13 +57,14 @@ static void load_model(const char *arg, int B, int ep, dist_ctx *d, run_config *
                        char *path, size_t cap, ckpt_position *pos) {
     ckpt_resolve(arg, ".", path, cap);
     char *text = ckpt_config_text(path);
-    config_load_text(cfg, path, text, 0, NULL, d->rank != 0);
+    /* the checkpoint's config with this job's ep: config checks what ep must divide */
+    char set_ep[48];
+    snprintf(set_ep, sizeof set_ep, "parallel.ep=%d", ep < 1 ? 1 : ep);
+    char *sets[1] = {set_ep};
+    config_load_text(cfg, path, text, 1, sets, d->rank != 0);
     free(text);
-    if (ep < 1) ep = 1;
-    if (d->size % ep != 0 || (cfg->ffn_kind != FFN_DENSE && cfg->experts % ep != 0))
-        infmoe_die_all("--ep %d must divide the rank count (%d) and the experts", ep, d->size);
-    cfg->ep = ep;
-    dist_set_layout(d, ep);
+    config_check_ep(cfg, d->size, d->rank != 0);
+    dist_set_layout(d, cfg->ep);
     model_build(m, cfg, B, d);
     *pos = ckpt_load(path, m, d);
 }
@@ -105,7 +107,7 @@ int infer_eval_main(int argc, char **argv) {
     int batch = option_int(argc, argv, "--batch", cfg.batch_size, 1);
     int batches = option_int(argc, argv, "--batches", cfg.eval_batches, 1);
     int samples = option_int(argc, argv, "--samples", cfg.samples, 1);
-    if ((deterministic || option(argc, argv, "--samples")) && cfg.ffn_kind != FFN_INFINITE)
+    if ((deterministic || option(argc, argv, "--samples")) && !ffn_kind_has_samples(cfg.ffn_kind))
         infmoe_die_all("eval: --samples and --deterministic apply to ∞-MoE models (ffn.kind: infinite)");
     const char *data = option(argc, argv, "--data");
     if (!data) data = cfg.data_val[0] ? cfg.data_val : NULL;
@@ -129,7 +131,7 @@ int infer_eval_main(int argc, char **argv) {
     }
     dist_allreduce_sum_d(&sum, 1, d.world);
     char mode[48] = "";
-    if (cfg.ffn_kind == FFN_INFINITE) {
+    if (ffn_kind_has_samples(cfg.ffn_kind)) {
         if (deterministic) snprintf(mode, sizeof mode, " | samples deterministic");
         else snprintf(mode, sizeof mode, " | samples %d", samples);
     }

@@ -16,6 +16,27 @@
 #define Z_BINS 32
 #define SIGMA_BINS 20
 
+/* Diagnostics of the last forward, reduced over all ranks (training and eval). */
+typedef struct {
+    int n_blocks;          /* H / mask_block */
+    int64_t *block_tokens; /* (n_blocks) tokens using each block (any sample) */
+    int n_bins;            /* histogram bins of z mod 1 over [0, 1) (window) */
+    int64_t *z_hist;       /* (n_bins) sampled z (window rule) */
+    int n_sigma_bins;      /* histogram of sigma over [0, sigma_hi), the last bin open-ended */
+    double sigma_hi;
+    int64_t *sigma_hist;   /* (n_sigma_bins) every token's sigma, each latent dimension */
+    double mean_sigma;     /* mean over tokens and latent dimensions */
+    double mask_overlap;   /* mean over tokens of |kept units of sample 1 and 2| / n_keep (0 for K = 1) */
+    double active_units;   /* mean units a token uses (union over its samples) */
+    double aux_kl;         /* the KL aux loss (training) */
+    int64_t n_tokens;
+    /* seconds since the layer was created, forward and backward together */
+    double t_router;       /* router MLP, sampling, the owner's masks and d z */
+    double t_masks;        /* the shards' masks: weights and their gradients */
+    double t_units;        /* unit GEMMs, GELU, row gathers and scatters */
+    double t_alltoall;     /* the MPI exchanges */
+} inf_stats;
+
 /*
  * Router init (decisions, docs/infinite.md). The router's gain from u to mu sets
  * how far a token's window moves when u changes, and so the size of the gradient
@@ -36,6 +57,7 @@ typedef struct {
     float *dedz;     /* (kb*b*dz) d unit logit / d z */
     float *key;      /* (nb) selection keys */
     float *grad_pq;  /* (H*dz + H) learned rule: this thread's d/dP and d/dq */
+    void *mem;
 } mask_scratch;
 
 struct inf_layer {
@@ -55,10 +77,9 @@ struct inf_layer {
     float *pre_r, *r, *mu, *spre, *sigma, *eps, *z; /* (n,R) (n,R) (n,dz) x3, (n,K,dz) x2 */
     int32_t *blocks_of;                              /* (n,K,kb) kept blocks per sample */
     int32_t *row_token;                              /* (n*ep) token of each sent row */
-    uint8_t *need;                                   /* (n*ep) shards each token needs */
+    int32_t *need;                                   /* (n*ep) shard r at t*ep + r if token t needs it, else -1 */
     uint8_t *seen;                                   /* (nb) diagnostics: blocks a token uses */
     float *Atot, *Stot;                              /* (n,K,dz), (n,K) backward sums over shards */
-    int *dest_rows;
     float *send, *back;                              /* (n*ep, C+K*dz), (n*ep, C+K*dz+K) */
     float *dy_send;                                  /* (n*ep, C) */
     /* receiver side */
@@ -66,64 +87,40 @@ struct inf_layer {
     float *recv;                 /* (max_recv, C+K*dz) */
     float *wrow;                 /* (max_recv, H_local) per-unit weights, then d loss / d weight */
     uint8_t *used;               /* (max_recv, nc_local) rows that use a chunk */
-    int32_t *blk_n, *blk_row;    /* (nc_local), (nc_local, max_recv) */
-    float *Wt, *Hp, *Ac;         /* (nc_local, max_recv, cu) weights, pre-activations, GELU */
+    dispatch_groups by_chunk;    /* received rows grouped by the local chunks they use */
+    float *Wt, *Hp, *Ac;         /* (chunk positions, cu) weights, pre-activations, GELU */
     float *rows_out, *rows_back; /* (max_recv, C), (max_recv, C+K*dz+K) */
     float *xg, *yg, *aw, *daw;   /* gather buffers (max_recv, C) x2, (max_recv, b) x2 */
     /* backward scratch (owner) */
     float *dmu, *dsig, *dr;      /* (n,dz) x2, (n,R) */
     dispatch_plan plan;
-    int have_plan;
     inf_stats stats;
     double *sums;
+    void *mem, *sample_mem; /* the buffers above, in two allocations (mem_carve) */
 };
-
-/* ---- counter-based draws (the same scheme as moe.c: a function of the global token) ---- */
-
-static uint64_t mix64(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-
-static float draw_normal(uint64_t key) {
-    double u1 = ((double)(mix64(key) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
-    double u2 = (double)(mix64(key ^ 0x5851f42d4c957f2dULL) >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
-static float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* ---- construction ---- */
 
 /* (Re)allocate the buffers whose size grows with the number of samples K. */
 static void alloc_sample_buffers(inf_layer *f, int K) {
     int64_t n = f->max_tokens, M = f->max_recv, ep = f->ep, C = f->C, dz = f->dz;
-    free(f->eps);
-    free(f->z);
-    free(f->blocks_of);
-    free(f->send);
-    free(f->back);
-    free(f->recv);
-    free(f->rows_back);
-    free(f->Atot);
-    free(f->Stot);
-    f->Atot = xcalloc((size_t)(n * K * dz), sizeof(float));
-    f->Stot = xcalloc((size_t)(n * K), sizeof(float));
-    f->eps = xcalloc((size_t)(n * K * dz), sizeof(float));
-    f->z = xcalloc((size_t)(n * K * dz), sizeof(float));
-    f->blocks_of = xcalloc((size_t)(n * K * f->kb), sizeof(int32_t));
-    f->send = xcalloc((size_t)(n * ep * (C + K * dz)), sizeof(float));
-    f->back = xcalloc((size_t)(n * ep * (C + K * dz + K)), sizeof(float));
-    f->recv = xcalloc((size_t)(M * (C + K * dz)), sizeof(float));
-    f->rows_back = xcalloc((size_t)(M * (C + K * dz + K)), sizeof(float));
+    free(f->sample_mem);
+    const mem_part parts[] = {
+        MEM_PART(f->Atot, n * K * dz),  MEM_PART(f->Stot, n * K),
+        MEM_PART(f->eps, n * K * dz),   MEM_PART(f->z, n * K * dz),
+        MEM_PART(f->blocks_of, n * K * f->kb),
+        MEM_PART(f->send, n * ep * (C + K * dz)),
+        MEM_PART(f->back, n * ep * (C + K * dz + K)),
+        MEM_PART(f->recv, M * (C + K * dz)),
+        MEM_PART(f->rows_back, M * (C + K * dz + K)),
+    };
+    f->sample_mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
     f->K_alloc = K;
 }
 
 inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
-                      int ep, int ep_rank) {
+                      const ffn_context *ctx) {
+    const int ep = ctx ? ctx->ep : 1, ep_rank = ctx ? ctx->ep_rank : 0;
     inf_layer *f = xcalloc(1, sizeof *f);
     f->layer = layer;
     f->C = cfg->n_embd;
@@ -158,14 +155,10 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     const int C = f->C, R = f->R, dz = f->dz, H = f->H;
 
     /* Router init: MU_INIT_GAIN and SIGMA_INIT above. */
-    char name[64];
     int64_t sA[2] = {R, C}, sa[1] = {R}, sW[2] = {dz, R}, sb[1] = {dz}, sP[2] = {H, dz}, sq[1] = {H},
             sC[1] = {C};
-#define REG(field, fmt, nd, shape, decay, init, std)                                       \
-    do {                                                                                     \
-        snprintf(name, sizeof name, fmt, layer);                                             \
-        f->field = tensor_add(tab, name, nd, shape, decay, init, std);                       \
-    } while (0)
+#define REG(field, fmt, nd, shape, decay, init, std) \
+    f->field = tensor_add_layer(tab, fmt, layer, nd, shape, decay, init, std)
     REG(A, "h.%d.inf.router.fc.w", 2, sA, 1, INIT_NORMAL, 1.0f / sqrtf((float)C));
     REG(a, "h.%d.inf.router.fc.b", 1, sa, 0, INIT_ZERO, 0);
     REG(Wm, "h.%d.inf.router.mu.w", 2, sW, 0, INIT_NORMAL, MU_INIT_GAIN / sqrtf((float)R));
@@ -179,100 +172,64 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     REG(b2, "h.%d.inf.ffn.proj.b", 1, sC, 0, INIT_ZERO, 0);
 #undef REG
 
-    int64_t n = max_tokens, K = f->K, M = f->max_recv, Hl = f->H_local, nbl = f->nb_local;
-    f->pre_r = xcalloc((size_t)(n * R), sizeof(float));
-    f->r = xcalloc((size_t)(n * R), sizeof(float));
-    f->mu = xcalloc((size_t)(n * dz), sizeof(float));
-    f->spre = xcalloc((size_t)(n * dz), sizeof(float));
-    f->sigma = xcalloc((size_t)(n * dz), sizeof(float));
-    alloc_sample_buffers(f, (int)K);
-    f->row_token = xcalloc((size_t)(n * ep), sizeof(int32_t));
-    f->need = xcalloc((size_t)(n * ep), 1);
-    f->seen = xcalloc((size_t)f->nb, 1);
-    f->dest_rows = xcalloc((size_t)ep, sizeof(int));
-    f->dy_send = xcalloc((size_t)(n * ep * C), sizeof(float));
-    f->wrow = xcalloc((size_t)(M * Hl), sizeof(float));
-    (void)nbl;
-    f->used = xcalloc((size_t)(M * f->nc_local), 1);
-    f->blk_n = xcalloc((size_t)f->nc_local, sizeof(int32_t));
-    f->blk_row = xcalloc((size_t)(f->nc_local * M), sizeof(int32_t));
-    f->Wt = xcalloc((size_t)(M * Hl), sizeof(float));
-    f->Hp = xcalloc((size_t)(M * Hl), sizeof(float));
-    f->Ac = xcalloc((size_t)(M * Hl), sizeof(float));
-    f->rows_out = xcalloc((size_t)(M * C), sizeof(float));
-    f->xg = xcalloc((size_t)(M * C), sizeof(float));
-    f->yg = xcalloc((size_t)(M * C), sizeof(float));
-    f->aw = xcalloc((size_t)(M * f->cu), sizeof(float));
-    f->daw = xcalloc((size_t)(M * f->cu), sizeof(float));
-    f->dmu = xcalloc((size_t)(n * dz), sizeof(float));
-    f->dsig = xcalloc((size_t)(n * dz), sizeof(float));
-    f->dr = xcalloc((size_t)(n * R), sizeof(float));
+    int64_t n = max_tokens, M = f->max_recv, Hl = f->H_local, ncl = f->nc_local;
+    const mem_part parts[] = {
+        MEM_PART(f->pre_r, n * R),      MEM_PART(f->r, n * R),          MEM_PART(f->mu, n * dz),
+        MEM_PART(f->spre, n * dz),      MEM_PART(f->sigma, n * dz),     MEM_PART(f->row_token, n * ep),
+        MEM_PART(f->need, n * ep),      MEM_PART(f->seen, f->nb),
+        MEM_PART(f->dy_send, n * ep * C), MEM_PART(f->wrow, M * Hl),    MEM_PART(f->used, M * ncl),
+        MEM_PART(f->Wt, M * Hl),        MEM_PART(f->Hp, M * Hl),        MEM_PART(f->Ac, M * Hl),
+        MEM_PART(f->rows_out, M * C),   MEM_PART(f->xg, M * C),         MEM_PART(f->yg, M * C),
+        MEM_PART(f->aw, M * f->cu),     MEM_PART(f->daw, M * f->cu),    MEM_PART(f->dmu, n * dz),
+        MEM_PART(f->dsig, n * dz),      MEM_PART(f->dr, n * R),
+        MEM_PART(f->stats.block_tokens, f->nb), MEM_PART(f->stats.z_hist, Z_BINS),
+        MEM_PART(f->stats.sigma_hist, SIGMA_BINS), MEM_PART(f->sums, f->nb + Z_BINS + 5 + SIGMA_BINS),
+    };
+    f->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
+    alloc_sample_buffers(f, f->K);
+    /* a row uses at most every local chunk */
+    dispatch_groups_init(&f->by_chunk, f->nc_local, M * ncl);
+    dispatch_init(&f->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL);
     f->n_threads = omp_get_max_threads();
     f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
     for (int t = 0; t < f->n_threads; t++) {
         mask_scratch *s = &f->scratch[t];
-        s->scores = xcalloc((size_t)H, sizeof(float));
-        s->blocks = xcalloc((size_t)f->kb, sizeof(int32_t));
-        s->p = xcalloc((size_t)f->n_keep, sizeof(float));
-        s->dedz = xcalloc((size_t)(f->n_keep * dz), sizeof(float));
-        s->key = xcalloc((size_t)f->nb, sizeof(float));
-        s->grad_pq = f->mask == MASK_LEARNED ? xcalloc((size_t)(H * dz + H), sizeof(float)) : NULL;
+        const mem_part sp[] = {
+            MEM_PART(s->scores, H),         MEM_PART(s->blocks, f->kb), MEM_PART(s->p, f->n_keep),
+            MEM_PART(s->dedz, f->n_keep * dz), MEM_PART(s->key, f->nb),
+            MEM_PART(s->grad_pq, f->mask == MASK_LEARNED ? H * dz + H : 0),
+        };
+        s->mem = mem_carve(sp, sizeof sp / sizeof sp[0]);
+        if (f->mask != MASK_LEARNED) s->grad_pq = NULL;
     }
     f->stats.n_blocks = f->nb;
-    f->stats.block_tokens = xcalloc((size_t)f->nb, sizeof(int64_t));
     f->stats.n_bins = Z_BINS;
-    f->stats.z_hist = xcalloc(Z_BINS, sizeof(int64_t));
     f->stats.n_sigma_bins = SIGMA_BINS;
     /* sigma's histogram range: half the ring (window), or the scores' unit scale (learned) */
     f->stats.sigma_hi = f->mask == MASK_WINDOW ? 0.5 : 2.0;
-    f->stats.sigma_hist = xcalloc(SIGMA_BINS, sizeof(int64_t));
-    f->sums = xcalloc((size_t)(f->nb + Z_BINS + 5 + SIGMA_BINS), sizeof(double));
     return f;
 }
 
 void inf_register_units(inf_layer *f, tensor_table *tab) {
-    char name[64];
     int64_t Hl = f->H_local, C = f->C, first = (int64_t)f->blk0 * f->b;
     int64_t s1[2] = {Hl, C}, sb[1] = {Hl};
     float proj_std = 0.02f / sqrtf(2.0f * 12.0f);
-    snprintf(name, sizeof name, "h.%d.inf.ffn.fc.w", f->layer);
-    f->W1 = tensor_add_sharded(tab, name, 2, s1, 1, INIT_NORMAL, 0.02f, f->H, first);
-    snprintf(name, sizeof name, "h.%d.inf.ffn.fc.b", f->layer);
-    f->b1 = tensor_add_sharded(tab, name, 1, sb, 0, INIT_ZERO, 0, f->H, first);
-    snprintf(name, sizeof name, "h.%d.inf.ffn.proj.w", f->layer);
-    f->W2 = tensor_add_sharded(tab, name, 2, s1, 1, INIT_NORMAL, proj_std, f->H, first);
+    f->W1 = tensor_add_layer_sharded(tab, "h.%d.inf.ffn.fc.w", f->layer, 2, s1, 1, INIT_NORMAL, 0.02f,
+                                     f->H, first);
+    f->b1 = tensor_add_layer_sharded(tab, "h.%d.inf.ffn.fc.b", f->layer, 1, sb, 0, INIT_ZERO, 0, f->H,
+                                     first);
+    f->W2 = tensor_add_layer_sharded(tab, "h.%d.inf.ffn.proj.w", f->layer, 2, s1, 1, INIT_NORMAL,
+                                     proj_std, f->H, first);
 }
 
 void inf_free(inf_layer *f) {
     if (!f) return;
-    float *bufs[] = {f->pre_r, f->r, f->mu, f->spre, f->sigma, f->eps, f->z, f->send, f->back,
-                     f->dy_send, f->recv, f->wrow, f->Wt, f->Hp, f->Ac, f->rows_out,
-                     f->rows_back, f->xg, f->yg, f->aw, f->daw, f->dmu, f->dsig, f->dr,
-                     f->Atot, f->Stot};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    free(f->blocks_of);
-    free(f->row_token);
-    free(f->need);
-    free(f->seen);
-    free(f->dest_rows);
-    free(f->used);
-    free(f->blk_n);
-    free(f->blk_row);
-    for (int t = 0; t < f->n_threads; t++) {
-        mask_scratch *s = &f->scratch[t];
-        free(s->scores);
-        free(s->blocks);
-        free(s->p);
-        free(s->dedz);
-        free(s->key);
-        free(s->grad_pq);
-    }
+    for (int t = 0; t < f->n_threads; t++) free(f->scratch[t].mem);
     free(f->scratch);
-    free(f->stats.block_tokens);
-    free(f->stats.z_hist);
-    free(f->stats.sigma_hist);
-    free(f->sums);
-    if (f->have_plan) dispatch_free(&f->plan);
+    dispatch_groups_free(&f->by_chunk);
+    dispatch_free(&f->plan);
+    free(f->sample_mem);
+    free(f->mem);
     free(f);
 }
 
@@ -282,8 +239,6 @@ void inf_set_samples(inf_layer *f, int samples, int deterministic) {
     f->K = deterministic ? 1 : samples;
     if (f->K > f->K_alloc) alloc_sample_buffers(f, f->K);
 }
-
-const inf_stats *inf_get_stats(const inf_layer *f) { return &f->stats; }
 
 double inf_matmul_params_per_token(const inf_layer *f) {
     return (double)f->K_train * f->n_keep * 2.0 * f->C;
@@ -387,13 +342,13 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
     gemm(0, 1, n, dz, R, f->r, R, params + f->Ws, R, f->spre, dz, 0, params + f->bs);
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++) {
-        uint64_t key = mix64(mix64(mix64(ctx->seed) ^ (uint64_t)(f->layer + 1000) * 0x100000001b3ULL) ^
-                             ((uint64_t)ctx->step * 31 + 3)) ^ (uint64_t)(ctx->token_offset + t);
+        /* layer + 1000: draws of their own, apart from any MoE layer's */
+        uint64_t key = rng_token_key(ctx->seed, f->layer + 1000, ctx->step, 3, ctx->token_offset + t);
         for (int d = 0; d < dz; d++) {
             float sg = softplusf(f->spre[t * dz + d]) + 1e-4f;
             f->sigma[t * dz + d] = sg;
             for (int k = 0; k < K; k++) {
-                float e = f->deterministic ? 0.0f : draw_normal(mix64(key) + (uint64_t)(k * dz + d) * 0x9e3779b97f4a7c15ULL);
+                float e = f->deterministic ? 0.0f : rng_key_normal(key + (uint64_t)(k * dz + d) * RNG_KEY_STRIDE);
                 f->eps[(t * K + k) * dz + d] = e;
                 f->z[(t * K + k) * dz + d] = f->mu[t * dz + d] + sg * e;
             }
@@ -429,29 +384,11 @@ static void build_block_lists(inf_layer *f, const float *params) {
             }
         }
     }
-    memset(f->blk_n, 0, sizeof(int32_t) * (size_t)ncl);
-    for (int64_t i = 0; i < M; i++)
-        for (int c = 0; c < ncl; c++) {
-            if (!f->used[i * ncl + c]) continue;
-            int32_t e = f->blk_n[c]++;
-            f->blk_row[(int64_t)c * f->max_recv + e] = (int32_t)i;
-            memcpy(f->Wt + ((int64_t)c * f->max_recv + e) * cu, f->wrow + i * Hl + c * cu, sizeof(float) * cu);
-        }
-}
-
-static void gather_rows(float *dst, const float *src, int64_t stride, const int32_t *rows, int64_t n, int C) {
-#pragma omp parallel for
-    for (int64_t r = 0; r < n; r++) memcpy(dst + r * C, src + (int64_t)rows[r] * stride, sizeof(float) * C);
-}
-
-static void scatter_add_rows(float *dst, int64_t stride, const float *src, const int32_t *rows,
-                             int64_t n, int C) {
-    for (int64_t r = 0; r < n; r++) {
-        float *o = dst + (int64_t)rows[r] * stride;
-        const float *y = src + r * C;
-#pragma omp simd
-        for (int c = 0; c < C; c++) o[c] += y[c];
-    }
+    dispatch_group_by_flags(&f->by_chunk, f->used, M);
+    const dispatch_groups *g = &f->by_chunk;
+    for (int c = 0; c < ncl; c++)
+        for (int64_t pos = g->start[c]; pos < g->start[c + 1]; pos++)
+            memcpy(f->Wt + pos * cu, f->wrow + (int64_t)g->row[pos] * Hl + c * cu, sizeof(float) * cu);
 }
 
 /* Receiver: one GEMM pair per local chunk on the rows that use it. */
@@ -459,18 +396,18 @@ static void blocks_forward(inf_layer *f, const float *params) {
     const int C = f->C, cu = f->cu, W = C + f->K * f->dz;
     memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
     for (int ch = 0; ch < f->nc_local; ch++) {
-        int64_t rows = f->blk_n[ch], base = (int64_t)ch * f->max_recv;
+        int64_t base = f->by_chunk.start[ch], rows = f->by_chunk.start[ch + 1] - base;
         if (rows == 0) continue;
-        const int32_t *rl = f->blk_row + base;
+        const int32_t *rl = f->by_chunk.row + base;
         float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
-        gather_rows(f->xg, f->recv, W, rl, rows, C);
+        dispatch_gather(f->xg, f->recv, W, rl, rows, C);
         gemm_var(0, 1, rows, cu, C, f->xg, C, params + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0,
                  params + f->b1 + (size_t)ch * cu);
         gelu_forward(Ac, Hp, rows * cu);
 #pragma omp parallel for simd
         for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
         gemm_var(0, 0, rows, C, cu, f->aw, cu, params + f->W2 + (size_t)ch * cu * C, C, f->yg, C, 0, NULL);
-        scatter_add_rows(f->rows_out, C, f->yg, rl, rows, C);
+        dispatch_scatter_add(f->rows_out, C, f->yg, rl, rows, C);
     }
 }
 
@@ -537,44 +474,36 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     const int C = f->C, K = f->K, dz = f->dz, kb = f->kb, ep = f->ep, W = C + K * dz;
     f->n = n;
     f->training = ctx->training;
-    if (!f->have_plan) {
-        dispatch_init(&f->plan, ctx->ep_comm);
-        f->have_plan = 1;
-    }
     inf_stats *st = &f->stats;
     double t0 = wall_time();
     router_forward(f, params, in, n, ctx);
-    /* kept blocks of every sample, and the shards each token needs */
-    uint8_t *need = f->need;
-    memset(need, 0, (size_t)(n * ep));
+    /* kept blocks of every sample, and the shards each token needs (item t*ep + r:
+     * token t's row for shard r, sent when some sample keeps a block of r) */
+    int32_t *need = f->need;
+    for (int64_t i = 0; i < n * ep; i++) need[i] = -1;
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         for (int k = 0; k < K; k++) {
             sample_mask(f, params, f->z + (t * K + k) * dz, s, MASK_BLOCKS);
             memcpy(f->blocks_of + (t * K + k) * kb, s->blocks, sizeof(int32_t) * kb);
-            for (int i = 0; i < kb; i++) need[t * ep + s->blocks[i] / f->nb_local] = 1;
+            for (int i = 0; i < kb; i++) {
+                int shard = s->blocks[i] / f->nb_local;
+                need[t * ep + shard] = shard;
+            }
         }
     }
     /* one row per (token, shard), grouped by shard: [u | z_1 .. z_K] */
-    int64_t rows = 0;
-    for (int r = 0; r < ep; r++) {
-        f->dest_rows[r] = 0;
-        for (int64_t t = 0; t < n; t++) {
-            if (!need[t * ep + r]) continue;
-            float *row = f->send + rows * W;
-            memcpy(row, in + t * C, sizeof(float) * C);
-            memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
-            f->row_token[rows++] = (int32_t)t;
-            f->dest_rows[r]++;
-        }
+    int64_t rows = dispatch_order(&f->plan, need, n * ep, ep, 1, NULL, f->row_token);
+    for (int64_t i = 0; i < rows; i++) {
+        int64_t t = f->row_token[i] / ep;
+        f->row_token[i] = (int32_t)t;
+        float *row = f->send + i * W;
+        memcpy(row, in + t * C, sizeof(float) * C);
+        memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
     }
     double t1 = wall_time();
-    dispatch_exchange_counts(&f->plan, f->dest_rows);
-    ALWAYS(f->plan.n_send == rows);
-    if (f->plan.n_recv > f->max_recv) INFMOE_FAIL("more rows than planned for this shard");
-    f->n_recv = f->plan.n_recv;
-    dispatch_forward(&f->plan, f->send, f->recv, W);
+    f->n_recv = dispatch_send(&f->plan, f->send, f->recv, W, f->max_recv);
     double t2 = wall_time();
     build_block_lists(f, params);
     double t3 = wall_time();
@@ -589,10 +518,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     st->t_masks += t3 - t2;
     st->t_units += t4 - t3;
     const float *b2 = params + f->b2;
-    for (int64_t i = 0; i < rows; i++) {
-        float *o = out + (int64_t)f->row_token[i] * C;
-        for (int c = 0; c < C; c++) o[c] += partial[i * C + c];
-    }
+    dispatch_scatter_add(out, C, partial, f->row_token, rows, C);
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++)
         for (int c = 0; c < C; c++) out[t * C + c] += b2[c];
@@ -610,12 +536,12 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
     /* wrow becomes d loss / d weight per unit; units a row does not use keep weight 0 and
      * are never read, so only the chunks computed are written */
     for (int ch = 0; ch < f->nc_local; ch++) {
-        int64_t rows = f->blk_n[ch], base = (int64_t)ch * f->max_recv;
+        int64_t base = f->by_chunk.start[ch], rows = f->by_chunk.start[ch + 1] - base;
         if (rows == 0) continue;
-        const int32_t *rl = f->blk_row + base;
+        const int32_t *rl = f->by_chunk.row + base;
         float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
         const float *W1 = params + f->W1 + (size_t)ch * cu * C, *W2 = params + f->W2 + (size_t)ch * cu * C;
-        gather_rows(f->yg, dY, C, rl, rows, C);
+        dispatch_gather(f->yg, dY, C, rl, rows, C);
 #pragma omp parallel for simd
         for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
         gemm_var(0, 1, rows, cu, C, f->yg, C, W2, C, f->daw, cu, 0, NULL);
@@ -634,14 +560,14 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
         /* GELU backward: aw <- GELU'(Hp) * daw */
         memset(f->aw, 0, sizeof(float) * (size_t)(rows * cu));
         gelu_backward(f->aw, Hp, f->daw, rows * cu);
-        gather_rows(f->xg, f->recv, W, rl, rows, C);
+        dispatch_gather(f->xg, f->recv, W, rl, rows, C);
         gemm_var(1, 0, cu, C, rows, f->aw, cu, f->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
         float *db1 = grads + f->b1 + (size_t)ch * cu;
         for (int64_t r = 0; r < rows; r++)
 #pragma omp simd
             for (int u = 0; u < cu; u++) db1[u] += f->aw[r * cu + u];
         gemm_var(0, 0, rows, C, cu, f->aw, cu, W1, C, f->yg, C, 0, NULL);
-        scatter_add_rows(f->rows_back, WB, f->yg, rl, rows, C);
+        dispatch_scatter_add(f->rows_back, WB, f->yg, rl, rows, C);
     }
     double t_mask0 = wall_time();
     /* the masks' share: per row and sample, A = n_keep sum p g de/dz and S = sum p g over
@@ -801,6 +727,73 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     gelu_backward(dpre, f->pre_r, f->dr, n * R);
     matmul_backward(din, grads + f->A, grads + f->a, dpre, in, params + f->A, n, C, R);
     st->t_router += wall_time() - t3;
+}
+
+/* ---- statistics and the log line (ffn.h) ---- */
+
+void inf_stats_describe(const inf_layer *f, stats_layer_desc *d) {
+    memset(d, 0, sizeof *d);
+    d->layer = f->layer;
+    d->kind = ffn_kind_name(FFN_INFINITE);
+    d->bucket = "block";
+    d->n_buckets = f->stats.n_blocks;
+    d->n_aux = 1;
+    d->aux_names[0] = "kl";
+    if (f->mask == MASK_WINDOW) { /* z mod 1 on the ring */
+        d->z_bins = f->stats.n_bins;
+        d->z_lo = 0.0;
+        d->z_hi = 1.0;
+    }
+    d->sigma_bins = f->stats.n_sigma_bins;
+    d->sigma_lo = 0.0;
+    d->sigma_hi = f->stats.sigma_hi;
+}
+
+void inf_stats_row(const inf_layer *f, stats_row *r) {
+    const inf_stats *st = &f->stats;
+    memset(r, 0, sizeof *r);
+    r->tokens = st->block_tokens;
+    r->n_tokens = r->assignments = st->n_tokens;
+    r->aux[0] = st->aux_kl;
+    r->z_hist = st->z_hist;
+    r->sigma_hist = st->sigma_hist;
+    r->mean_sigma = st->mean_sigma;
+    r->mask_overlap = st->mask_overlap;
+    r->active_units = st->active_units;
+}
+
+/* Routing is the router MLP, sampling, the masks (owner and shards) and packing rows;
+ * ∞-MoE has no separate dispatch phase. */
+void inf_phase_times(const inf_layer *f, double t[4]) {
+    t[0] = f->stats.t_router + f->stats.t_masks;
+    t[1] = 0.0;
+    t[2] = f->stats.t_alltoall;
+    t[3] = f->stats.t_units;
+}
+
+void inf_phase_detail(const inf_layer *f, double t[4]) {
+    t[0] = f->stats.t_router;
+    t[1] = f->stats.t_masks;
+    t[2] = f->stats.t_units;
+    t[3] = f->stats.t_alltoall;
+}
+
+void inf_log_fields(const inf_layer *const *layers, int n, char *buf, size_t cap) {
+    double sigma = 0.0, active = 0.0, overlap = 0.0, min_use = 1e300;
+    for (int l = 0; l < n; l++) {
+        const inf_stats *st = &layers[l]->stats;
+        sigma += st->mean_sigma / n;
+        active += st->active_units / n;
+        overlap += st->mask_overlap / n;
+        double tot = 0.0, lo = 1e300;
+        for (int b = 0; b < st->n_blocks; b++) {
+            tot += (double)st->block_tokens[b];
+            if ((double)st->block_tokens[b] < lo) lo = (double)st->block_tokens[b];
+        }
+        if (tot > 0 && lo * st->n_blocks / tot < min_use) min_use = lo * st->n_blocks / tot;
+    }
+    snprintf(buf, cap, " | sigma %.4f | active units %.0f | overlap %.3f | min block use %.2f", sigma,
+             active, overlap, min_use);
 }
 
 /* ---- reference and fingerprint (tests) ---- */

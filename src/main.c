@@ -8,7 +8,7 @@
 #include "infmoe/ckpt.h"
 #include "infmoe/data.h"
 #include "infmoe/infer.h"
-#include "infmoe/stats.h"
+#include "infmoe/statsreport.h"
 #include "infmoe/train.h"
 
 static void usage(FILE *f) {

@@ -64,9 +64,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
         o->proj_b = add(tab, "h.%d.attn.proj.b", l, 1, C, 0, 0, INIT_ZERO, 0);
         o->ln2_w = add(tab, "h.%d.ln2.w", l, 1, C, 0, 0, INIT_CONST, 1.0f);
         o->ln2_b = add(tab, "h.%d.ln2.b", l, 1, C, 0, 0, INIT_ZERO, 0);
-        ffn_init(&m->ffn[l], cfg, l, tab, N, ctx->ep, ctx->ep_rank);
-        m->n_moe += m->ffn[l].moe != NULL;
-        m->n_inf += m->ffn[l].inf != NULL;
+        ffn_init(&m->ffn[l], cfg, l, tab, N, d ? ctx : NULL);
     }
     m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_CONST, 1.0f);
     m->lnf_b = add(tab, "lnf.b", 0, 1, C, 0, 0, INIT_ZERO, 0);

@@ -6,10 +6,30 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/dispatch.h"
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
 #include "infmoe/ops.h"
 #include "infmoe/util.h"
+
+/* Routing counters of the last training forward, reduced over all ranks. */
+typedef struct {
+    int64_t *tokens;      /* (E) kept assignments per expert */
+    int64_t assignments;  /* tokens x k */
+    int64_t dropped;      /* assignments over capacity */
+    int64_t n_tokens;
+    double aux_importance, aux_load, aux_switch, aux_z, aux_moge;
+    double max_over_mean; /* max_i tokens_i / mean_i tokens_i */
+    /* means over the tokens, for the statistics file (docs/stats.md); no loss uses them */
+    double gate_entropy;   /* entropy (nats) of a token's k gates normalised to sum 1 */
+    double router_entropy; /* entropy (nats) of the token's clean router softmax over E */
+    double top_gate;       /* the gate of the token's first choice (router confidence) */
+    /* seconds spent since the layer was created, forward and backward together */
+    double t_route;       /* router GEMMs, gating, capacity, aux losses and their gradients */
+    double t_dispatch;    /* packing and unpacking rows, combining outputs */
+    double t_alltoall;    /* the MPI exchanges (counts and rows, both ways) */
+    double t_expert;      /* expert GEMMs and GELU */
+} moe_stats;
 
 struct moe_layer {
     int layer, C, E, k, He, E_local, e0, ep;
@@ -27,7 +47,7 @@ struct moe_layer {
     float *logits;    /* (n,E) clean router logits; blocked experts -inf */
     float *nlog;      /* (n,E) noise logits (noisy gate) */
     float *eps;       /* (n,E) noise draws */
-    float *score;     /* (n,E) selection scores: logits + eps * softplus(nlog), or logits */
+    float *score;     /* (n,E) selection scores: logits + eps * softplusf(nlog), or logits */
     float *probs;     /* (n,E) softmax of the clean logits */
     float *lse;       /* (n) logsumexp of the clean logits */
     float *gates;     /* (n,k) gate of each choice */
@@ -37,16 +57,15 @@ struct moe_layer {
     uint8_t *blocked; /* (E) collapse guard */
     /* send side: rows grouped by expert, hence by destination rank */
     float *send, *yrows, *dx_rows; /* (n*k, C+1), (n*k, C), (n*k, C) */
-    int64_t *e_count;              /* (E) rows per global expert */
-    int *dest_rows;                /* (ep) */
+    int64_t *e_count;              /* (E) kept choices per global expert */
+    int32_t *bucket, *send_item;   /* (n,k) expert of a kept choice, -1 dropped; (n*k) choice of a send row */
     /* receive side */
     int64_t n_recv;
     float *recv;                   /* (max_rows, C+1) */
-    int32_t *perm;                 /* received row -> position in expert order */
-    int64_t *l_start;              /* (E_local+1) */
+    int32_t *recv_expert;          /* (max_rows) local expert of each received row */
+    dispatch_groups by_expert;     /* received rows grouped by local expert */
     float *X, *Hpre, *A, *Y, *back;  /* expert-ordered rows; back: received order */
     dispatch_plan plan;
-    int have_plan;
     /* backward scratch */
     float *dlog, *dnlog, *dur;     /* (n,E), (n,E), (n,C) */
     float *dgate, *dA;             /* (n,k), (max_rows, He) */
@@ -56,6 +75,7 @@ struct moe_layer {
     float window[9];
     double *guard_tot;
     moe_stats stats;
+    void *mem; /* every buffer above, one allocation (mem_carve) */
 };
 
 /* Layout of the per-expert sums reduced over all ranks each training step. */
@@ -78,33 +98,11 @@ void moe_grid(int E, int *rows, int *cols) {
     *cols = E / r;
 }
 
-/* ---- counter-based random numbers: the same draw for a global token whatever the ranks ---- */
-
-static uint64_t mix64(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static uint64_t token_key(const ffn_context *ctx, int layer, int purpose, int64_t token) {
-    return mix64(mix64(mix64(mix64(ctx->seed) ^ (uint64_t)layer * 0x100000001b3ULL) ^
-                       ((uint64_t)ctx->step * 31 + (uint64_t)purpose)) ^
-                 (uint64_t)token);
-}
-
-static float key_uniform(uint64_t key) { return (float)(mix64(key) >> 40) * (1.0f / 16777216.0f); }
-
-static float key_normal(uint64_t key) {
-    double u1 = ((double)(mix64(key) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
-    double u2 = (double)(mix64(key ^ 0x5851f42d4c957f2dULL) >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
 /* ---- construction ---- */
 
 moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
-                      int ep, int ep_rank) {
+                      const ffn_context *ctx) {
+    const int ep = ctx ? ctx->ep : 1, ep_rank = ctx ? ctx->ep_rank : 0;
     moe_layer *m = xcalloc(1, sizeof *m);
     m->layer = layer;
     m->C = cfg->n_embd;
@@ -135,93 +133,58 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
 
     /* Router: Switch init (truncated normal, std sqrt(0.1/fan_in)) approximated by a
      * normal; the noisy gate's Wg and Wn start at zero as in Shazeer et al. */
-    char name[64];
     int64_t s_router[2] = {m->E, m->C};
     float switch_std = sqrtf(0.1f / (float)m->C);
-    snprintf(name, sizeof name, "h.%d.moe.router.w", layer);
-    m->wg = tensor_add(tab, name, 2, s_router, 0, m->gate == GATE_SWITCH ? INIT_NORMAL : INIT_ZERO,
-                       switch_std);
-    if (m->gate == GATE_NOISY) {
-        snprintf(name, sizeof name, "h.%d.moe.noise.w", layer);
-        m->wn = tensor_add(tab, name, 2, s_router, 0, INIT_ZERO, 0);
-    }
+    m->wg = tensor_add_layer(tab, "h.%d.moe.router.w", layer, 2, s_router, 0,
+                             m->gate == GATE_SWITCH ? INIT_NORMAL : INIT_ZERO, switch_std);
+    if (m->gate == GATE_NOISY)
+        m->wn = tensor_add_layer(tab, "h.%d.moe.noise.w", layer, 2, s_router, 0, INIT_ZERO, 0);
 
-    int64_t n = max_tokens, E = m->E, C = m->C, k = m->k, R = m->max_rows;
-    m->jit = xcalloc((size_t)(n * C), sizeof(float));
-    m->jittered = xcalloc((size_t)(n * C), sizeof(float));
-    m->logits = xcalloc((size_t)(n * E), sizeof(float));
-    m->nlog = xcalloc((size_t)(n * E), sizeof(float));
-    m->eps = xcalloc((size_t)(n * E), sizeof(float));
-    m->score = xcalloc((size_t)(n * E), sizeof(float));
-    m->probs = xcalloc((size_t)(n * E), sizeof(float));
-    m->lse = xcalloc((size_t)n, sizeof(float));
-    m->gates = xcalloc((size_t)(n * k), sizeof(float));
-    m->choice = xcalloc((size_t)(n * k), sizeof(int32_t));
-    m->slot = xcalloc((size_t)(n * k), sizeof(int32_t));
-    m->kth = xcalloc((size_t)(n * 2), sizeof(int32_t));
-    m->blocked = xcalloc((size_t)E, 1);
-    m->send = xcalloc((size_t)(n * k * (C + 1)), sizeof(float));
-    m->yrows = xcalloc((size_t)(n * k * C), sizeof(float));
-    m->dx_rows = xcalloc((size_t)(n * k * C), sizeof(float));
-    m->e_count = xcalloc((size_t)E, sizeof(int64_t));
-    m->dest_rows = xcalloc((size_t)ep, sizeof(int));
-    m->recv = xcalloc((size_t)(R * (C + 1)), sizeof(float));
-    m->perm = xcalloc((size_t)R, sizeof(int32_t));
-    m->l_start = xcalloc((size_t)m->E_local + 1, sizeof(int64_t));
-    m->X = xcalloc((size_t)(R * C), sizeof(float));
-    m->Y = xcalloc((size_t)(R * C), sizeof(float));
-    m->back = xcalloc((size_t)(R * C), sizeof(float));
-    m->Hpre = xcalloc((size_t)(R * m->He), sizeof(float));
-    m->A = xcalloc((size_t)(R * m->He), sizeof(float));
-    m->dlog = xcalloc((size_t)(n * E), sizeof(float));
-    m->dnlog = xcalloc((size_t)(n * E), sizeof(float));
-    m->dur = xcalloc((size_t)(n * C), sizeof(float));
-    m->dgate = xcalloc((size_t)(n * k), sizeof(float));
-    m->dA = xcalloc((size_t)(R * m->He), sizeof(float));
-    m->gsum = xcalloc((size_t)N_SUMS(m), sizeof(double));
-    m->guard_tot = xcalloc((size_t)E, sizeof(double));
-    m->stats.tokens = xcalloc((size_t)E, sizeof(int64_t));
+    int64_t n = max_tokens, E = m->E, C = m->C, k = m->k, R = m->max_rows, He = m->He;
+    const mem_part parts[] = {
+        MEM_PART(m->jit, n * C),        MEM_PART(m->jittered, n * C),  MEM_PART(m->logits, n * E),
+        MEM_PART(m->nlog, n * E),       MEM_PART(m->eps, n * E),       MEM_PART(m->score, n * E),
+        MEM_PART(m->probs, n * E),      MEM_PART(m->lse, n),           MEM_PART(m->gates, n * k),
+        MEM_PART(m->choice, n * k),     MEM_PART(m->slot, n * k),      MEM_PART(m->kth, n * 2),
+        MEM_PART(m->blocked, E),        MEM_PART(m->send, n * k * (C + 1)),
+        MEM_PART(m->yrows, n * k * C),  MEM_PART(m->dx_rows, n * k * C),
+        MEM_PART(m->e_count, E),        MEM_PART(m->bucket, n * k),    MEM_PART(m->send_item, n * k),
+        MEM_PART(m->recv, R * (C + 1)),
+        MEM_PART(m->recv_expert, R),    MEM_PART(m->X, R * C),         MEM_PART(m->Y, R * C),
+        MEM_PART(m->back, R * C),       MEM_PART(m->Hpre, R * He),     MEM_PART(m->A, R * He),
+        MEM_PART(m->dlog, n * E),       MEM_PART(m->dnlog, n * E),     MEM_PART(m->dur, n * C),
+        MEM_PART(m->dgate, n * k),      MEM_PART(m->dA, R * He),       MEM_PART(m->gsum, N_SUMS(m)),
+        MEM_PART(m->guard_tot, E),      MEM_PART(m->stats.tokens, E),
+    };
+    m->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
+    dispatch_groups_init(&m->by_expert, m->E_local, R);
+    dispatch_init(&m->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL);
     return m;
 }
 
 void moe_register_experts(moe_layer *m, tensor_table *tab) {
-    char name[64];
     int64_t El = m->E_local, E = m->E, C = m->C, He = m->He;
     int64_t s_w1[3] = {El, He, C}, s_b1[2] = {El, He}, s_w2[3] = {El, C, He}, s_b2[2] = {El, C};
     float std = m->gate == GATE_SWITCH ? sqrtf(0.1f / (float)C) : 0.02f;
     float std2 = m->gate == GATE_SWITCH ? sqrtf(0.1f / (float)He) : 0.02f;
-    snprintf(name, sizeof name, "h.%d.moe.experts.fc.w", m->layer);
-    m->w1 = tensor_add_sharded(tab, name, 3, s_w1, 1, INIT_NORMAL, std, E, m->e0);
-    snprintf(name, sizeof name, "h.%d.moe.experts.fc.b", m->layer);
-    m->b1 = tensor_add_sharded(tab, name, 2, s_b1, 0, INIT_ZERO, 0, E, m->e0);
-    snprintf(name, sizeof name, "h.%d.moe.experts.proj.w", m->layer);
-    m->w2 = tensor_add_sharded(tab, name, 3, s_w2, 1, INIT_NORMAL, std2, E, m->e0);
-    snprintf(name, sizeof name, "h.%d.moe.experts.proj.b", m->layer);
-    m->b2 = tensor_add_sharded(tab, name, 2, s_b2, 0, INIT_ZERO, 0, E, m->e0);
+    m->w1 = tensor_add_layer_sharded(tab, "h.%d.moe.experts.fc.w", m->layer, 3, s_w1, 1, INIT_NORMAL,
+                                     std, E, m->e0);
+    m->b1 = tensor_add_layer_sharded(tab, "h.%d.moe.experts.fc.b", m->layer, 2, s_b1, 0, INIT_ZERO, 0,
+                                     E, m->e0);
+    m->w2 = tensor_add_layer_sharded(tab, "h.%d.moe.experts.proj.w", m->layer, 3, s_w2, 1,
+                                     INIT_NORMAL, std2, E, m->e0);
+    m->b2 = tensor_add_layer_sharded(tab, "h.%d.moe.experts.proj.b", m->layer, 2, s_b2, 0, INIT_ZERO,
+                                     0, E, m->e0);
 }
 
 void moe_free(moe_layer *m) {
     if (!m) return;
-    float *bufs[] = {m->jit, m->jittered, m->logits, m->nlog, m->eps, m->score, m->probs,
-                     m->lse, m->gates, m->send, m->yrows, m->dx_rows, m->recv, m->X, m->Y,
-                     m->back, m->Hpre, m->A, m->dlog, m->dnlog, m->dur, m->dgate, m->dA};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    free(m->choice);
-    free(m->slot);
-    free(m->kth);
-    free(m->blocked);
-    free(m->e_count);
-    free(m->dest_rows);
-    free(m->perm);
-    free(m->l_start);
-    free(m->gsum);
-    free(m->guard_tot);
-    free(m->stats.tokens);
-    if (m->have_plan) dispatch_free(&m->plan);
+    dispatch_groups_free(&m->by_expert);
+    dispatch_free(&m->plan);
+    free(m->mem);
     free(m);
 }
 
-const moe_stats *moe_get_stats(const moe_layer *m) { return &m->stats; }
 double *moe_guard_totals(moe_layer *m) { return m->guard_tot; }
 int moe_num_experts(const moe_layer *m) { return m->E; }
 
@@ -230,9 +193,6 @@ double moe_matmul_params_per_token(const moe_layer *m) {
 }
 
 /* ---- gating ---- */
-
-static float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* Experts the collapse guard blocks this step: the most over-assigned, at most E - k. */
 static void guard_block(moe_layer *m, const ffn_context *ctx) {
@@ -266,11 +226,11 @@ static void route_token(moe_layer *m, int64_t t, const ffn_context *ctx) {
     for (int e = 0; e < E; e++) pr[e] /= sum;
     m->lse[t] = max + logf(sum);
     if (m->gate == GATE_NOISY && ctx->training) {
-        uint64_t key = token_key(ctx, m->layer, 1, ctx->token_offset + t);
+        uint64_t key = rng_token_key(ctx->seed, m->layer, ctx->step, 1, ctx->token_offset + t);
         for (int e = 0; e < E; e++) {
-            float eps = key_normal(key + (uint64_t)e * 0x9e3779b97f4a7c15ULL);
+            float eps = rng_key_normal(key + (uint64_t)e * RNG_KEY_STRIDE);
             m->eps[t * E + e] = eps;
-            sc[e] = lg[e] + eps * softplus(m->nlog[t * E + e]);
+            sc[e] = lg[e] + eps * softplusf(m->nlog[t * E + e]);
         }
     } else {
         memcpy(sc, lg, sizeof(float) * E);
@@ -349,7 +309,7 @@ static double load_prob(const moe_layer *m, int64_t t, int e, int in_topk, doubl
     const int E = m->E;
     *thr = m->kth[t * 2 + (in_topk ? 1 : 0)];
     if (m->blocked[e] || *thr < 0 || isinf(m->score[t * E + *thr])) return -1.0; /* constant */
-    *s = softplus(m->nlog[t * E + e]);
+    *s = softplusf(m->nlog[t * E + e]);
     *zs = (m->logits[t * E + e] - m->score[t * E + *thr]) / *s;
     return norm_cdf(*zs);
 }
@@ -452,10 +412,6 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
     ALWAYS(n <= m->max_tokens);
     const int E = m->E, k = m->k, C = m->C, W = C + 1;
     m->n = n;
-    if (!m->have_plan) {
-        dispatch_init(&m->plan, ctx->ep_comm);
-        m->have_plan = 1;
-    }
 
     moe_stats *st = &m->stats;
     double t0 = wall_time();
@@ -464,9 +420,9 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
     if (m->gate == GATE_SWITCH && ctx->training && m->jitter > 0) {
 #pragma omp parallel for
         for (int64_t t = 0; t < n; t++) {
-            uint64_t key = token_key(ctx, m->layer, 2, ctx->token_offset + t);
+            uint64_t key = rng_token_key(ctx->seed, m->layer, ctx->step, 2, ctx->token_offset + t);
             for (int c = 0; c < C; c++) {
-                float f = 1.0f + m->jitter * (2.0f * key_uniform(key + (uint64_t)c * 0x9e3779b97f4a7c15ULL) - 1.0f);
+                float f = 1.0f + m->jitter * (2.0f * rng_key_uniform(key + (uint64_t)c * RNG_KEY_STRIDE) - 1.0f);
                 m->jit[t * C + c] = f;
                 m->jittered[t * C + c] = in[t * C + c] * f;
             }
@@ -481,81 +437,55 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++) route_token(m, t, ctx);
 
-    /* 3. capacity, filled in token order; rows ordered by expert */
+    /* 3. capacity, filled in token order (a choice over it is dropped); send rows
+     * ordered by expert, so by the rank that holds it */
     int64_t cap = m->cf > 0 ? (int64_t)ceil(m->cf * (double)n * k / E) : INT64_MAX;
     memset(m->e_count, 0, sizeof(int64_t) * E);
     for (int64_t i = 0; i < n * k; i++) {
         int e = m->choice[i];
-        m->slot[i] = m->e_count[e] < cap ? (int32_t)m->e_count[e]++ : -1;
+        m->bucket[i] = m->e_count[e] < cap ? (m->e_count[e]++, e) : -1;
     }
-    int64_t start[E + 1];
-    start[0] = 0;
-    for (int e = 0; e < E; e++) start[e + 1] = start[e] + m->e_count[e];
-    for (int64_t i = 0; i < n * k; i++)
-        if (m->slot[i] >= 0) m->slot[i] += (int32_t)start[m->choice[i]];
-    int64_t n_send = start[E];
+    int64_t n_send = dispatch_order(&m->plan, m->bucket, n * k, E, m->E_local, m->slot, m->send_item);
     double t1 = wall_time();
     st->t_route += t1 - t0;
+    /* a row: the token's vector, then the local index of the expert on its rank */
 #pragma omp parallel for
-    for (int64_t i = 0; i < n * k; i++) {
-        if (m->slot[i] < 0) continue;
-        float *row = m->send + (int64_t)m->slot[i] * W;
+    for (int64_t r = 0; r < n_send; r++) {
+        int64_t i = m->send_item[r];
+        float *row = m->send + r * W;
         memcpy(row, in + (i / k) * C, sizeof(float) * C);
         int32_t local = m->choice[i] % m->E_local;
         memcpy(row + C, &local, sizeof local);
     }
-    for (int r = 0; r < m->ep; r++) {
-        int64_t rows = start[(r + 1) * m->E_local] - start[r * m->E_local];
-        m->dest_rows[r] = (int)rows;
-    }
 
     /* 4. rows to the expert ranks */
     double t2 = wall_time();
-    dispatch_exchange_counts(&m->plan, m->dest_rows);
-    ALWAYS(m->plan.n_send == n_send);
-    if (m->plan.n_recv > m->max_rows)
-        INFMOE_FAIL("%lld rows for this rank's experts, more than the %lld planned",
-                    (long long)m->plan.n_recv, (long long)m->max_rows);
-    m->n_recv = m->plan.n_recv;
-    dispatch_forward(&m->plan, m->send, m->recv, W);
+    m->n_recv = dispatch_send(&m->plan, m->send, m->recv, W, m->max_rows);
     double t3 = wall_time();
     st->t_alltoall += t3 - t2;
 
     /* 5. group received rows by local expert, one GEMM pair per expert */
     const int El = m->E_local, He = m->He;
-    memset(m->l_start, 0, sizeof(int64_t) * (El + 1));
-    for (int64_t i = 0; i < m->n_recv; i++) {
-        int32_t le;
-        memcpy(&le, m->recv + i * W + C, sizeof le);
-        ALWAYS(le >= 0 && le < El);
-        m->l_start[le + 1]++;
-    }
-    for (int e = 0; e < El; e++) m->l_start[e + 1] += m->l_start[e];
-    int64_t fill[El];
-    for (int e = 0; e < El; e++) fill[e] = m->l_start[e];
-    for (int64_t i = 0; i < m->n_recv; i++) {
-        int32_t le;
-        memcpy(&le, m->recv + i * W + C, sizeof le);
-        m->perm[i] = (int32_t)fill[le]++;
-        memcpy(m->X + (int64_t)m->perm[i] * C, m->recv + i * W, sizeof(float) * C);
-    }
+    for (int64_t i = 0; i < m->n_recv; i++) memcpy(&m->recv_expert[i], m->recv + i * W + C, sizeof(int32_t));
+    dispatch_group_by_id(&m->by_expert, m->recv_expert, m->n_recv);
+    const int64_t *l_start = m->by_expert.start;
+    const int32_t *from = m->by_expert.row; /* received row at each expert-ordered position */
+    dispatch_gather(m->X, m->recv, W, from, m->n_recv, C);
     double t4 = wall_time();
     for (int e = 0; e < El; e++) {
-        int64_t r0 = m->l_start[e], rows = m->l_start[e + 1] - r0;
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         gemm_var(0, 1, rows, He, C, m->X + r0 * C, C, params + m->w1 + (size_t)e * He * C, C,
                  m->Hpre + r0 * He, He, 0, params + m->b1 + (size_t)e * He);
     }
     gelu_forward(m->A, m->Hpre, m->n_recv * He);
     for (int e = 0; e < El; e++) {
-        int64_t r0 = m->l_start[e], rows = m->l_start[e + 1] - r0;
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         gemm_var(0, 1, rows, C, He, m->A + r0 * He, He, params + m->w2 + (size_t)e * C * He, He,
                  m->Y + r0 * C, C, 0, params + m->b2 + (size_t)e * C);
     }
     double t5 = wall_time();
     st->t_expert += t5 - t4;
-#pragma omp parallel for
-    for (int64_t i = 0; i < m->n_recv; i++)
-        memcpy(m->back + i * C, m->Y + (int64_t)m->perm[i] * C, sizeof(float) * C);
+    dispatch_scatter(m->back, C, m->Y, from, m->n_recv, C);
 
     /* 6. outputs back to the token owners, combined with their gates */
     double t6 = wall_time();
@@ -619,7 +549,7 @@ static void gate_backward(moe_layer *m, int64_t t, const float *dgate, const ffn
             dl[e] += dscore[e];
             if (train) ds[e] += dscore[e] * m->eps[t * E + e];
         }
-        for (int e = 0; e < E; e++) dn[e] = ds[e] * sigmoid(m->nlog[t * E + e]);
+        for (int e = 0; e < E; e++) dn[e] = ds[e] * sigmoidf(m->nlog[t * E + e]);
     } else {
         for (int j = 0; j < k; j++) dp[m->choice[t * k + j]] += dgate[j];
         if (train)
@@ -669,14 +599,14 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
     double t2 = wall_time();
     st->t_alltoall += t2 - t1;
     float *dY = m->Y; /* the forward outputs are no longer needed */
-#pragma omp parallel for
-    for (int64_t i = 0; i < m->n_recv; i++)
-        memcpy(dY + (int64_t)m->perm[i] * C, m->back + i * C, sizeof(float) * C);
+    const int64_t *l_start = m->by_expert.start;
+    const int32_t *from = m->by_expert.row;
+    dispatch_gather(dY, m->back, C, from, m->n_recv, C);
     /* 3. expert backward, one GEMM group per local expert */
     float *dA = m->dA, *dH = m->A; /* GELU outputs are consumed by the weight gradient first */
     double t3 = wall_time();
     for (int e = 0; e < El; e++) {
-        int64_t r0 = m->l_start[e], rows = m->l_start[e + 1] - r0;
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         const float *W2 = params + m->w2 + (size_t)e * C * He;
         gemm_var(0, 0, rows, He, C, dY + r0 * C, C, W2, He, dA + r0 * He, He, 0, NULL);
         gemm_var(1, 0, C, He, rows, dY + r0 * C, C, m->A + r0 * He, He,
@@ -689,7 +619,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
     gelu_backward(dH, m->Hpre, dA, m->n_recv * He);
     float *dX = m->Y; /* dY has been used */
     for (int e = 0; e < El; e++) {
-        int64_t r0 = m->l_start[e], rows = m->l_start[e + 1] - r0;
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         const float *W1 = params + m->w1 + (size_t)e * He * C;
         gemm_var(1, 0, He, C, rows, dH + r0 * He, He, m->X + r0 * C, C,
                  grads + m->w1 + (size_t)e * He * C, C, 1, NULL);
@@ -700,9 +630,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
     }
     double t4 = wall_time();
     st->t_expert += t4 - t3;
-#pragma omp parallel for
-    for (int64_t i = 0; i < m->n_recv; i++)
-        memcpy(m->back + i * C, dX + (int64_t)m->perm[i] * C, sizeof(float) * C);
+    dispatch_scatter(m->back, C, dX, from, m->n_recv, C);
     /* 4. input gradients back to the token owners */
     double t5 = wall_time();
     dispatch_reverse(&m->plan, m->back, m->dx_rows, C);
@@ -753,6 +681,57 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
 void moe_end_step(moe_layer *m, const ffn_context *ctx) {
     if (ctx->step >= m->guard_steps) return;
     for (int e = 0; e < m->E; e++) m->guard_tot[e] += SUM_AT(m, S_KEPT)[e];
+}
+
+/* ---- statistics and the log line (ffn.h) ---- */
+
+static const char *const MOE_AUX[] = {"importance", "load", "switch", "z", "moge"};
+
+void moe_stats_describe(const moe_layer *m, stats_layer_desc *d) {
+    memset(d, 0, sizeof *d);
+    d->layer = m->layer;
+    d->kind = ffn_kind_name(m->moge ? FFN_MOGE : FFN_TOPK);
+    d->bucket = "expert";
+    d->n_buckets = m->E;
+    d->k = m->k;
+    d->n_aux = 5;
+    for (int a = 0; a < 5; a++) d->aux_names[a] = MOE_AUX[a];
+}
+
+void moe_stats_row(const moe_layer *m, stats_row *r) {
+    const moe_stats *st = &m->stats;
+    memset(r, 0, sizeof *r);
+    r->tokens = st->tokens;
+    r->n_tokens = st->n_tokens;
+    r->assignments = st->assignments;
+    r->dropped = st->dropped;
+    r->gate_entropy = st->gate_entropy;
+    r->router_entropy = st->router_entropy;
+    r->top_gate = st->top_gate;
+    r->aux[0] = st->aux_importance;
+    r->aux[1] = st->aux_load;
+    r->aux[2] = st->aux_switch;
+    r->aux[3] = st->aux_z;
+    r->aux[4] = st->aux_moge;
+}
+
+void moe_phase_times(const moe_layer *m, double t[4]) {
+    t[0] = m->stats.t_route;
+    t[1] = m->stats.t_dispatch;
+    t[2] = m->stats.t_alltoall;
+    t[3] = m->stats.t_expert;
+}
+
+void moe_log_fields(const moe_layer *const *layers, int n, double aux_loss, char *buf, size_t cap) {
+    double worst = 0.0, dropped = 0.0, assigned = 0.0;
+    for (int l = 0; l < n; l++) {
+        const moe_stats *st = &layers[l]->stats;
+        if (st->max_over_mean > worst) worst = st->max_over_mean;
+        dropped += (double)st->dropped;
+        assigned += (double)st->assignments;
+    }
+    snprintf(buf, cap, " | aux %.6f | load max/mean %.3f | dropped %.2f%%", aux_loss, worst,
+             assigned > 0 ? 100.0 * dropped / assigned : 0.0);
 }
 
 /* ---- reference and fingerprint (tests) ---- */

@@ -45,6 +45,27 @@ size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const i
     return off;
 }
 
+/* fmt holds exactly one %d, for the layer (every caller passes a literal). */
+static void layer_name(char *name, size_t cap, const char *fmt, int layer) {
+    int n = snprintf(name, cap, fmt, layer);
+    ALWAYS(n > 0 && (size_t)n < cap);
+}
+
+size_t tensor_add_layer(tensor_table *tab, const char *fmt, int layer, int ndim,
+                        const int64_t *shape, int decay, tensor_init init, float std) {
+    char name[sizeof tab->t[0].name];
+    layer_name(name, sizeof name, fmt, layer);
+    return tensor_add(tab, name, ndim, shape, decay, init, std);
+}
+
+size_t tensor_add_layer_sharded(tensor_table *tab, const char *fmt, int layer, int ndim,
+                                const int64_t *shape, int decay, tensor_init init, float std,
+                                int64_t global_dim0, int64_t first) {
+    char name[sizeof tab->t[0].name];
+    layer_name(name, sizeof name, fmt, layer);
+    return tensor_add_sharded(tab, name, ndim, shape, decay, init, std, global_dim0, first);
+}
+
 static uint64_t name_hash(const char *name) {
     uint64_t h = 1469598103934665603ULL;
     for (const unsigned char *p = (const unsigned char *)name; *p; p++)

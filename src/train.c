@@ -14,6 +14,7 @@
 #include "infmoe/config.h"
 #include "infmoe/data.h"
 #include "infmoe/dist.h"
+#include "infmoe/ffn.h"
 #include "infmoe/model.h"
 #include "infmoe/optim.h"
 #include "infmoe/peak.h"
@@ -203,39 +204,8 @@ int train_main(int argc, char **argv) {
             infmoe_die("loss became %f at step %d: lower train.lr or check the data", loss,
                        step + 1);
         if ((step + 1) % cfg.log_every == 0 || step == 0 || step + 1 == cfg.steps) {
-            char moe[160] = "";
-            if (m.n_moe > 0) {
-                double worst = 0.0, dropped = 0.0, assigned = 0.0;
-                for (int l = 0; l < m.L; l++) {
-                    if (!m.ffn[l].moe) continue;
-                    const moe_stats *st = moe_get_stats(m.ffn[l].moe);
-                    if (st->max_over_mean > worst) worst = st->max_over_mean;
-                    dropped += (double)st->dropped;
-                    assigned += (double)st->assignments;
-                }
-                snprintf(moe, sizeof moe, " | aux %.6f | load max/mean %.3f | dropped %.2f%%",
-                         m.aux_loss, worst, assigned > 0 ? 100.0 * dropped / assigned : 0.0);
-            }
-            if (m.n_inf > 0) {
-                /* ∞-MoE: mean sigma, units a token uses, overlap of its samples' masks,
-                 * and the least used block's share of the mean (0 = some block idle) */
-                double sigma = 0.0, active = 0.0, overlap = 0.0, min_use = 1e300;
-                for (int l = 0; l < m.L; l++) {
-                    if (!m.ffn[l].inf) continue;
-                    const inf_stats *st = inf_get_stats(m.ffn[l].inf);
-                    sigma += st->mean_sigma / m.n_inf;
-                    active += st->active_units / m.n_inf;
-                    overlap += st->mask_overlap / m.n_inf;
-                    double tot = 0.0, lo = 1e300;
-                    for (int b = 0; b < st->n_blocks; b++) {
-                        tot += (double)st->block_tokens[b];
-                        if ((double)st->block_tokens[b] < lo) lo = (double)st->block_tokens[b];
-                    }
-                    if (tot > 0 && lo * st->n_blocks / tot < min_use) min_use = lo * st->n_blocks / tot;
-                }
-                snprintf(moe, sizeof moe, " | sigma %.4f | active units %.0f | overlap %.3f | "
-                         "min block use %.2f", sigma, active, overlap, min_use);
-            }
+            char moe[160];
+            ffn_log_fields(m.ffn, m.L, m.aux_loss, moe, sizeof moe);
             dist_log("step %d/%d | loss %.6f | lr %.2e | grad_norm %.4f | ms %.1f | tok/s %.0f | "
                      "mfu %.1f%%%s\n",
                      step + 1, cfg.steps, loss, lr, norm, dt * 1e3, tok_s, mfu, moe);

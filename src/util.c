@@ -127,11 +127,46 @@ char *read_text_file(const char *path, size_t *len) {
     return buf;
 }
 
-static uint64_t splitmix64(uint64_t *x) {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+uint64_t rng_mix64(uint64_t z) {
+    z += RNG_KEY_STRIDE;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     return z ^ (z >> 31);
+}
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = rng_mix64(*x);
+    *x += RNG_KEY_STRIDE;
+    return z;
+}
+
+uint64_t rng_token_key(uint64_t seed, int layer, int step, int purpose, int64_t token) {
+    return rng_mix64(rng_mix64(rng_mix64(rng_mix64(seed) ^ (uint64_t)layer * 0x100000001b3ULL) ^
+                               ((uint64_t)step * 31 + (uint64_t)purpose)) ^
+                     (uint64_t)token);
+}
+
+float rng_key_uniform(uint64_t key) { return (float)(rng_mix64(key) >> 40) * (1.0f / 16777216.0f); }
+
+float rng_key_normal(uint64_t key) {
+    double u1 = ((double)(rng_mix64(key) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+    double u2 = (double)(rng_mix64(key ^ 0x5851f42d4c957f2dULL) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+void *mem_carve(const mem_part *parts, size_t n) {
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (parts[i].bytes > SIZE_MAX / 4 || total > SIZE_MAX / 4)
+            infmoe_die("allocation of %zu + %zu bytes overflows", total, parts[i].bytes);
+        total += (parts[i].bytes + 63) / 64 * 64;
+    }
+    char *base = xcalloc(total ? total : 1, 1), *cur = base;
+    for (size_t i = 0; i < n; i++) {
+        *parts[i].ptr = cur;
+        cur += (parts[i].bytes + 63) / 64 * 64;
+    }
+    return base;
 }
 
 void rng_seed(rng_state *r, uint64_t seed) {

@@ -68,11 +68,12 @@ int main(int argc, char **argv) {
         optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, 1e-3f, step, 1.0f);
         model_end_step(&m);
         dist_allreduce_sum_d(&loss, 1, d.world);
-        const moe_stats *st = moe_get_stats(m.ffn[0].moe);
+        stats_row st;
+        ffn_stats_row(&m.ffn[0], &st);
         if (d.rank == 0)
             printf("step %d loss %.7f tokens %lld %lld %lld %lld\n", step, loss / d.size,
-                   (long long)st->tokens[0], (long long)st->tokens[1], (long long)st->tokens[2],
-                   (long long)st->tokens[3]);
+                   (long long)st.tokens[0], (long long)st.tokens[1], (long long)st.tokens[2],
+                   (long long)st.tokens[3]);
     }
     int any_bad = bad;
     MPI_CHECK(MPI_Allreduce(&bad, &any_bad, 1, MPI_INT, MPI_MAX, d.world));

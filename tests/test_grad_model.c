@@ -24,9 +24,7 @@ static int skipped, probes;
 /* The routing of every MoE layer in the last forward (0 for a dense model). */
 static uint64_t routing(void) {
     uint64_t h = 0;
-    for (int l = 0; l < m.L; l++)
-        if (m.ffn[l].moe) h = h * 31 + moe_routing_hash(m.ffn[l].moe);
-        else if (m.ffn[l].inf) h = h * 31 + inf_routing_hash(m.ffn[l].inf);
+    for (int l = 0; l < m.L; l++) h = h * 31 + ffn_routing_hash(&m.ffn[l]);
     return h;
 }
 

@@ -15,131 +15,42 @@
 
 #include "check.h"
 #include "infmoe/gemm.h"
-#include "infmoe/moe.h"
 #include "infmoe/util.h"
-
-typedef struct {
-    moe_layer *m;
-    tensor_table tab;
-    float *params, *grads, *in, *out, *R;
-    int64_t n;
-    int C;
-    ffn_context ctx;
-} layer_case;
+#include "layer_case.h"
 
 static rng_state g_rng;
 
-static double objective(layer_case *lc) {
-    memset(lc->out, 0, sizeof(float) * lc->n * lc->C);
-    double aux = moe_forward(lc->m, lc->params, lc->out, lc->in, lc->n, &lc->ctx);
-    double s = 0.0;
-    for (int64_t i = 0; i < lc->n * lc->C; i++) s += (double)lc->out[i] * lc->R[i];
-    return s + aux; /* the objective moe_backward differentiates, with dout = R */
+/* Router, noise and expert weights ~ N(0, 0.6^2), N(0, 0.3^2), N(0, 0.3^2). */
+static void moe_params(layer_case *lc) {
+    for (int t = 0; t < lc->tab.n; t++) {
+        const tensor_spec *s = &lc->tab.t[t];
+        float scale = strstr(s->name, "router") ? 0.6f : 0.3f;
+        for (size_t i = 0; i < s->numel; i++) lc->params[s->offset + i] = scale * rng_normal(&g_rng);
+    }
 }
 
 static void setup(layer_case *lc, run_config *cfg, int64_t n) {
-    memset(lc, 0, sizeof *lc);
-    lc->n = n;
-    lc->C = cfg->n_embd;
-    lc->m = moe_create(cfg, 0, &lc->tab, n, 1, 0);
-    moe_register_experts(lc->m, &lc->tab);
-    lc->params = xcalloc(lc->tab.total, sizeof(float));
-    lc->grads = xcalloc(lc->tab.total, sizeof(float));
-    for (int t = 0; t < lc->tab.n; t++) {
-        const tensor_spec *s = &lc->tab.t[t];
-        float scale = strstr(s->name, "router") ? 0.6f : strstr(s->name, "noise") ? 0.3f : 0.3f;
-        for (size_t i = 0; i < s->numel; i++)
-            lc->params[s->offset + i] = scale * rng_normal(&g_rng);
-    }
-    lc->in = xcalloc((size_t)(n * lc->C), sizeof(float));
-    lc->out = xcalloc((size_t)(n * lc->C), sizeof(float));
-    lc->R = xcalloc((size_t)(n * lc->C), sizeof(float));
-    for (int64_t i = 0; i < n * lc->C; i++) {
-        lc->in[i] = rng_normal(&g_rng);
-        lc->R[i] = rng_normal(&g_rng);
-    }
-    lc->ctx = (ffn_context){MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 77, 3, 10, 0, 1};
+    layer_case_setup(lc, cfg, n, (ffn_context){MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 77, 3, 10, 0, 1},
+                     moe_params, &g_rng);
 }
 
-static void teardown(layer_case *lc) {
-    moe_free(lc->m);
-    tensor_table_free(&lc->tab);
-    free(lc->params);
-    free(lc->grads);
-    free(lc->in);
-    free(lc->out);
-    free(lc->R);
-}
-
-/* Analytic gradients of the objective; returns d/d input in din. */
-static void analytic(layer_case *lc, float *din) {
-    objective(lc);
-    memset(lc->grads, 0, sizeof(float) * lc->tab.total);
-    memset(din, 0, sizeof(float) * lc->n * lc->C);
-    moe_backward(lc->m, lc->params, lc->grads, din, lc->R, lc->in, lc->n, &lc->ctx);
-}
-
-/* Central differences of up to `max_probe` entries of x against grad. */
-static void fd_probe(const char *what, layer_case *lc, float *x, const float *grad, size_t count,
-                     int max_probe) {
-    objective(lc);
-    uint64_t base = moe_routing_hash(lc->m);
-    int checked = 0, skipped = 0, bad = 0;
-    size_t stride = count > (size_t)max_probe ? count / max_probe : 1;
-    for (size_t i = 0; i < count; i += stride) {
-        float keep = x[i];
-        const float h = 1e-3f;
-        x[i] = keep + h;
-        double up = objective(lc);
-        int same = moe_routing_hash(lc->m) == base;
-        x[i] = keep - h;
-        double down = objective(lc);
-        same &= moe_routing_hash(lc->m) == base;
-        x[i] = keep;
-        if (!same) {
-            skipped++;
-            continue;
-        }
-        double fd = (up - down) / (2.0 * h);
-        checked++;
-        if (!close_enough(grad[i], fd, 3e-2, 3e-3)) {
-            if (bad < 3) fprintf(stderr, "  %s[%zu]: analytic %.6g, finite difference %.6g\n", what, i, grad[i], fd);
-            bad++;
-        }
-    }
-    CHECK(bad == 0, "%s: %d of %d probes differ", what, bad, checked);
-    CHECK(checked >= 4 && skipped * 4 <= checked, "%s: %d probes checked, %d skipped (routing changed)",
-          what, checked, skipped);
-}
+/* At least 4 probes per tensor, and no more than a quarter as many skipped. */
+static int enough(int checked, int skipped) { return checked >= 4 && skipped * 4 <= checked; }
 
 static void check_gradients(const char *name, run_config *cfg) {
     layer_case lc;
     setup(&lc, cfg, 12);
-    float *din = xcalloc((size_t)(lc.n * lc.C), sizeof(float));
-    analytic(&lc, din);
-    char what[160];
-    snprintf(what, sizeof what, "%s d/d input", name);
-    fd_probe(what, &lc, lc.in, din, (size_t)(lc.n * lc.C), 60);
-    for (int t = 0; t < lc.tab.n; t++) {
-        const tensor_spec *s = &lc.tab.t[t];
-        snprintf(what, sizeof what, "%s d/d %s", name, s->name);
-        fd_probe(what, &lc, lc.params + s->offset, lc.grads + s->offset, s->numel, 60);
-    }
-    free(din);
-    teardown(&lc);
+    layer_case_check_gradients(name, &lc, 60, 1, enough);
+    layer_case_free(&lc);
 }
 
 static void check_reference(const char *name, run_config *cfg) {
     layer_case lc;
     setup(&lc, cfg, 40);
-    objective(&lc);
-    float *ref = xcalloc((size_t)(lc.n * lc.C), sizeof(float));
-    moe_reference_forward(lc.m, lc.params, ref, lc.in, lc.n);
     char what[128];
     snprintf(what, sizeof what, "%s: grouped GEMMs vs per-token reference", name);
-    check_arrays_close(what, lc.out, ref, lc.n * lc.C, 1e-4, 1e-5);
-    free(ref);
-    teardown(&lc);
+    layer_case_check_reference(what, &lc, 1e-4, 1e-5);
+    layer_case_free(&lc);
 }
 
 /*
@@ -161,13 +72,15 @@ static void check_collapse_guard(run_config *cfg) {
     const int64_t want[6] = {16, 0, 16, 0, 16, 16};
     for (int step = 0; step < 6; step++) {
         lc.ctx.step = step;
-        objective(&lc);
-        int64_t got = moe_get_stats(lc.m)->tokens[0];
+        layer_case_objective(&lc);
+        stats_row row;
+        ffn_stats_row(&lc.f, &row);
+        int64_t got = row.tokens[0];
         CHECK(got == want[step], "collapse guard, step %d: expert 0 got %lld tokens, expected %lld",
               step, (long long)got, (long long)want[step]);
-        moe_end_step(lc.m, &lc.ctx);
+        ffn_end_step(&lc.f, &lc.ctx);
     }
-    teardown(&lc);
+    layer_case_free(&lc);
 }
 
 static run_config base_config(void) {

@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "infmoe/stats.h"
+#include "infmoe/statsfile.h"
 #include "infmoe/util.h"
 #include "stats_rows.h"
 

@@ -19,6 +19,8 @@ typedef enum {
     FFN_MOGE,      /* topk plus the group-sparse penalty on router probabilities */
     FFN_INFINITE,  /* ∞-MoE: Gaussian router, top-N% of one large FFN, K samples */
 } ffn_kind;
+/* The name of a kind as configs, logs, stats files and checkpoints spell it ("topk"). */
+const char *ffn_kind_name(ffn_kind kind);
 
 typedef enum {
     MASK_WINDOW = 0, /* dz = 1: the arc of units nearest z on a ring */
@@ -82,6 +84,8 @@ void config_load_text(run_config *cfg, const char *name, const char *text, int n
 
 /* Checks that need the number of ranks: batch split and expert-parallel groups. */
 void config_check_layout(const run_config *cfg, int nranks, int quiet);
+/* The part of it that eval and sample need: parallel.ep divides the ranks. */
+void config_check_ep(const run_config *cfg, int nranks, int quiet);
 
 /* Free what config_load allocated. */
 void config_free(run_config *cfg);

@@ -1,5 +1,6 @@
 /*
- * dispatch: moving token rows to the ranks that hold their experts, and back.
+ * dispatch: moving token rows to the ranks that hold their experts, grouping
+ * them there by bucket (an expert, or a chunk of ∞-MoE units), and back.
  *
  * A row is `width` floats: a token's vector plus whatever the caller packs
  * beside it (expert id, unit blocks and weights). The sender groups its rows by
@@ -9,6 +10,12 @@
  * sends rows of any width back along the same plan, so each sender receives
  * exactly one row per row it sent, in its own order. Every rank calls every
  * collective, with zero-length segments where it has nothing to send.
+ *
+ * A layer creates its plan when it is created. The routing decides what rows
+ * go where; the moving of rows is here: dispatch_groups lists the received
+ * rows of each bucket (from a bucket per row, or a membership flag per row and
+ * bucket), and the gather/scatter helpers copy rows between the received order
+ * and the grouped order the GEMMs run on.
  */
 #ifndef INFMOE_DISPATCH_H
 #define INFMOE_DISPATCH_H
@@ -24,13 +31,59 @@ typedef struct {
     int64_t n_send, n_recv;         /* total rows */
 } dispatch_plan;
 
+/* A plan over comm; MPI_COMM_NULL gives a plan that can never exchange (a model
+ * built for its tensor table only). */
 void dispatch_init(dispatch_plan *p, MPI_Comm comm);
 void dispatch_free(dispatch_plan *p);
-/* Exchange how many rows go to each peer (send_rows[peer]); fills recv_rows and n_recv. */
-void dispatch_exchange_counts(dispatch_plan *p, const int *send_rows);
-/* send (n_send, width) grouped by destination -> recv (n_recv, width) grouped by source. */
+/*
+ * The send order of one exchange. Items (a token's choice of an expert, a
+ * token's need of a shard) come in token order, each with the bucket it goes
+ * to, or -1 when it is not sent; bucket b lives on rank b / buckets_per_rank.
+ * Send rows are grouped by bucket, hence by destination, in item order within
+ * a bucket (a stable counting sort). Fills slot[i], the send row of item i (-1:
+ * not sent; slot may be NULL), item[r], the item of send row r, and the
+ * per-destination counts of the plan; returns the number of send rows.
+ */
+int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items, int n_buckets,
+                       int buckets_per_rank, int32_t *slot, int32_t *item);
+/*
+ * Exchange the counts of the last dispatch_order, then send (n_send, width) ->
+ * recv (n_recv, width), grouped by source rank. Returns n_recv; more than
+ * max_recv rows (what the receiver allocated for) is an internal error.
+ */
+int64_t dispatch_send(dispatch_plan *p, const float *send, float *recv, int width, int64_t max_recv);
+/* Rows of any width along the plan of the last dispatch_send, again: send -> recv. */
 void dispatch_forward(dispatch_plan *p, const float *send, float *recv, int width);
 /* The way back: back (n_recv, width) in received order -> out (n_send, width) in sent order. */
 void dispatch_reverse(dispatch_plan *p, const float *back, float *out, int width);
+
+/*
+ * Received rows grouped by bucket: positions [start[b], start[b+1]) hold bucket
+ * b's rows, row[pos] the received row at each position, ascending within a
+ * bucket. A row may belong to several buckets (flags) or to exactly one (ids).
+ */
+typedef struct {
+    int n_buckets;
+    int64_t cap;   /* positions allocated */
+    int64_t *start; /* (n_buckets + 1) */
+    int32_t *row;   /* (cap) */
+} dispatch_groups;
+
+void dispatch_groups_init(dispatch_groups *g, int n_buckets, int64_t cap);
+void dispatch_groups_free(dispatch_groups *g);
+/* bucket (n_rows): each row's bucket in [0, n_buckets). */
+void dispatch_group_by_id(dispatch_groups *g, const int32_t *bucket, int64_t n_rows);
+/* member (n_rows, n_buckets): nonzero where the row belongs to the bucket. */
+void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t n_rows);
+
+/* dst (n, width) = src rows idx[r] (rows src_stride floats apart). */
+void dispatch_gather(float *dst, const float *src, int64_t src_stride, const int32_t *idx,
+                     int64_t n, int width);
+/* dst rows idx[r] (dst_stride apart) = src (n, width); idx must not repeat. */
+void dispatch_scatter(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
+                      int64_t n, int width);
+/* dst rows idx[r] += src (n, width), in order r = 0, 1, ... (idx may repeat). */
+void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
+                          int64_t n, int width);
 
 #endif

@@ -20,37 +20,23 @@
 #ifndef INFMOE_INFINITE_H
 #define INFMOE_INFINITE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "infmoe/config.h"
-#include "infmoe/moe.h"
+#include "infmoe/ffn.h"
+#include "infmoe/statsfile.h"
 #include "infmoe/tensor.h"
 
 typedef struct inf_layer inf_layer;
 
-/* Diagnostics of the last forward, reduced over all ranks (training and eval). */
-typedef struct {
-    int n_blocks;          /* H / mask_block */
-    int64_t *block_tokens; /* (n_blocks) tokens using each block (any sample) */
-    int n_bins;            /* histogram bins of z mod 1 over [0, 1) (window) */
-    int64_t *z_hist;       /* (n_bins) sampled z (window rule) */
-    int n_sigma_bins;      /* histogram of sigma over [0, sigma_hi), the last bin open-ended */
-    double sigma_hi;
-    int64_t *sigma_hist;   /* (n_sigma_bins) every token's sigma, each latent dimension */
-    double mean_sigma;     /* mean over tokens and latent dimensions */
-    double mask_overlap;   /* mean over tokens of |kept units of sample 1 and 2| / n_keep (0 for K = 1) */
-    double active_units;   /* mean units a token uses (union over its samples) */
-    double aux_kl;         /* the KL aux loss (training) */
-    int64_t n_tokens;
-    /* seconds since the layer was created, forward and backward together */
-    double t_router;       /* router MLP, sampling, the owner's masks and d z */
-    double t_masks;        /* the shards' masks: weights and their gradients */
-    double t_units;        /* unit GEMMs, GELU, row gathers and scatters */
-    double t_alltoall;     /* the MPI exchanges */
-} inf_stats;
-
+/*
+ * Register the replicated parameters of layer `layer` (router, scores, b2);
+ * allocate for max_tokens and plan the exchange over ctx->ep_comm (ctx NULL:
+ * one process).
+ */
 inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
-                      int ep, int ep_rank);
+                      const ffn_context *ctx);
 /* Register this rank's shard of the units (called after every replicated tensor). */
 void inf_register_units(inf_layer *f, tensor_table *tab);
 /* out (n,C) += FFN(in (n,C)); returns the aux (KL) loss in training, else 0. */
@@ -60,7 +46,20 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, const ffn_context *ctx);
 /* Samples per token from now on (inference knob); deterministic: one sample z = mu. */
 void inf_set_samples(inf_layer *f, int samples, int deterministic);
-const inf_stats *inf_get_stats(const inf_layer *f);
+/*
+ * The layer's stats.h5 description, the last forward's row (unit blocks as
+ * buckets: the tokens using each; sigma, overlap, active units; z and sigma
+ * histograms), its phase timers (ffn.h).
+ */
+void inf_stats_describe(const inf_layer *f, stats_layer_desc *d);
+void inf_stats_row(const inf_layer *f, stats_row *r);
+void inf_phase_times(const inf_layer *f, double t[4]);
+/* Cumulative seconds in the router, the shards' masks, the unit GEMMs and the
+ * all-to-alls (finer than the four stats phases; for bench_infinite). */
+void inf_phase_detail(const inf_layer *f, double t[4]);
+/* " | sigma S | active units A | overlap O | min block use U" over n layers: means of
+ * the first three, and the least used block's share of the mean (0: a block idles). */
+void inf_log_fields(const inf_layer *const *layers, int n, char *buf, size_t cap);
 /* Multiply-adds per token in the FFN's matrices: K samples x kept units x 2C. */
 double inf_matmul_params_per_token(const inf_layer *f);
 /*

@@ -60,8 +60,6 @@ typedef struct {
     float mean_loss;      /* mean cross-entropy of the last forward with targets */
     double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */
     size_t n_replicated;  /* floats of the replicated region; the rest is expert-sharded */
-    int n_moe;            /* discrete MoE layers */
-    int n_inf;            /* ∞-MoE layers */
     ffn_context ctx;      /* the step the FFN layers run in */
 } gpt_model;
 

@@ -15,47 +15,22 @@
 #ifndef INFMOE_MOE_H
 #define INFMOE_MOE_H
 
-#include <mpi.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "infmoe/config.h"
-#include "infmoe/dispatch.h"
+#include "infmoe/ffn.h"
+#include "infmoe/statsfile.h"
 #include "infmoe/tensor.h"
-
-/* What a layer needs to know about the step it runs in (set by the trainer). */
-typedef struct {
-    MPI_Comm world, ep_comm;
-    int world_size, ep, ep_rank;
-    uint64_t seed;
-    int step, total_steps;
-    int64_t token_offset; /* global index of this rank's first token of the step */
-    int training;         /* noise, jitter, aux losses and the guard only in training */
-} ffn_context;
-
-/* Routing counters of the last training forward, reduced over all ranks. */
-typedef struct {
-    int64_t *tokens;      /* (E) kept assignments per expert */
-    int64_t assignments;  /* tokens x k */
-    int64_t dropped;      /* assignments over capacity */
-    int64_t n_tokens;
-    double aux_importance, aux_load, aux_switch, aux_z, aux_moge;
-    double max_over_mean; /* max_i tokens_i / mean_i tokens_i */
-    /* means over the tokens, for the statistics file (docs/stats.md); no loss uses them */
-    double gate_entropy;   /* entropy (nats) of a token's k gates normalised to sum 1 */
-    double router_entropy; /* entropy (nats) of the token's clean router softmax over E */
-    double top_gate;       /* the gate of the token's first choice (router confidence) */
-    /* seconds spent since the layer was created, forward and backward together */
-    double t_route;       /* router GEMMs, gating, capacity, aux losses and their gradients */
-    double t_dispatch;    /* packing and unpacking rows, combining outputs */
-    double t_alltoall;    /* the MPI exchanges (counts and rows, both ways) */
-    double t_expert;      /* expert GEMMs and GELU */
-} moe_stats;
 
 typedef struct moe_layer moe_layer;
 
-/* Register the router (replicated) parameters of layer `layer`; allocate for max_tokens. */
+/*
+ * Register the router (replicated) parameters of layer `layer`; allocate for
+ * max_tokens and plan the exchange over ctx->ep_comm (ctx NULL: one process).
+ */
 moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
-                      int ep, int ep_rank);
+                      const ffn_context *ctx);
 /* Register this rank's experts (sharded; called after every replicated tensor). */
 void moe_register_experts(moe_layer *m, tensor_table *tab);
 /* out (n,C) += MoE(in (n,C)); returns the layer's aux loss (0 outside training). */
@@ -66,7 +41,12 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, const ffn_context *ctx);
 /* Called once per training step after the update: advances the collapse guard. */
 void moe_end_step(moe_layer *m, const ffn_context *ctx);
-const moe_stats *moe_get_stats(const moe_layer *m);
+/* The layer's stats.h5 description, its last training forward's row, its phase timers (ffn.h). */
+void moe_stats_describe(const moe_layer *m, stats_layer_desc *d);
+void moe_stats_row(const moe_layer *m, stats_row *r);
+void moe_phase_times(const moe_layer *m, double t[4]);
+/* " | aux A | load max/mean X | dropped D%" over n layers (the worst load, all drops). */
+void moe_log_fields(const moe_layer *const *layers, int n, double aux_loss, char *buf, size_t cap);
 /* The collapse guard's running assignment totals (E doubles), saved in checkpoints. */
 double *moe_guard_totals(moe_layer *m);
 int moe_num_experts(const moe_layer *m);

@@ -9,6 +9,7 @@
 #ifndef INFMOE_OPS_H
 #define INFMOE_OPS_H
 
+#include <math.h>
 #include <stdint.h>
 
 /*
@@ -36,6 +37,11 @@ static inline float exp_fast(float x) {
 
 /* tanh(u) = 1 - 2 / (e^{2u} + 1): exact to ~1e-7 absolute, saturates cleanly. */
 static inline float tanh_fast(float u) { return 1.0f - 2.0f / (exp_fast(2.0f * u) + 1.0f); }
+
+/* softplus(x) = log(1 + e^x) (x itself above 20, where they agree in float), and its
+ * derivative, the logistic sigmoid; libm's exact calls, for routers' scalars. */
+static inline float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* out (B,T,C) = wte[inp] + wpe[t] */
 void encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe, int B,

@@ -45,6 +45,15 @@ size_t tensor_add(tensor_table *tab, const char *name, int ndim, const int64_t *
 size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const int64_t *shape,
                           int decay, tensor_init init, float std, int64_t global_dim0,
                           int64_t first);
+/*
+ * The same with the name made from fmt and a layer index ("h.%d.ffn.fc.w"): how
+ * every layer names its tensors.
+ */
+size_t tensor_add_layer(tensor_table *tab, const char *fmt, int layer, int ndim,
+                        const int64_t *shape, int decay, tensor_init init, float std);
+size_t tensor_add_layer_sharded(tensor_table *tab, const char *fmt, int layer, int ndim,
+                                const int64_t *shape, int decay, tensor_init init, float std,
+                                int64_t global_dim0, int64_t first);
 /* The tensor called `name`, or NULL. */
 const tensor_spec *tensor_find(const tensor_table *tab, const char *name);
 /* Fill `buf` with every tensor's initial values, drawn in table order from `seed`. */

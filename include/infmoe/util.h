@@ -74,4 +74,32 @@ float rng_uniform(rng_state *r);
 /* Standard normal (Box-Muller, one value per call). */
 float rng_normal(rng_state *r);
 
+/*
+ * Counter-based draws: a value is a pure function of a 64-bit key, so a draw
+ * for a global token is the same whichever rank routes the token, which is
+ * what makes runs on any rank count equal (noise, jitter, ∞-MoE samples).
+ * rng_token_key(seed, layer, step, purpose, token) names one token's draws;
+ * the i-th value of that token is drawn from key + i * RNG_KEY_STRIDE.
+ */
+#define RNG_KEY_STRIDE 0x9e3779b97f4a7c15ULL
+/* SplitMix64's output function (the constant added, then two multiply-xorshifts). */
+uint64_t rng_mix64(uint64_t x);
+uint64_t rng_token_key(uint64_t seed, int layer, int step, int purpose, int64_t token);
+/* Uniform in [0, 1) with 24 bits, and a standard normal (Box-Muller), from a key. */
+float rng_key_uniform(uint64_t key);
+float rng_key_normal(uint64_t key);
+
+/*
+ * One allocation for many buffers (a size table): each part names the pointer
+ * to set and its size in bytes; mem_carve allocates the sum (zeroed, every part
+ * 64-byte aligned), points each part into it and returns the block, which is
+ * freed with free(). A module lists its buffers once and frees one pointer.
+ */
+typedef struct {
+    void **ptr;
+    size_t bytes;
+} mem_part;
+void *mem_carve(const mem_part *parts, size_t n);
+#define MEM_PART(p, count) {(void **)&(p), (size_t)(count) * sizeof *(p)}
+
 #endif
