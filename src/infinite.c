@@ -10,6 +10,7 @@
 #include "infmoe/dispatch.h"
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
+#include "infmoe/infmask.h"
 #include "infmoe/ops.h"
 #include "infmoe/util.h"
 
@@ -49,16 +50,6 @@ typedef struct {
 #define MU_INIT_GAIN 0.2f
 #define SIGMA_INIT 0.05f
 
-/* Scratch for computing one sample's mask (one per OpenMP thread). */
-typedef struct {
-    float *scores;   /* (H) unit scores (learned rule) */
-    int32_t *blocks; /* (kb) kept blocks, ascending */
-    float *p;        /* (kb*b) softmax over the kept units, in block order */
-    float *dedz;     /* (kb*b*dz) d unit logit / d z */
-    float *key;      /* (nb) selection keys */
-    float *grad_pq;  /* (H*dz + H) learned rule: this thread's d/dP and d/dq */
-    void *mem;
-} mask_scratch;
 
 struct inf_layer {
     int layer, C, H, b, nb, kb, n_keep, K, K_train, deterministic, dz, R, ep;
@@ -70,7 +61,8 @@ struct inf_layer {
     size_t W1, b1, W2;                       /* sharded over units */
     int64_t max_tokens, max_recv;
     int n_threads, K_alloc; /* buffers that grow with K are sized for K_alloc samples */
-    mask_scratch *scratch;
+    inf_mask mk;            /* the mask rule's parameters (infmask.h) */
+    mask_scratch *scratch;  /* (n_threads) */
     /* owner side */
     int64_t n;
     int training;
@@ -192,16 +184,8 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     dispatch_init(&f->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL);
     f->n_threads = omp_get_max_threads();
     f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
-    for (int t = 0; t < f->n_threads; t++) {
-        mask_scratch *s = &f->scratch[t];
-        const mem_part sp[] = {
-            MEM_PART(s->scores, H),         MEM_PART(s->blocks, f->kb), MEM_PART(s->p, f->n_keep),
-            MEM_PART(s->dedz, f->n_keep * dz), MEM_PART(s->key, f->nb),
-            MEM_PART(s->grad_pq, f->mask == MASK_LEARNED ? H * dz + H : 0),
-        };
-        s->mem = mem_carve(sp, sizeof sp / sizeof sp[0]);
-        if (f->mask != MASK_LEARNED) s->grad_pq = NULL;
-    }
+    f->mk = (inf_mask){f->mask, H, f->b, f->nb, f->kb, f->n_keep, dz, f->tau, f->P, f->q};
+    for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_init(&f->mk, &f->scratch[t]);
     f->stats.n_blocks = f->nb;
     f->stats.n_bins = Z_BINS;
     f->stats.n_sigma_bins = SIGMA_BINS;
@@ -224,7 +208,7 @@ void inf_register_units(inf_layer *f, tensor_table *tab) {
 
 void inf_free(inf_layer *f) {
     if (!f) return;
-    for (int t = 0; t < f->n_threads; t++) free(f->scratch[t].mem);
+    for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_free(&f->scratch[t]);
     free(f->scratch);
     dispatch_groups_free(&f->by_chunk);
     dispatch_free(&f->plan);
@@ -245,91 +229,6 @@ double inf_matmul_params_per_token(const inf_layer *f) {
 }
 
 /* ---- masks ---- */
-
-/* What sample_mask computes: the kept blocks only, also their units' weights, or also d/dz. */
-enum { MASK_BLOCKS, MASK_WEIGHTS, MASK_DEDZ };
-
-/*
- * One sample's mask from z: the kept blocks (ascending), and from MASK_WEIGHTS on
- * the softmax p over their units (block order), with MASK_DEDZ d unit logit / d z
- * per unit.
- */
-static void sample_mask(const inf_layer *f, const float *params, const float *z, mask_scratch *s,
-                        int want) {
-    const int want_dedz = want == MASK_DEDZ;
-    const int nb = f->nb, kb = f->kb, b = f->b, H = f->H, dz = f->dz;
-    float zz = 0.0f;
-    if (f->mask == MASK_WINDOW) {
-        /* the kb block centres nearest z: the arc centred on z (block centre i sits at
-         * (i + 0.5) / nb, so z lies at centre index x = z nb - 0.5) */
-        zz = z[0] - floorf(z[0]);
-        int start = (int)floorf(zz * nb - 0.5f - (kb - 1) * 0.5f + 0.5f);
-        for (int j = 0; j < kb; j++) s->blocks[j] = ((start + j) % nb + nb) % nb;
-    } else {
-        const float *P = params + f->P, *q = params + f->q;
-        for (int j = 0; j < H; j++) {
-            float v = q[j];
-            for (int d = 0; d < dz; d++) v += P[(size_t)j * dz + d] * z[d];
-            s->scores[j] = v;
-        }
-        for (int i = 0; i < nb; i++) {
-            float m = 0.0f;
-            for (int u = 0; u < b; u++) m += s->scores[i * b + u];
-            s->key[i] = -m / b; /* smaller key = better block */
-        }
-        /* kb smallest keys, ties to the lower index */
-        for (int j = 0; j < kb; j++) {
-            int best = -1;
-            for (int i = 0; i < nb; i++) {
-                if (s->key[i] == INFINITY) continue;
-                if (best < 0 || s->key[i] < s->key[best]) best = i;
-            }
-            s->blocks[j] = best;
-            s->key[best] = INFINITY;
-        }
-    }
-    /* ascending block order */
-    for (int i = 1; i < kb; i++)
-        for (int j = i; j > 0 && s->blocks[j - 1] > s->blocks[j]; j--) {
-            int32_t t = s->blocks[j];
-            s->blocks[j] = s->blocks[j - 1];
-            s->blocks[j - 1] = t;
-        }
-    if (want == MASK_BLOCKS) return;
-    /* unit logits (vectorised within each block), then the softmax over the kept units */
-    const float scale = (float)H / f->n_keep, inv_tau2 = 1.0f / (f->tau * f->tau);
-    for (int i = 0; i < kb; i++) {
-        float *e = s->p + i * b;
-        const int j0 = s->blocks[i] * b;
-        if (f->mask == MASK_WINDOW) {
-            float *de = s->dedz + i * b;
-#pragma omp simd
-            for (int u = 0; u < b; u++) {
-                float diff = zz - ((float)(j0 + u) + 0.5f) / H;
-                diff = diff >= 0.5f ? diff - 1.0f : diff < -0.5f ? diff + 1.0f : diff;
-                float d = fabsf(diff) * scale;
-                e[u] = -d * d * inv_tau2;
-                float sign = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
-                de[u] = -2.0f * d * inv_tau2 * sign * scale;
-            }
-        } else {
-            memcpy(e, s->scores + j0, sizeof(float) * b);
-            if (want_dedz) memcpy(s->dedz + (size_t)i * b * dz, params + f->P + (size_t)j0 * dz, sizeof(float) * b * dz);
-        }
-    }
-    const int n = f->n_keep;
-    float *p = s->p, max = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : max)
-    for (int o = 0; o < n; o++) max = p[o] > max ? p[o] : max;
-#pragma omp simd reduction(+ : sum)
-    for (int o = 0; o < n; o++) {
-        p[o] = exp_fast(p[o] - max);
-        sum += p[o];
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int o = 0; o < n; o++) p[o] *= inv;
-}
 
 /* ---- forward ---- */
 
@@ -370,7 +269,7 @@ static void build_block_lists(inf_layer *f, const float *params) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         const float *z = f->recv + i * W + C;
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, z + k * dz, s, MASK_WEIGHTS);
+            inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= nbl) continue;
@@ -485,7 +384,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     for (int64_t t = 0; t < n; t++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, f->z + (t * K + k) * dz, s, MASK_BLOCKS);
+            inf_mask_sample(&f->mk, params, f->z + (t * K + k) * dz, s, INF_MASK_BLOCKS);
             memcpy(f->blocks_of + (t * K + k) * kb, s->blocks, sizeof(int32_t) * kb);
             for (int i = 0; i < kb; i++) {
                 int shard = s->blocks[i] / f->nb_local;
@@ -582,7 +481,7 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
         const float *z = f->recv + i * W + C;
         float *A = f->rows_back + i * WB + C, *S = A + K * dz;
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, z + k * dz, s, MASK_DEDZ);
+            inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_DEDZ);
             for (int bi = 0; bi < f->kb; bi++) {
                 int lb = s->blocks[bi] - f->blk0;
                 if (lb < 0 || lb >= f->nb_local) continue;
@@ -681,7 +580,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
                 continue;
             }
             const float *z = f->z + (t * K + k) * dz;
-            sample_mask(f, params, z, s, MASK_DEDZ);
+            inf_mask_sample(&f->mk, params, z, s, INF_MASK_DEDZ);
             float St = Stot[t * K + k];
             for (int d = 0; d < dz; d++) {
                 float Q = 0.0f;
@@ -808,7 +707,7 @@ void inf_reference_forward(const inf_layer *f, const float *params, float *out, 
     for (int64_t t = 0; t < n; t++) {
         memset(w, 0, sizeof(float) * H);
         for (int k = 0; k < K; k++) {
-            sample_mask(f, params, f->z + (t * K + k) * dz, s, MASK_WEIGHTS);
+            inf_mask_sample(&f->mk, params, f->z + (t * K + k) * dz, s, INF_MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++)
                 for (int u = 0; u < b; u++) w[s->blocks[bi] * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
         }

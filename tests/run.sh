@@ -340,6 +340,26 @@ verify_damage() {
 }
 verify_damage
 
+# ckpt info names the FFN kind of every variant (the config of each written as a file:
+# the checkpoint keeps the config file's text)
+info_ok=1
+info_out=""
+for k in tiny:dense tiny-topk:topk tiny-topk:moge tiny-infinite:infinite; do
+    c=${k%:*}
+    kind=${k#*:}
+    sed "s/^  kind: .*/  kind: $kind/" "tests/configs/$c.yaml" > "$CK/info-$kind.yaml"
+    $INFMOE train "$CK/info-$kind.yaml" --set train.steps=1 --set train.warmup=0 \
+        --set output.dir="$CK/info-$kind" > "$CK/info-$kind.log" 2>&1
+    line=$($INFMOE ckpt info "$CK/info-$kind/latest" 2>&1 | grep '^  model: ')
+    info_out="$info_out$kind: $line"$'\n'
+    printf '%s\n' "$line" | grep -q ", ffn $kind\$" || info_ok=0
+done
+if [ $info_ok -eq 1 ]; then
+    pass "ckpt info: names the FFN kind of a dense, topk, moge and infinite checkpoint"
+else
+    fail "ckpt info: FFN kinds" "$info_out"
+fi
+
 # eval on any rank count: the same loss
 e1=$($INFMOE eval "$CK/p4/latest" 2>&1 | sed -n 's/.*val_loss \([0-9.]*\).*/\1/p')
 e2=$("${MPIRUN[@]}" -np 2 $INFMOE eval "$CK/p4/latest" --ep 2 2>&1 | sed -n 's/.*val_loss \([0-9.]*\).*/\1/p')
@@ -363,6 +383,13 @@ if [ $inf_ok -eq 1 ]; then
     pass "eval: ∞-MoE checkpoint at inference K = 1, 2, 4, 8 and deterministic (2 ranks, ep 2)"
 else
     fail "eval: ∞-MoE at inference K" "$inf_out"
+fi
+# --ep at eval: the config's own checks, with the ∞-MoE rule for an ∞-MoE model
+out=$("${MPIRUN[@]}" -np 3 $INFMOE eval "$inf_ck" --ep 3 --batch 6 2>&1)
+if [ $? -ne 0 ] && printf '%s\n' "$out" | grep -qF "ffn.units (256) must be divisible by parallel.ep x ffn.mask_block (3 x 16)"; then
+    pass "eval: --ep 3 on an ∞-MoE checkpoint is refused by the units rule"
+else
+    fail "eval: --ep 3 on an ∞-MoE checkpoint" "$out"
 fi
 if out=$("${MPIRUN[@]}" -np 2 $INFMOE sample "$CK/p4/latest" --prompt "The " --tokens 20 --ep 2 2>&1) &&
     [ "$(printf '%s' "$out" | head -c 4)" = "The " ] && [ "$(printf '%s' "$out" | wc -c)" -ge 24 ]; then
