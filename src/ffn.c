@@ -98,6 +98,9 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
     f->layer = layer;
     f->max_tokens = max_tokens;
     f->kind = cfg->ffn_kind != FFN_DENSE && (layer + 1) % cfg->ffn_every == 0 ? cfg->ffn_kind : FFN_DENSE;
+    if (f->kind != FFN_DENSE && !ctx && max_tokens > 0)
+        INFMOE_FAIL("layer %d (%s) exchanges token rows: it needs the MPI layout (a context)", layer,
+                    ffn_kind_name(f->kind));
     switch (f->kind) {
     case FFN_DENSE: f->dense = dense_create(cfg, layer, tab, max_tokens); break;
     case FFN_TOPK:

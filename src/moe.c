@@ -47,7 +47,7 @@ struct moe_layer {
     float *logits;    /* (n,E) clean router logits; blocked experts -inf */
     float *nlog;      /* (n,E) noise logits (noisy gate) */
     float *eps;       /* (n,E) noise draws */
-    float *score;     /* (n,E) selection scores: logits + eps * softplusf(nlog), or logits */
+    float *score;     /* (n,E) selection scores: logits + eps * softplus(nlog), or logits */
     float *probs;     /* (n,E) softmax of the clean logits */
     float *lse;       /* (n) logsumexp of the clean logits */
     float *gates;     /* (n,k) gate of each choice */

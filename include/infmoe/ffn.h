@@ -64,7 +64,9 @@ int ffn_kind_has_samples(ffn_kind kind);
 /*
  * Layer `layer`'s variant (from cfg->ffn_kind and ffn.every): register its
  * replicated parameters ("h.<layer>.ffn.*", or the router) and allocate for
- * max_tokens. ctx gives the expert-parallel layout; NULL means one process.
+ * max_tokens. ctx gives the expert-parallel layout and the communicators the
+ * layer's dispatch plan is made on; NULL is for dense layers and for a build
+ * of the tensor table alone (max_tokens 0).
  */
 void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
               int64_t max_tokens, const ffn_context *ctx);
