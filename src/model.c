@@ -12,10 +12,8 @@
 
 static size_t add(tensor_table *tab, const char *fmt, int layer, int ndim, int64_t d0, int64_t d1,
                   int decay, tensor_init init, float std) {
-    char name[64];
-    snprintf(name, sizeof name, fmt, layer);
     int64_t shape[2] = {d0, d1};
-    return tensor_add(tab, name, ndim, shape, decay, init, std);
+    return tensor_add_layer(tab, fmt, layer, ndim, shape, decay, init, std);
 }
 
 /* Carve `n` floats off the front of *cursor. */

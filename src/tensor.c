@@ -45,7 +45,7 @@ size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const i
     return off;
 }
 
-/* fmt holds exactly one %d, for the layer (every caller passes a literal). */
+/* fmt holds at most one %d, for the layer (every caller passes a literal). */
 static void layer_name(char *name, size_t cap, const char *fmt, int layer) {
     int n = snprintf(name, cap, fmt, layer);
     ALWAYS(n > 0 && (size_t)n < cap);

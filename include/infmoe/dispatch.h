@@ -3,19 +3,23 @@
  * them there by bucket (an expert, or a chunk of ∞-MoE units), and back.
  *
  * A row is `width` floats: a token's vector plus whatever the caller packs
- * beside it (expert id, unit blocks and weights). The sender groups its rows by
- * destination rank; dispatch_plan() exchanges the per-destination row counts with
- * MPI_Alltoall, and those counts are the single source of truth for every later
- * size. dispatch_forward() sends the rows (MPI_Alltoallv); dispatch_reverse()
- * sends rows of any width back along the same plan, so each sender receives
- * exactly one row per row it sent, in its own order. Every rank calls every
- * collective, with zero-length segments where it has nothing to send.
- *
- * A layer creates its plan when it is created. The routing decides what rows
- * go where; the moving of rows is here: dispatch_groups lists the received
- * rows of each bucket (from a bucket per row, or a membership flag per row and
- * bucket), and the gather/scatter helpers copy rows between the received order
- * and the grouped order the GEMMs run on.
+ * beside it (the expert's index, a token's samples z). One exchange:
+ *   dispatch_order    the send order: items (a token's choice of an expert, a
+ *                     token's need of a shard) sorted by bucket, hence by
+ *                     destination rank, and the per-destination row counts
+ *   dispatch_send     counts by MPI_Alltoall (the single source of truth for every
+ *                     later size), then the rows by MPI_Alltoallv
+ *   dispatch_group_*  on the receiver: the received rows of each bucket (an
+ *                     expert, or a chunk of ∞-MoE units), for the GEMMs
+ *   dispatch_gather / dispatch_scatter(_add)
+ *                     rows between received order and grouped order
+ *   dispatch_reverse  rows of any width back along the same plan, so each sender
+ *                     receives exactly one row per row it sent, in its own order
+ *   dispatch_forward  more rows (gradients) along the plan, the same way as the first
+ * Every rank calls every collective, with zero-length segments where it has
+ * nothing to send. A layer makes its plan when it is created and reuses it
+ * every step; the routing math (which bucket, what a row carries) stays with
+ * the layer.
  */
 #ifndef INFMOE_DISPATCH_H
 #define INFMOE_DISPATCH_H
@@ -26,7 +30,7 @@
 typedef struct {
     MPI_Comm comm;
     int size;
-    int *send_rows, *recv_rows;     /* per peer, from the last plan */
+    int *send_rows, *recv_rows;     /* per peer: of the last dispatch_order, of its dispatch_send */
     int *scount, *sdispl, *rcount, *rdispl; /* in floats, for the current width */
     int64_t n_send, n_recv;         /* total rows */
 } dispatch_plan;

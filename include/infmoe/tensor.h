@@ -46,8 +46,8 @@ size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const i
                           int decay, tensor_init init, float std, int64_t global_dim0,
                           int64_t first);
 /*
- * The same with the name made from fmt and a layer index ("h.%d.ffn.fc.w"): how
- * every layer names its tensors.
+ * The same with the name made from fmt and a layer index ("h.%d.ffn.fc.w"; a
+ * name without %d is taken as it is): how every layer names its tensors.
  */
 size_t tensor_add_layer(tensor_table *tab, const char *fmt, int layer, int ndim,
                         const int64_t *shape, int decay, tensor_init init, float std);
