@@ -35,8 +35,11 @@ int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items,
                        int buckets_per_rank, int32_t *slot, int32_t *item) {
     ALWAYS(p->comm != MPI_COMM_NULL && n_buckets == buckets_per_rank * p->size);
     int64_t *start = xcalloc((size_t)n_buckets + 1, sizeof(int64_t));
-    for (int64_t i = 0; i < n_items; i++)
+    ALWAYS(n_items <= INT32_MAX);
+    for (int64_t i = 0; i < n_items; i++) {
+        ALWAYS(bucket[i] < n_buckets);
         if (bucket[i] >= 0) start[bucket[i] + 1]++;
+    }
     for (int b = 0; b < n_buckets; b++) start[b + 1] += start[b];
     for (int r = 0; r < p->size; r++) {
         int64_t rows = start[(r + 1) * buckets_per_rank] - start[r * buckets_per_rank];

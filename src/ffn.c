@@ -98,7 +98,7 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
     f->layer = layer;
     f->max_tokens = max_tokens;
     f->kind = cfg->ffn_kind != FFN_DENSE && (layer + 1) % cfg->ffn_every == 0 ? cfg->ffn_kind : FFN_DENSE;
-    if (f->kind != FFN_DENSE && !ctx && max_tokens > 0)
+    if (f->kind != FFN_DENSE && (!ctx || ctx->ep_comm == MPI_COMM_NULL) && max_tokens > 0)
         INFMOE_FAIL("layer %d (%s) exchanges token rows: it needs the MPI layout (a context)", layer,
                     ffn_kind_name(f->kind));
     switch (f->kind) {

@@ -59,7 +59,7 @@ static void load_model(const char *arg, int B, int ep, dist_ctx *d, run_config *
     char *text = ckpt_config_text(path);
     /* the checkpoint's config with this job's ep: config checks what ep must divide */
     char set_ep[48];
-    snprintf(set_ep, sizeof set_ep, "parallel.ep=%d", ep < 1 ? 1 : ep);
+    snprintf(set_ep, sizeof set_ep, "parallel.ep=%d", ep);
     char *sets[1] = {set_ep};
     config_load_text(cfg, path, text, 1, sets, d->rank != 0);
     free(text);

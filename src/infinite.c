@@ -228,8 +228,6 @@ double inf_matmul_params_per_token(const inf_layer *f) {
     return (double)f->K_train * f->n_keep * 2.0 * f->C;
 }
 
-/* ---- masks ---- */
-
 /* ---- forward ---- */
 
 static void router_forward(inf_layer *f, const float *params, const float *in, int64_t n,

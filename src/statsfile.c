@@ -523,20 +523,25 @@ static hid_t open_layer(hid_t layers, stats_layer_data *L) {
  */
 static int read_layer_rows(hid_t ds, stats_layer_data *L, int64_t n) {
     int64_t n1 = n > 0 ? n : 1;
-    hid_t ft = h5_check(H5Dget_type(ds));
+    hid_t ft = H5Dget_type(ds); /* the file's types: a damaged file fails here, not the job */
+    if (ft < 0) return -1;
     int nm = H5Tget_class(ft) == H5T_COMPOUND ? H5Tget_nmembers(ft) : 0;
     size_t row_bytes = 8 * (size_t)L->nb + 8 * (size_t)(nm > 0 ? nm : 1);
     hid_t mt = h5_check(H5Tcreate(H5T_COMPOUND, row_bytes));
     int *slot = xcalloc((size_t)(nm > 0 ? nm : 1), sizeof(int)); /* column, -1 - aux, 0 none */
-    int have_tokens = 0;
+    int have_tokens = 0, broken = 0;
     for (int c = 0; c < nm; c++) {
         char *name = H5Tget_member_name(ft, (unsigned)c);
-        hid_t mtype = h5_check(H5Tget_member_type(ft, (unsigned)c));
+        hid_t mtype = name ? H5Tget_member_type(ft, (unsigned)c) : -1;
+        if (mtype < 0) {
+            if (name) H5free_memory(name);
+            broken = 1;
+            break;
+        }
         H5T_class_t cls = H5Tget_class(mtype);
         if (strcmp(name, "tokens") == 0 && cls == H5T_ARRAY && H5Tget_array_ndims(mtype) == 1) {
             hsize_t dim = 0;
-            h5_check(H5Tget_array_dims2(mtype, &dim));
-            if ((int)dim == L->nb) {
+            if (H5Tget_array_dims2(mtype, &dim) == 1 && (int)dim == L->nb) {
                 hid_t a = h5_check(H5Tarray_create2(H5T_NATIVE_INT64, 1, &dim));
                 h5_check(H5Tinsert(mt, "tokens", 0, a));
                 H5Tclose(a);
@@ -558,7 +563,7 @@ static int read_layer_rows(hid_t ds, stats_layer_data *L, int64_t n) {
         H5Tclose(mtype);
         H5free_memory(name);
     }
-    int ok = have_tokens;
+    int ok = have_tokens && !broken;
     for (int s = 1; s < STATS_N_COLUMNS; s++) {
         int found = 0;
         for (int c = 0; c < nm; c++) found |= slot[c] == s;

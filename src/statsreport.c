@@ -187,7 +187,7 @@ static void print_layer_report(const stats_layer_data *L, const stats_data *r, i
     }
     printf("  top 20%%   of %ss take %.1f%% of the tokens, the bottom 20%% %.1f%% (mean over rows)\n",
            L->bucket, 100.0 * m_top / n, 100.0 * m_bot / n);
-    if (strcmp(L->kind, "infinite") == 0)
+    if (L->sb) /* layers that sample (∞-MoE) keep a sigma histogram */
         printf("  sigma     %.4f -> %.4f | active units %.0f -> %.0f | mask overlap %.3f -> %.3f | "
                "first -> last row",
                L->v[STATS_COL_SIGMA][i0], L->v[STATS_COL_SIGMA][i1 - 1], L->v[STATS_COL_ACTIVE][i0], L->v[STATS_COL_ACTIVE][i1 - 1],

@@ -32,8 +32,8 @@ typedef struct inf_layer inf_layer;
 
 /*
  * Register the replicated parameters of layer `layer` (router, scores, b2);
- * allocate for max_tokens and plan the exchange over ctx->ep_comm (ctx NULL:
- * one process).
+ * allocate for max_tokens and plan the exchange over ctx->ep_comm (ctx NULL: a
+ * build of the tensor table alone, which can never exchange).
  */
 inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
                       const ffn_context *ctx);

@@ -27,7 +27,8 @@ typedef struct moe_layer moe_layer;
 
 /*
  * Register the router (replicated) parameters of layer `layer`; allocate for
- * max_tokens and plan the exchange over ctx->ep_comm (ctx NULL: one process).
+ * max_tokens and plan the exchange over ctx->ep_comm (ctx NULL: a build of the
+ * tensor table alone, which can never exchange; ffn_init refuses it otherwise).
  */
 moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
                       const ffn_context *ctx);

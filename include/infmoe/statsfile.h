@@ -43,12 +43,12 @@ extern const stats_column_info stats_columns[STATS_N_COLUMNS];
 typedef struct {
     int layer;              /* model layer: group /layers/h.<layer> */
     const char *kind;       /* ffn.kind of the layer ("topk", "moge", ...) */
-    const char *bucket;     /* what /tokens counts per column: "expert", "block" */
+    const char *bucket;     /* what the tokens field counts per column: "expert", "block" */
     int n_buckets;
     int k;                  /* choices per token (0: not applicable) */
     int n_aux;              /* aux losses, stored as aux_<name> */
     const char *aux_names[STATS_MAX_AUX];
-    int z_bins, sigma_bins; /* > 0: histogram datasets z_hist, sigma_hist */
+    int z_bins, sigma_bins; /* > 0: histogram fields z_hist, sigma_hist in each record */
     double z_lo, z_hi, sigma_lo, sigma_hi; /* their range: bins of equal width */
 } stats_layer_desc;
 
