@@ -31,26 +31,41 @@ void dispatch_free(dispatch_plan *p) {
     memset(p, 0, sizeof *p);
 }
 
+/*
+ * Stable counting sort of items 0..n-1 by bucket[i] in [0, nb) (< 0: left out):
+ * start (nb + 1) gets each bucket's first position, item[pos] the item at each
+ * position, slot[i] (may be NULL) item i's position or -1. Returns the positions
+ * filled. The send order and the grouping of received rows are both this sort.
+ */
+static int64_t sort_by_bucket(const int32_t *bucket, int64_t n, int nb, int64_t *start, int32_t *slot,
+                              int32_t *item) {
+    ALWAYS(n <= INT32_MAX);
+    memset(start, 0, sizeof(int64_t) * ((size_t)nb + 1));
+    for (int64_t i = 0; i < n; i++) {
+        ALWAYS(bucket[i] < nb);
+        if (bucket[i] >= 0) start[bucket[i] + 1]++;
+    }
+    for (int b = 0; b < nb; b++) start[b + 1] += start[b];
+    int64_t *fill = xmalloc(sizeof(int64_t) * ((size_t)nb + 1));
+    memcpy(fill, start, sizeof(int64_t) * ((size_t)nb + 1));
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = bucket[i] >= 0 ? fill[bucket[i]]++ : -1;
+        if (slot) slot[i] = (int32_t)s;
+        if (s >= 0) item[s] = (int32_t)i;
+    }
+    free(fill);
+    return start[nb];
+}
+
 int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items, int n_buckets,
                        int buckets_per_rank, int32_t *slot, int32_t *item) {
     ALWAYS(p->comm != MPI_COMM_NULL && n_buckets == buckets_per_rank * p->size);
-    int64_t *start = xcalloc((size_t)n_buckets + 1, sizeof(int64_t));
-    ALWAYS(n_items <= INT32_MAX);
-    for (int64_t i = 0; i < n_items; i++) {
-        ALWAYS(bucket[i] < n_buckets);
-        if (bucket[i] >= 0) start[bucket[i] + 1]++;
-    }
-    for (int b = 0; b < n_buckets; b++) start[b + 1] += start[b];
+    int64_t *start = xmalloc(sizeof(int64_t) * ((size_t)n_buckets + 1));
+    int64_t n_send = sort_by_bucket(bucket, n_items, n_buckets, start, slot, item);
     for (int r = 0; r < p->size; r++) {
         int64_t rows = start[(r + 1) * buckets_per_rank] - start[r * buckets_per_rank];
         if (rows > INT_MAX) INFMOE_FAIL("dispatch of %lld rows to one rank exceeds MPI's int counts", (long long)rows);
         p->send_rows[r] = (int)rows;
-    }
-    int64_t n_send = start[n_buckets];
-    for (int64_t i = 0; i < n_items; i++) {
-        int64_t s = bucket[i] >= 0 ? start[bucket[i]]++ : -1;
-        if (slot) slot[i] = (int32_t)s;
-        if (s >= 0) item[s] = (int32_t)i;
     }
     free(start);
     return n_send;
@@ -111,18 +126,9 @@ void dispatch_groups_free(dispatch_groups *g) {
 }
 
 void dispatch_group_by_id(dispatch_groups *g, const int32_t *bucket, int64_t n_rows) {
-    const int nb = g->n_buckets;
     ALWAYS(n_rows <= g->cap);
-    memset(g->start, 0, sizeof(int64_t) * ((size_t)nb + 1));
-    for (int64_t i = 0; i < n_rows; i++) {
-        ALWAYS(bucket[i] >= 0 && bucket[i] < nb);
-        g->start[bucket[i] + 1]++;
-    }
-    for (int b = 0; b < nb; b++) g->start[b + 1] += g->start[b];
-    int64_t *fill = xmalloc(sizeof(int64_t) * ((size_t)nb + 1));
-    memcpy(fill, g->start, sizeof(int64_t) * (size_t)nb);
-    for (int64_t i = 0; i < n_rows; i++) g->row[fill[bucket[i]]++] = (int32_t)i;
-    free(fill);
+    for (int64_t i = 0; i < n_rows; i++) ALWAYS(bucket[i] >= 0); /* every received row has one */
+    sort_by_bucket(bucket, n_rows, g->n_buckets, g->start, NULL, g->row);
 }
 
 void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t n_rows) {
