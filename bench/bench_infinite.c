@@ -64,7 +64,7 @@ static double masked_dense(int64_t N, int C, int H, int reps, rng_state *r) {
 static double layer_time(run_config *cfg, int64_t N, int reps, rng_state *r, double *active) {
     tensor_table tab = {0};
     ffn_layer f;
-    ffn_context ctx = {MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 5, 1, 10, 0, 1};
+    ffn_context ctx = {MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 5, 1, 10, 0, 1, 0, NULL};
     ffn_init(&f, cfg, 0, &tab, N, &ctx);
     ffn_register_sharded(&f, &tab);
     float *P = xcalloc(tab.total, 4), *G = xcalloc(tab.total, 4);

@@ -17,6 +17,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
@@ -47,9 +48,11 @@ int main(int argc, char **argv) {
             printf("usage: mpirun -np P bench_step [--layers L] [--embd C] [--heads NH] [--seq T]\n"
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
                    "       [--experts E --k K --expert-hidden HE --ep EP]\n"
-                   "       [--units H --keep F --samples K --block B --ep EP]\n"
+                   "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
-                   "--experts); defaults: GPT-2 small, T=256, B=4, 3 timed steps after one warm-up.\n");
+                   "--experts, or ∞-MoE with --units); defaults: GPT-2 small, T=256, B=4, fp32,\n"
+                   "3 timed steps after one warm-up. MFU is against the peak of the precision;\n"
+                   "peak RSS is the largest rank's.\n");
             return 0;
         }
     dist_ctx d;
@@ -88,6 +91,14 @@ int main(int argc, char **argv) {
             infmoe_die_all("--ep must divide --experts and the rank count");
         dist_set_layout(&d, cfg.ep);
     }
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--precision") == 0) {
+            if (strcmp(argv[i + 1], "bf16") == 0) cfg.precision = PRECISION_BF16;
+            else if (strcmp(argv[i + 1], "fp32") == 0) cfg.precision = PRECISION_FP32;
+            else infmoe_die_all("--precision takes fp32 or bf16, not '%s'", argv[i + 1]);
+        }
+    char msg[512];
+    if (model_precision(&cfg, msg, sizeof msg) < 0) infmoe_die_all("%s", msg);
     if (cfg.batch_size % d.size != 0) infmoe_die_all("--batch must be divisible by the rank count");
     int B = cfg.batch_size / d.size, T = cfg.seq_len;
 
@@ -99,7 +110,7 @@ int main(int argc, char **argv) {
     rng_seed(&r, 1 + (uint64_t)d.rank);
     for (int i = 0; i <= B * T; i++) tok[i] = (int32_t)(rng_u64(&r) % (uint64_t)cfg.vocab_size);
 
-    double peak = peak_fma_gflops(0.2);
+    double peak = m.bf16 ? peak_bf16_gflops(0.2) : peak_fma_gflops(0.2);
     dist_allreduce_sum_d(&peak, 1, d.world);
 
     double t_fwd = 0, t_bwd = 0, t_ar = 0, t_opt = 0, t_total = 0;
@@ -118,8 +129,7 @@ int main(int argc, char **argv) {
         double t2 = wall_time();
         double norm = model_reduce_gradients(&m, &d);
         double t3 = wall_time();
-        optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, 1e-4f, s,
-                         optim_clip_scale(1.0f, norm));
+        model_update(&m, &cfg, 1e-4f, s, optim_clip_scale(1.0f, norm));
         model_end_step(&m);
         double t4 = wall_time();
         if (s > 0) /* expert rows this rank computed: its experts' share of all assignments */
@@ -140,6 +150,10 @@ int main(int argc, char **argv) {
         t_opt += times[3];
         t_total += times[4];
     }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double rss_mib = (double)ru.ru_maxrss / 1024.0;
+    dist_allreduce_max_d(&rss_mib, 1, d.world);
     double moe_t[4];
     for (int i = 0; i < 4; i++)
         moe_t[i] = phase_time(&m, i) - moe0[i];
@@ -158,11 +172,12 @@ int main(int argc, char **argv) {
         printf("bench_step: L%d C%d NH%d T%d V%d H%d | global batch %d | ranks %d x threads %d\n",
                cfg.n_layer, cfg.n_embd, cfg.n_head, T, cfg.vocab_size, cfg.ffn_hidden,
                cfg.batch_size, d.size, omp_get_max_threads());
-        printf("  params %.1fM | %.2f GFLOP/token | peak %.0f GFLOP/s (%d cores in use)\n",
-               (double)model_num_params(&m) / 1e6, flops / 1e9, peak,
-               d.size * omp_get_max_threads());
-        printf("  ms/step %.1f | tok/s %.0f | mfu %.1f%%\n", ms, tok_s,
-               tok_s * flops / (peak * 1e9) * 100);
+        printf("  params %.1fM | %.2f GFLOP/token | precision %s | peak %.0f GFLOP/s %s (%d cores "
+               "in use)\n",
+               (double)model_num_params(&m) / 1e6, flops / 1e9, m.bf16 ? "bf16" : "fp32", peak,
+               m.bf16 ? "bf16" : "fp32", d.size * omp_get_max_threads());
+        printf("  ms/step %.1f | tok/s %.0f | mfu %.1f%% | peak RSS %.0f MiB per rank\n", ms, tok_s,
+               tok_s * flops / (peak * 1e9) * 100, rss_mib);
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% | optimizer %.1f%%\n",
                100 * t_fwd / t_total, 100 * t_bwd / t_total, 100 * t_ar / t_total,
                100 * t_opt / t_total);

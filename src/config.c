@@ -33,6 +33,11 @@ const char *ffn_kind_name(ffn_kind kind) {
 }
 static const char *const mask_names[] = {"window", "learned", NULL};
 static const char *const gate_names[] = {"noisy", "switch", NULL};
+static const char *const precision_names[] = {"fp32", "bf16", "auto", NULL};
+const char *precision_name(precision_kind p) {
+    ALWAYS(p >= PRECISION_FP32 && p <= PRECISION_AUTO);
+    return precision_names[p];
+}
 
 #define OFF(field) offsetof(run_config, field)
 static const key_spec schema[] = {
@@ -80,6 +85,7 @@ static const key_spec schema[] = {
     {"train", "beta2", KEY_FLOAT, OFF(beta2), 0, 0.999999999, NULL, "0.95"},
     {"train", "eps", KEY_FLOAT, OFF(adam_eps), 1e-30, 1, NULL, "1e-8"},
     {"train", "seed", KEY_INT64, OFF(seed), 0, 9.2e18, NULL, "1337"},
+    {"train", "precision", KEY_ENUM, OFF(precision), 0, 0, precision_names, "fp32"},
     {"train", "log_every", KEY_INT, OFF(log_every), 1, INT_MAX, NULL, "10"},
     {"train", "eval_every", KEY_INT, OFF(eval_every), 0, INT_MAX, NULL, "0"},
     {"train", "eval_batches", KEY_INT, OFF(eval_batches), 1, INT_MAX, NULL, "4"},

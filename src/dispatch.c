@@ -71,20 +71,31 @@ int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items,
     return n_send;
 }
 
-/* Float counts and displacements for rows of `width` (MPI counts are int). */
+/* Element counts and displacements for rows of `width` (MPI counts are int). */
 static void set_counts(int *count, int *displ, const int *rows, int size, int width) {
     int64_t off = 0;
     for (int r = 0; r < size; r++) {
         int64_t c = (int64_t)rows[r] * width;
         if (c > INT_MAX || off > INT_MAX)
-            INFMOE_FAIL("dispatch of %lld floats exceeds MPI's int counts", (long long)(off + c));
+            INFMOE_FAIL("dispatch of %lld elements exceeds MPI's int counts", (long long)(off + c));
         count[r] = (int)c;
         displ[r] = (int)off;
         off += c;
     }
 }
 
-int64_t dispatch_send(dispatch_plan *p, const float *send, float *recv, int width, int64_t max_recv) {
+static int64_t g_bytes_sent;
+
+int64_t dispatch_bytes_sent(void) { return g_bytes_sent; }
+
+/* fp32 rows travel as MPI_FLOAT, bf16 rows (bit patterns) as MPI_UINT16_T. */
+static MPI_Datatype elem_type(size_t elem) {
+    ALWAYS(elem == sizeof(float) || elem == sizeof(uint16_t));
+    return elem == sizeof(float) ? MPI_FLOAT : MPI_UINT16_T;
+}
+
+int64_t dispatch_send(dispatch_plan *p, const void *send, void *recv, int width, size_t elem,
+                      int64_t max_recv) {
     MPI_CHECK(MPI_Alltoall(p->send_rows, 1, MPI_INT, p->recv_rows, 1, MPI_INT, p->comm));
     p->n_send = p->n_recv = 0;
     for (int r = 0; r < p->size; r++) {
@@ -94,22 +105,24 @@ int64_t dispatch_send(dispatch_plan *p, const float *send, float *recv, int widt
     if (p->n_recv > max_recv)
         INFMOE_FAIL("%lld rows arrive for this rank's experts or units, more than the %lld planned",
                     (long long)p->n_recv, (long long)max_recv);
-    dispatch_forward(p, send, recv, width);
+    dispatch_forward(p, send, recv, width, elem);
     return p->n_recv;
 }
 
-void dispatch_forward(dispatch_plan *p, const float *send, float *recv, int width) {
+void dispatch_forward(dispatch_plan *p, const void *send, void *recv, int width, size_t elem) {
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
-    MPI_CHECK(MPI_Alltoallv(send, p->scount, p->sdispl, MPI_FLOAT, recv, p->rcount, p->rdispl,
-                            MPI_FLOAT, p->comm));
+    MPI_Datatype t = elem_type(elem);
+    MPI_CHECK(MPI_Alltoallv(send, p->scount, p->sdispl, t, recv, p->rcount, p->rdispl, t, p->comm));
+    g_bytes_sent += p->n_send * width * (int64_t)elem;
 }
 
-void dispatch_reverse(dispatch_plan *p, const float *back, float *out, int width) {
+void dispatch_reverse(dispatch_plan *p, const void *back, void *out, int width, size_t elem) {
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
-    MPI_CHECK(MPI_Alltoallv(back, p->rcount, p->rdispl, MPI_FLOAT, out, p->scount, p->sdispl,
-                            MPI_FLOAT, p->comm));
+    MPI_Datatype t = elem_type(elem);
+    MPI_CHECK(MPI_Alltoallv(back, p->rcount, p->rdispl, t, out, p->scount, p->sdispl, t, p->comm));
+    g_bytes_sent += p->n_recv * width * (int64_t)elem;
 }
 
 void dispatch_groups_init(dispatch_groups *g, int n_buckets, int64_t cap) {
@@ -146,18 +159,24 @@ void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t 
     free(fill);
 }
 
-void dispatch_gather(float *dst, const float *src, int64_t src_stride, const int32_t *idx,
-                     int64_t n, int width) {
+void dispatch_gather(void *dst, const void *src, int64_t src_stride, const int32_t *idx,
+                     int64_t n, int width, size_t elem) {
+    char *d = dst;
+    const char *s = src;
 #pragma omp parallel for
     for (int64_t r = 0; r < n; r++)
-        memcpy(dst + r * width, src + (int64_t)idx[r] * src_stride, sizeof(float) * (size_t)width);
+        memcpy(d + (size_t)(r * width) * elem, s + (size_t)((int64_t)idx[r] * src_stride) * elem,
+               elem * (size_t)width);
 }
 
-void dispatch_scatter(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
-                      int64_t n, int width) {
+void dispatch_scatter(void *dst, int64_t dst_stride, const void *src, const int32_t *idx,
+                      int64_t n, int width, size_t elem) {
+    char *d = dst;
+    const char *s = src;
 #pragma omp parallel for
     for (int64_t r = 0; r < n; r++)
-        memcpy(dst + (int64_t)idx[r] * dst_stride, src + r * width, sizeof(float) * (size_t)width);
+        memcpy(d + (size_t)((int64_t)idx[r] * dst_stride) * elem, s + (size_t)(r * width) * elem,
+               elem * (size_t)width);
 }
 
 void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,

@@ -17,17 +17,19 @@
 #include "infmoe/util.h"
 
 struct dense_layer {
-    int C, H;
+    int C, H, bf16;
     size_t fc_w, fc_b, proj_w, proj_b; /* parameter offsets */
     float *pre, *act; /* saved for backward: (max_tokens, H) pre-activation, GELU output */
+    bf16 *in_h, *act_h; /* bf16: the input and the GELU output in bf16 instead of act */
     void *mem;
 };
 
 static dense_layer *dense_create(const run_config *cfg, int layer, tensor_table *tab,
-                                 int64_t max_tokens) {
+                                 int64_t max_tokens, int use_bf16) {
     dense_layer *f = xcalloc(1, sizeof *f);
     f->C = cfg->n_embd;
     f->H = cfg->ffn_hidden;
+    f->bf16 = use_bf16;
     const float std = 0.02f;
     /* GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L). */
     const float proj_std = 0.02f / sqrtf(2.0f * (float)cfg->n_layer);
@@ -37,9 +39,42 @@ static dense_layer *dense_create(const run_config *cfg, int layer, tensor_table 
     f->fc_b = tensor_add_layer(tab, "h.%d.ffn.fc.b", layer, 1, s_fc_b, 0, INIT_ZERO, 0);
     f->proj_w = tensor_add_layer(tab, "h.%d.ffn.proj.w", layer, 2, s_pr_w, 1, INIT_NORMAL, proj_std);
     f->proj_b = tensor_add_layer(tab, "h.%d.ffn.proj.b", layer, 1, s_pr_b, 0, INIT_ZERO, 0);
-    const mem_part parts[] = {MEM_PART(f->pre, max_tokens * f->H), MEM_PART(f->act, max_tokens * f->H)};
-    f->mem = mem_carve(parts, 2);
+    if (use_bf16) {
+        const mem_part parts[] = {MEM_PART(f->pre, max_tokens * f->H),
+                                  MEM_PART(f->act_h, max_tokens * f->H),
+                                  MEM_PART(f->in_h, max_tokens * f->C)};
+        f->mem = mem_carve(parts, 3);
+    } else {
+        const mem_part parts[] = {MEM_PART(f->pre, max_tokens * f->H),
+                                  MEM_PART(f->act, max_tokens * f->H)};
+        f->mem = mem_carve(parts, 2);
+    }
     return f;
+}
+
+/* bf16: the same MLP with bf16 operands; what the backward feeds to products is
+ * kept in bf16 (the input and the GELU output), the pre-activation in fp32. */
+static void dense_forward_bf16(dense_layer *f, const float *params, const bf16 *W, float *out,
+                               const float *in, int64_t n) {
+    bf16_from_f32(f->in_h, in, n * f->C);
+    matmul_forward_bf16(f->pre, 0, f->in_h, W + f->fc_w, params + f->fc_b, n, f->C, f->H, 0);
+    gelu_forward_bf16(f->act_h, f->pre, n * f->H);
+    matmul_forward_bf16(out, 0, f->act_h, W + f->proj_w, params + f->proj_b, n, f->H, f->C, 1);
+}
+
+static void dense_backward_bf16(dense_layer *f, const bf16 *W, float *grads, float *din,
+                                const float *dout, int64_t n, float *scratch) {
+    const int C = f->C, H = f->H;
+    float *dact = scratch;                         /* (n,H) */
+    bf16 *dout_h = (bf16 *)(scratch + n * H);      /* (n,C) */
+    bf16_from_f32(dout_h, dout, n * C);
+    gemm_bf16(0, 0, n, H, C, dout_h, C, W + f->proj_w, H, dact, H, 0, 0, NULL);
+    gemm_bf16(1, 0, C, H, n, dout_h, C, f->act_h, H, grads + f->proj_w, H, 0, 1, NULL);
+    bias_backward(grads + f->proj_b, dout, n, C);
+    bf16 *dpre = f->act_h; /* the GELU output is not needed any more */
+    gelu_backward_bf16(dpre, f->pre, dact, n * H);
+    matmul_backward_bf16(din, 0, grads + f->fc_w, grads + f->fc_b, dpre, f->in_h, W + f->fc_w, n,
+                         C, H);
 }
 
 static void dense_forward(dense_layer *f, const float *params, float *out, const float *in,
@@ -102,7 +137,7 @@ void ffn_init(ffn_layer *f, const run_config *cfg, int layer, tensor_table *tab,
         INFMOE_FAIL("layer %d (%s) exchanges token rows: it needs the MPI layout (a context)", layer,
                     ffn_kind_name(f->kind));
     switch (f->kind) {
-    case FFN_DENSE: f->dense = dense_create(cfg, layer, tab, max_tokens); break;
+    case FFN_DENSE: f->dense = dense_create(cfg, layer, tab, max_tokens, ctx && ctx->bf16); break;
     case FFN_TOPK:
     case FFN_MOGE: f->moe = moe_create(cfg, layer, tab, max_tokens, ctx); break;
     case FFN_INFINITE: f->inf = inf_create(cfg, layer, tab, max_tokens, ctx); break;
@@ -115,7 +150,9 @@ void ffn_register_sharded(ffn_layer *f, tensor_table *tab) {
 }
 
 size_t ffn_scratch_floats(const ffn_layer *f, int64_t n) {
-    return f->dense ? (size_t)(n * f->dense->H) : 0;
+    if (!f->dense) return 0;
+    /* dense bf16: the output gradient in bf16 after the (n,H) one */
+    return (size_t)(n * f->dense->H) + (f->dense->bf16 ? (size_t)(n * f->dense->C + 1) / 2 : 0);
 }
 
 double ffn_forward(ffn_layer *f, const float *params, float *out, const float *in, int64_t n,
@@ -123,7 +160,10 @@ double ffn_forward(ffn_layer *f, const float *params, float *out, const float *i
     ALWAYS(n <= f->max_tokens);
     if (f->moe) return moe_forward(f->moe, params, out, in, n, ctx);
     if (f->inf) return inf_forward(f->inf, params, out, in, n, ctx);
-    dense_forward(f->dense, params, out, in, n);
+    if (f->dense->bf16)
+        dense_forward_bf16(f->dense, params, ctx->wbf, out, in, n);
+    else
+        dense_forward(f->dense, params, out, in, n);
     return 0.0;
 }
 
@@ -131,6 +171,7 @@ void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, float *scratch, const ffn_context *ctx) {
     if (f->moe) moe_backward(f->moe, params, grads, din, dout, in, n, ctx);
     else if (f->inf) inf_backward(f->inf, params, grads, din, dout, in, n, ctx);
+    else if (f->dense->bf16) dense_backward_bf16(f->dense, ctx->wbf, grads, din, dout, n, scratch);
     else dense_backward(f->dense, params, grads, din, dout, in, n, scratch);
 }
 

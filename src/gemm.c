@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/bf16.h"
 #include "infmoe/util.h"
 
 static void dnnl_check_at(dnnl_status_t st, const char *call, const char *file, int line) {
@@ -16,7 +17,10 @@ static void dnnl_check_at(dnnl_status_t st, const char *call, const char *file, 
 typedef struct {
     int64_t M, N, K, lda, ldb, ldc; /* M, K = DNNL_RUNTIME_DIM_VAL for gemm_var */
     int trans_a, trans_b, accumulate, bias;
+    int types; /* GEMM_TYPES_*: the operands' data types */
 } gemm_key;
+
+enum { GEMM_TYPES_F32 = 0, GEMM_TYPES_BF16 = 1, GEMM_TYPES_BF16_OUT = 2 };
 
 typedef struct {
     gemm_key key;
@@ -31,17 +35,18 @@ static gemm_entry *g_table;
 static int64_t g_cap, g_count, g_created;
 
 static uint64_t key_hash(const gemm_key *k) {
-    const int64_t v[10] = {k->M, k->N, k->K, k->lda, k->ldb, k->ldc,
-                           k->trans_a, k->trans_b, k->accumulate, k->bias};
+    const int64_t v[11] = {k->M, k->N, k->K, k->lda, k->ldb, k->ldc,
+                           k->trans_a, k->trans_b, k->accumulate, k->bias, k->types};
     uint64_t h = 1469598103934665603ULL;
-    for (int i = 0; i < 10; i++) h = (h ^ (uint64_t)v[i]) * 1099511628211ULL;
+    for (int i = 0; i < 11; i++) h = (h ^ (uint64_t)v[i]) * 1099511628211ULL;
     return h;
 }
 
 static int key_eq(const gemm_key *a, const gemm_key *b) {
     return a->M == b->M && a->N == b->N && a->K == b->K && a->lda == b->lda &&
            a->ldb == b->ldb && a->ldc == b->ldc && a->trans_a == b->trans_a &&
-           a->trans_b == b->trans_b && a->accumulate == b->accumulate && a->bias == b->bias;
+           a->trans_b == b->trans_b && a->accumulate == b->accumulate && a->bias == b->bias &&
+           a->types == b->types;
 }
 
 static void init_engine(void) {
@@ -77,9 +82,11 @@ static void make_mds(const gemm_key *k, int64_t M, int64_t K, dnnl_memory_desc_t
     dnnl_dims_t a_str = {k->trans_a ? 1 : k->lda, k->trans_a ? k->lda : 1};
     dnnl_dims_t b_str = {k->trans_b ? 1 : k->ldb, k->trans_b ? k->ldb : 1};
     dnnl_dims_t c_str = {k->ldc, 1};
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(a_md, 2, a_dims, dnnl_f32, a_str));
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(b_md, 2, b_dims, dnnl_f32, b_str));
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(c_md, 2, c_dims, dnnl_f32, c_str));
+    dnnl_data_type_t in = k->types == GEMM_TYPES_F32 ? dnnl_f32 : dnnl_bf16;
+    dnnl_data_type_t out = k->types == GEMM_TYPES_BF16_OUT ? dnnl_bf16 : dnnl_f32;
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(a_md, 2, a_dims, in, a_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(b_md, 2, b_dims, in, b_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(c_md, 2, c_dims, out, c_str));
 }
 
 static void create_entry(gemm_entry *e, const gemm_key *k) {
@@ -103,9 +110,10 @@ static void create_entry(gemm_entry *e, const gemm_key *k) {
     dnnl_status_t st = dnnl_primitive_desc_create(&pd, &desc, attr, g_engine, NULL);
     if (st != dnnl_success)
         INFMOE_FAIL("oneDNN has no matmul for M=%lld N=%lld K=%lld trans=(%d,%d) "
-                    "ld=(%lld,%lld,%lld) (status %d)",
+                    "ld=(%lld,%lld,%lld) %s (status %d)",
                     (long long)k->M, (long long)k->N, (long long)k->K, k->trans_a, k->trans_b,
-                    (long long)k->lda, (long long)k->ldb, (long long)k->ldc, (int)st);
+                    (long long)k->lda, (long long)k->ldb, (long long)k->ldc,
+                    k->types == GEMM_TYPES_F32 ? "fp32" : "bf16", (int)st);
     DNNL_CHECK(dnnl_primitive_create(&e->prim, pd));
     DNNL_CHECK(dnnl_primitive_desc_destroy(pd));
     DNNL_CHECK(dnnl_primitive_attr_destroy(attr));
@@ -129,41 +137,71 @@ static void create_entry(gemm_entry *e, const gemm_key *k) {
  */
 #define GEMM_MAX_K 16384
 
-static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
-                     int accumulate, const float *bias);
 static gemm_entry *lookup(const gemm_key *k);
-static void execute(gemm_entry *e, int64_t M, int64_t K, const float *A, const float *B,
-                    float *C, const float *bias);
+static void execute(gemm_entry *e, int64_t M, int64_t K, const void *A, const void *B, void *C,
+                    const float *bias);
+
+/*
+ * One product of any operand types. K == 0 (an empty sum, which oneDNN rejects)
+ * is the naive loop's; reductions longer than GEMM_MAX_K run as accumulated
+ * chunks; var: runtime M and K.
+ */
+static void gemm_typed(int types, int var, int trans_a, int trans_b, int64_t M, int64_t N,
+                       int64_t K, const void *A, int64_t lda, const void *B, int64_t ldb, void *C,
+                       int64_t ldc, int accumulate, const float *bias) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {
+        if (types == GEMM_TYPES_F32)
+            gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
+        else
+            gemm_naive_bf16(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
+                            types == GEMM_TYPES_BF16_OUT, accumulate, bias);
+        return;
+    }
+    if (var) {
+        gemm_key k = {DNNL_RUNTIME_DIM_VAL, N, DNNL_RUNTIME_DIM_VAL, lda, ldb, ldc, trans_a != 0,
+                      trans_b != 0, accumulate != 0, bias != NULL, types};
+        execute(lookup(&k), M, K, A, B, C, bias);
+        return;
+    }
+    int64_t chunks = (K + GEMM_MAX_K - 1) / GEMM_MAX_K, kc = (K + chunks - 1) / chunks;
+    size_t es = types == GEMM_TYPES_F32 ? sizeof(float) : sizeof(bf16);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        int64_t kk = K - k0 < kc ? K - k0 : kc;
+        const char *a = (const char *)A + (size_t)(trans_a ? k0 * lda : k0) * es;
+        const char *b = (const char *)B + (size_t)(trans_b ? k0 : k0 * ldb) * es;
+        gemm_key k = {M, N, kk, lda, ldb, ldc, trans_a != 0, trans_b != 0,
+                      accumulate || k0 > 0, k0 == 0 && bias != NULL, types};
+        execute(lookup(&k), M, kk, a, b, C, k0 == 0 ? bias : NULL);
+    }
+}
 
 void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
           int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
           const float *bias) {
-    if (M == 0 || N == 0) return;
-    if (K <= GEMM_MAX_K) {
-        gemm_one(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
-        return;
-    }
-    int64_t chunks = (K + GEMM_MAX_K - 1) / GEMM_MAX_K, kc = (K + chunks - 1) / chunks;
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        int64_t k = K - k0 < kc ? K - k0 : kc;
-        const float *a = trans_a ? A + k0 * lda : A + k0;
-        const float *b = trans_b ? B + k0 : B + k0 * ldb;
-        gemm_one(trans_a, trans_b, M, N, k, a, lda, b, ldb, C, ldc, accumulate || k0 > 0,
-                 k0 == 0 ? bias : NULL);
-    }
+    gemm_typed(GEMM_TYPES_F32, 0, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate,
+               bias);
 }
 
-static void gemm_one(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
-                     int accumulate, const float *bias) {
-    if (K == 0) { /* an empty sum: oneDNN rejects it, the answer is just the bias */
-        gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
-        return;
-    }
-    gemm_key k = {M, N, K, lda, ldb, ldc, trans_a != 0, trans_b != 0, accumulate != 0,
-                  bias != NULL};
-    execute(lookup(&k), M, K, A, B, C, bias);
+void gemm_var(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
+              const float *bias) {
+    gemm_typed(GEMM_TYPES_F32, 1, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate,
+               bias);
+}
+
+void gemm_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const bf16 *A,
+               int64_t lda, const bf16 *B, int64_t ldb, void *C, int64_t ldc, int c_bf16,
+               int accumulate, const float *bias) {
+    gemm_typed(c_bf16 ? GEMM_TYPES_BF16_OUT : GEMM_TYPES_BF16, 0, trans_a, trans_b, M, N, K, A,
+               lda, B, ldb, C, ldc, accumulate, bias);
+}
+
+void gemm_var_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const bf16 *A,
+                   int64_t lda, const bf16 *B, int64_t ldb, void *C, int64_t ldc, int c_bf16,
+                   int accumulate, const float *bias) {
+    gemm_typed(c_bf16 ? GEMM_TYPES_BF16_OUT : GEMM_TYPES_BF16, 1, trans_a, trans_b, M, N, K, A,
+               lda, B, ldb, C, ldc, accumulate, bias);
 }
 
 /* The cached primitive for `k`, created on first use. */
@@ -181,8 +219,8 @@ static gemm_entry *lookup(const gemm_key *k) {
     return e;
 }
 
-static void execute(gemm_entry *e, int64_t M, int64_t K, const float *A, const float *B,
-                    float *C, const float *bias) {
+static void execute(gemm_entry *e, int64_t M, int64_t K, const void *A, const void *B, void *C,
+                    const float *bias) {
     dnnl_memory_t src = e->src, wei = e->wei, dst = e->dst;
     if (is_var(&e->key)) {
         dnnl_memory_desc_t a_md, b_md, c_md;
@@ -211,19 +249,6 @@ static void execute(gemm_entry *e, int64_t M, int64_t K, const float *A, const f
     }
 }
 
-void gemm_var(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
-              const float *bias) {
-    if (M == 0 || N == 0) return;
-    if (K == 0) {
-        gemm_naive(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias);
-        return;
-    }
-    gemm_key k = {DNNL_RUNTIME_DIM_VAL, N, DNNL_RUNTIME_DIM_VAL, lda, ldb, ldc, trans_a != 0,
-                  trans_b != 0, accumulate != 0, bias != NULL};
-    execute(lookup(&k), M, K, A, B, C, bias);
-}
-
 void gemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                 int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
                 const float *bias) {
@@ -236,6 +261,27 @@ void gemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const
                 s += (double)a * (double)b;
             }
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + (float)s : (float)s;
+        }
+}
+
+void gemm_naive_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const bf16 *A,
+                     int64_t lda, const bf16 *B, int64_t ldb, void *C, int64_t ldc, int c_bf16,
+                     int accumulate, const float *bias) {
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++) {
+            double s = bias ? bias[j] : 0.0;
+            for (int64_t p = 0; p < K; p++) {
+                float a = bf16_float(trans_a ? A[p * lda + i] : A[i * lda + p]);
+                float b = bf16_float(trans_b ? B[j * ldb + p] : B[p * ldb + j]);
+                s += (double)a * (double)b;
+            }
+            if (c_bf16) {
+                bf16 *c = (bf16 *)C + i * ldc + j;
+                *c = bf16_round(accumulate ? bf16_float(*c) + (float)s : (float)s);
+            } else {
+                float *c = (float *)C + i * ldc + j;
+                *c = accumulate ? *c + (float)s : (float)s;
+            }
         }
 }
 
@@ -258,4 +304,24 @@ void gemm_shutdown(void) {
     dnnl_stream_destroy(g_stream);
     dnnl_engine_destroy(g_engine);
     g_engine = NULL;
+}
+
+int gemm_bf16_native(void) {
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    return ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_bf16) ==
+           (unsigned)dnnl_cpu_isa_avx512_core_bf16;
+}
+
+const char *gemm_isa_name(void) {
+    switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_sse41: return "sse41";
+    case dnnl_cpu_isa_avx: return "avx";
+    case dnnl_cpu_isa_avx2: return "avx2";
+    case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni";
+    case dnnl_cpu_isa_avx512_core: return "avx512_core";
+    case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
+    default: return "other";
+    }
 }

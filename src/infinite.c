@@ -297,7 +297,7 @@ static void blocks_forward(inf_layer *f, const float *params) {
         if (rows == 0) continue;
         const int32_t *rl = f->by_chunk.row + base;
         float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
-        dispatch_gather(f->xg, f->recv, W, rl, rows, C);
+        dispatch_gather(f->xg, f->recv, W, rl, rows, C, sizeof(float));
         gemm_var(0, 1, rows, cu, C, f->xg, C, params + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0,
                  params + f->b1 + (size_t)ch * cu);
         gelu_forward(Ac, Hp, rows * cu);
@@ -400,7 +400,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
         memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
     }
     double t1 = wall_time();
-    f->n_recv = dispatch_send(&f->plan, f->send, f->recv, W, f->max_recv);
+    f->n_recv = dispatch_send(&f->plan, f->send, f->recv, W, sizeof(float), f->max_recv);
     double t2 = wall_time();
     build_block_lists(f, params);
     double t3 = wall_time();
@@ -408,7 +408,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     double t4 = wall_time();
     /* partial outputs back; they add up at the owner, which adds b2 once */
     float *partial = f->dy_send; /* free until backward */
-    dispatch_reverse(&f->plan, f->rows_out, partial, C);
+    dispatch_reverse(&f->plan, f->rows_out, partial, C, sizeof(float));
     double t5 = wall_time();
     st->t_router += t1 - t0;
     st->t_alltoall += (t2 - t1) + (t5 - t4);
@@ -438,7 +438,7 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
         const int32_t *rl = f->by_chunk.row + base;
         float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
         const float *W1 = params + f->W1 + (size_t)ch * cu * C, *W2 = params + f->W2 + (size_t)ch * cu * C;
-        dispatch_gather(f->yg, dY, C, rl, rows, C);
+        dispatch_gather(f->yg, dY, C, rl, rows, C, sizeof(float));
 #pragma omp parallel for simd
         for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
         gemm_var(0, 1, rows, cu, C, f->yg, C, W2, C, f->daw, cu, 0, NULL);
@@ -457,7 +457,7 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
         /* GELU backward: aw <- GELU'(Hp) * daw */
         memset(f->aw, 0, sizeof(float) * (size_t)(rows * cu));
         gelu_backward(f->aw, Hp, f->daw, rows * cu);
-        dispatch_gather(f->xg, f->recv, W, rl, rows, C);
+        dispatch_gather(f->xg, f->recv, W, rl, rows, C, sizeof(float));
         gemm_var(1, 0, cu, C, rows, f->aw, cu, f->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
         float *db1 = grads + f->b1 + (size_t)ch * cu;
         for (int64_t r = 0; r < rows; r++)
@@ -538,12 +538,12 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     double t0 = wall_time();
     for (int64_t i = 0; i < rows; i++)
         memcpy(f->dy_send + i * C, dout + (int64_t)f->row_token[i] * C, sizeof(float) * C);
-    dispatch_forward(&f->plan, f->dy_send, f->rows_out, C);
+    dispatch_forward(&f->plan, f->dy_send, f->rows_out, C, sizeof(float));
     double t1 = wall_time(), masks_before = st->t_masks;
     blocks_backward(f, params, grads, f->rows_out);
     double t2 = wall_time();
     st->t_units += (t2 - t1) - (st->t_masks - masks_before);
-    dispatch_reverse(&f->plan, f->rows_back, f->back, WB);
+    dispatch_reverse(&f->plan, f->rows_back, f->back, WB, sizeof(float));
     double t3 = wall_time();
     st->t_alltoall += (t1 - t0) + (t3 - t2);
     /* 2. owner: input gradients, and the per-sample sums A and S over all shards */

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/gemm.h"
 #include "infmoe/ops.h"
 #include "infmoe/optim.h"
 #include "infmoe/util.h"
@@ -23,9 +24,71 @@ static float *carve(float **cursor, size_t n) {
     return p;
 }
 
+static void build_fp32_acts(gpt_model *m);
+
+int model_precision(const run_config *cfg, char *msg, size_t cap) {
+    if (cfg->precision == PRECISION_FP32) return PRECISION_FP32;
+    int native = gemm_bf16_native();
+    if (cfg->precision == PRECISION_AUTO) return native ? PRECISION_BF16 : PRECISION_FP32;
+    if (native) return PRECISION_BF16;
+    snprintf(msg, cap,
+             "train.precision bf16 needs a CPU with AVX-512 BF16, and oneDNN runs %s here%s "
+             "(bf16 products would be emulated, slower than fp32, or not run at all); use "
+             "train.precision: fp32, or auto (bf16 only where the CPU has it)",
+             gemm_isa_name(), getenv("ONEDNN_MAX_CPU_ISA") ? " (ONEDNN_MAX_CPU_ISA is set)" : "");
+    return -1;
+}
+
+/* Allocate the activations of a bf16 model: fp32 where other layers than
+ * products read them, bf16 where only products do. */
+static void build_bf16_acts(gpt_model *m) {
+    const int L = m->L, T = m->T, C = m->C;
+    const size_t nc = (size_t)m->N * (size_t)C, nn = (size_t)m->N;
+    const size_t att = (size_t)m->B * (size_t)m->NH * (size_t)T * (size_t)T;
+    mem_part *parts = xcalloc((size_t)L * 11 + 16, sizeof *parts);
+    size_t n = 0;
+#define PART(p, count) parts[n++] = (mem_part)MEM_PART(p, count)
+    m->acts = xcalloc((size_t)L, sizeof(block_acts));
+    for (int l = 0; l < L; l++) {
+        block_acts *a = &m->acts[l];
+        PART(a->ln1_mean, nn);
+        PART(a->ln1_rstd, nn);
+        PART(a->res2, nc);
+        PART(a->ln2, nc);
+        PART(a->ln2_mean, nn);
+        PART(a->ln2_rstd, nn);
+        PART(a->res3, nc);
+        PART(a->ln1_h, nc);
+        PART(a->qkv_h, 3 * nc);
+        PART(a->att_h, att);
+        PART(a->atty_h, nc);
+    }
+    PART(m->encoded, nc);
+    PART(m->ln_out, nc);
+    PART(m->lnf_mean, nn);
+    PART(m->lnf_rstd, nn);
+    PART(m->logits, nn * (size_t)m->Vp);
+    PART(m->losses, nn);
+    PART(m->lnf_h, nc);
+    PART(m->dlogits_h, nn * (size_t)m->Vp);
+    PART(m->dres_h, nc);
+    PART(m->datty_h, nc);
+    PART(m->dqkv_h, 3 * nc);
+    PART(m->datt_h, (size_t)T * T);
+    PART(m->wbf, m->tensors.total);
+#undef PART
+    m->bf16_mem = mem_carve(parts, n);
+    free(parts);
+}
+
 void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) {
     memset(m, 0, sizeof *m);
     ffn_context *ctx = &m->ctx;
+    char msg[512];
+    int precision = B > 0 ? model_precision(cfg, msg, sizeof msg) : PRECISION_FP32;
+    if (precision < 0) INFMOE_FAIL("%s", msg);
+    m->bf16 = precision == PRECISION_BF16;
+    ctx->bf16 = m->bf16;
     ctx->world = d ? d->world : MPI_COMM_NULL;
     ctx->ep_comm = d ? d->ep_comm : MPI_COMM_NULL;
     ctx->world_size = d ? d->size : 1;
@@ -41,7 +104,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->Vp = (m->V + 63) / 64 * 64;
     m->B = B;
     m->N = (int64_t)B * m->T;
-    const int L = m->L, C = m->C, T = m->T, NH = m->NH;
+    const int L = m->L, C = m->C, T = m->T;
     const int64_t N = m->N;
     const float std = 0.02f, proj_std = 0.02f / sqrtf(2.0f * (float)L);
 
@@ -60,7 +123,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
         o->proj_b = add(tab, "h.%d.attn.proj.b", l, 1, C, 0, 0, INIT_ZERO, 0);
         o->ln2_w = add(tab, "h.%d.ln2.w", l, 1, C, 0, 0, INIT_CONST, 1.0f);
         o->ln2_b = add(tab, "h.%d.ln2.b", l, 1, C, 0, 0, INIT_ZERO, 0);
-        ffn_init(&m->ffn[l], cfg, l, tab, N, d ? ctx : NULL);
+        ffn_init(&m->ffn[l], cfg, l, tab, N, ctx);
     }
     m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_CONST, 1.0f);
     m->lnf_b = add(tab, "lnf.b", 0, 1, C, 0, 0, INIT_ZERO, 0);
@@ -75,7 +138,40 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->m = xcalloc(P, sizeof(float));
     m->v = xcalloc(P, sizeof(float));
 
-    /* Activations: one buffer, sized by the same carving it is then cut with. */
+    if (m->bf16) {
+        build_bf16_acts(m);
+        ctx->wbf = m->wbf;
+    } else {
+        /* Activations: one buffer, sized by the same carving it is then cut with. */
+        build_fp32_acts(m);
+    }
+    const size_t nc = (size_t)N * C;
+    m->inputs = xcalloc((size_t)N, sizeof(int32_t));
+    m->targets = xcalloc((size_t)N, sizeof(int32_t));
+
+    size_t ffn_scratch = 0;
+    for (int l = 0; l < L; l++)
+        if (ffn_scratch_floats(&m->ffn[l], N) > ffn_scratch) ffn_scratch = ffn_scratch_floats(&m->ffn[l], N);
+    /* bf16 keeps the gradients of qkv and of the heads' outputs in bf16 (dqkv_h, datty_h) */
+    const size_t grad_parts[] = {nc, nc, m->bf16 ? 0 : 3 * nc, m->bf16 ? 0 : nc, (size_t)T * T,
+                                 ffn_scratch};
+    size_t grad_total = 0;
+    for (size_t i = 0; i < sizeof grad_parts / sizeof grad_parts[0]; i++)
+        grad_total += (grad_parts[i] + 15) / 16 * 16;
+    m->grad_mem = xcalloc(grad_total, sizeof(float));
+    float *cur = m->grad_mem;
+    m->dres = carve(&cur, nc);
+    m->dln = carve(&cur, nc);
+    m->dqkv = carve(&cur, grad_parts[2]);
+    m->datty = carve(&cur, grad_parts[3]);
+    m->datt = carve(&cur, (size_t)T * T);
+    m->dffn = carve(&cur, ffn_scratch);
+    ALWAYS(cur == m->grad_mem + grad_total);
+}
+
+static void build_fp32_acts(gpt_model *m) {
+    const int L = m->L, T = m->T, C = m->C, NH = m->NH, B = m->B;
+    const int64_t N = m->N;
     size_t att = (size_t)B * NH * T * T, nc = (size_t)N * C, nn = (size_t)N;
     size_t per_block = 0, rest = 0;
     const size_t block_parts[] = {nc, nn, nn, 3 * nc, att, nc, nc, nc, nn, nn, nc};
@@ -108,25 +204,6 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->logits = carve(&cur, (size_t)N * m->Vp);
     m->losses = carve(&cur, nn);
     ALWAYS(cur == m->act_mem + per_block * (size_t)L + rest);
-
-    m->inputs = xcalloc((size_t)N, sizeof(int32_t));
-    m->targets = xcalloc((size_t)N, sizeof(int32_t));
-
-    size_t ffn_scratch = 0;
-    for (int l = 0; l < L; l++)
-        if (ffn_scratch_floats(&m->ffn[l], N) > ffn_scratch) ffn_scratch = ffn_scratch_floats(&m->ffn[l], N);
-    const size_t grad_parts[] = {nc, nc, 3 * nc, nc, (size_t)T * T, ffn_scratch};
-    size_t grad_total = 0;
-    for (size_t i = 0; i < sizeof grad_parts / sizeof grad_parts[0]; i++)
-        grad_total += (grad_parts[i] + 15) / 16 * 16;
-    m->grad_mem = xcalloc(grad_total, sizeof(float));
-    cur = m->grad_mem;
-    m->dres = carve(&cur, nc);
-    m->dln = carve(&cur, nc);
-    m->dqkv = carve(&cur, 3 * nc);
-    m->datty = carve(&cur, nc);
-    m->datt = carve(&cur, (size_t)T * T);
-    m->dffn = carve(&cur, ffn_scratch);
 }
 
 void model_init_params(gpt_model *m, uint64_t seed) {
@@ -147,14 +224,42 @@ void model_end_step(gpt_model *m) {
     for (int l = 0; l < m->L; l++) ffn_end_step(&m->ffn[l], &m->ctx);
 }
 
-float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets) {
+/* The bf16 forward: the same computation with bf16 operands for the products. */
+static void forward_bf16(gpt_model *m) {
     const int B = m->B, T = m->T, C = m->C, NH = m->NH;
     const int64_t N = m->N;
     const float *P = m->params;
-    memcpy(m->inputs, inputs, (size_t)N * sizeof(int32_t));
-    encoder_forward(m->encoded, inputs, P + m->wte, P + m->wpe, B, T, C);
+    if (!m->wbf_fresh) bf16_from_f32(m->wbf, m->params, (int64_t)m->tensors.total);
+    m->wbf_fresh = 0; /* params may change before the next forward (tests, loads) */
+    const bf16 *W = m->wbf;
     const float *x = m->encoded;
-    m->aux_loss = 0.0;
+    for (int l = 0; l < m->L; l++) {
+        const block_offsets *o = &m->block[l];
+        block_acts *a = &m->acts[l];
+        layernorm_forward(m->ln_out, a->ln1_mean, a->ln1_rstd, x, P + o->ln1_w, P + o->ln1_b, N,
+                          C);
+        bf16_from_f32(a->ln1_h, m->ln_out, N * C);
+        matmul_forward_bf16(a->qkv_h, 1, a->ln1_h, W + o->qkv_w, P + o->qkv_b, N, C, 3 * C, 0);
+        attention_forward_bf16(a->atty_h, a->att_h, m->datt, a->qkv_h, B, T, C, NH);
+        memcpy(a->res2, x, (size_t)(N * C) * sizeof(float));
+        matmul_forward_bf16(a->res2, 0, a->atty_h, W + o->proj_w, P + o->proj_b, N, C, C, 1);
+        layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, P + o->ln2_w, P + o->ln2_b,
+                          N, C);
+        memcpy(a->res3, a->res2, (size_t)(N * C) * sizeof(float));
+        m->aux_loss += ffn_forward(&m->ffn[l], P, a->res3, a->ln2, N, &m->ctx);
+        x = a->res3;
+    }
+    layernorm_forward(m->ln_out, m->lnf_mean, m->lnf_rstd, x, P + m->lnf_w, P + m->lnf_b, N, C);
+    bf16_from_f32(m->lnf_h, m->ln_out, N * C);
+    matmul_forward_bf16(m->logits, 0, m->lnf_h, W + m->wte, NULL, N, C, m->Vp, 0);
+}
+
+/* The fp32 forward, after the embedding: blocks, final LayerNorm, logits. */
+static void forward_fp32(gpt_model *m) {
+    const int B = m->B, T = m->T, C = m->C, NH = m->NH;
+    const int64_t N = m->N;
+    const float *P = m->params;
+    const float *x = m->encoded;
     for (int l = 0; l < m->L; l++) {
         const block_offsets *o = &m->block[l];
         block_acts *a = &m->acts[l];
@@ -172,6 +277,19 @@ float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets)
     }
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, x, P + m->lnf_w, P + m->lnf_b, N, C);
     matmul_forward(m->logits, m->lnf, P + m->wte, NULL, N, C, m->Vp, 0);
+}
+
+float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets) {
+    const int B = m->B, T = m->T, C = m->C;
+    const int64_t N = m->N;
+    const float *P = m->params;
+    memcpy(m->inputs, inputs, (size_t)N * sizeof(int32_t));
+    encoder_forward(m->encoded, inputs, P + m->wte, P + m->wpe, B, T, C);
+    m->aux_loss = 0.0;
+    if (m->bf16)
+        forward_bf16(m);
+    else
+        forward_fp32(m);
     if (!targets) return 0.0f;
     memcpy(m->targets, targets, (size_t)N * sizeof(int32_t));
     crossentropy_forward(m->losses, m->logits, m->logits, targets, N, m->V, m->Vp);
@@ -183,7 +301,57 @@ float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets)
 
 void model_zero_grad(gpt_model *m) { memset(m->grads, 0, m->tensors.total * sizeof(float)); }
 
+void model_update(gpt_model *m, const run_config *cfg, float lr, int step, float grad_scale) {
+    optim_adamw_step(&m->tensors, m->params, m->grads, m->m, m->v, cfg, lr, step, grad_scale,
+                     m->bf16 ? m->wbf : NULL);
+    m->wbf_fresh = m->bf16;
+}
+
+/* The bf16 backward (see forward_bf16). */
+static void backward_bf16(gpt_model *m) {
+    const int B = m->B, T = m->T, C = m->C, NH = m->NH;
+    const int64_t N = m->N;
+    const size_t nc = (size_t)(N * C) * sizeof(float);
+    const float *P = m->params;
+    const bf16 *W = m->wbf;
+    float *G = m->grads;
+    crossentropy_backward_bf16(m->dlogits_h, m->logits, m->targets, 1.0f / (float)N, N, m->V,
+                               m->Vp);
+    memset(m->dln, 0, nc);
+    matmul_backward_bf16(m->dln, 0, G + m->wte, NULL, m->dlogits_h, m->lnf_h, W + m->wte, N, C,
+                         m->Vp);
+    const float *x_last = m->L > 0 ? m->acts[m->L - 1].res3 : m->encoded;
+    memset(m->dres, 0, nc);
+    layernorm_backward(m->dres, G + m->lnf_w, G + m->lnf_b, m->dln, x_last, P + m->lnf_w,
+                       m->lnf_mean, m->lnf_rstd, N, C);
+    for (int l = m->L - 1; l >= 0; l--) {
+        const block_offsets *o = &m->block[l];
+        block_acts *a = &m->acts[l];
+        const float *x = l > 0 ? m->acts[l - 1].res3 : m->encoded;
+        memset(m->dln, 0, nc);
+        ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn, &m->ctx);
+        layernorm_backward(m->dres, G + o->ln2_w, G + o->ln2_b, m->dln, a->res2, P + o->ln2_w,
+                           a->ln2_mean, a->ln2_rstd, N, C);
+        bf16_from_f32(m->dres_h, m->dres, N * C);
+        matmul_backward_bf16(m->datty_h, 1, G + o->proj_w, NULL, m->dres_h, a->atty_h,
+                             W + o->proj_w, N, C, C);
+        bias_backward(G + o->proj_b, m->dres, N, C);
+        attention_backward_bf16(m->dqkv_h, m->datt, m->datt_h, m->datty_h, a->qkv_h, a->att_h, B,
+                                T, C, NH);
+        memset(m->dln, 0, nc);
+        matmul_backward_bf16(m->dln, 0, G + o->qkv_w, G + o->qkv_b, m->dqkv_h, a->ln1_h,
+                             W + o->qkv_w, N, C, 3 * C);
+        layernorm_backward(m->dres, G + o->ln1_w, G + o->ln1_b, m->dln, x, P + o->ln1_w,
+                           a->ln1_mean, a->ln1_rstd, N, C);
+    }
+    encoder_backward(G + m->wte, G + m->wpe, m->dres, m->inputs, B, T, C);
+}
+
 void model_backward(gpt_model *m) {
+    if (m->bf16) {
+        backward_bf16(m);
+        return;
+    }
     const int B = m->B, T = m->T, C = m->C, NH = m->NH;
     const int64_t N = m->N;
     const size_t nc = (size_t)(N * C) * sizeof(float);
@@ -255,6 +423,7 @@ void model_free(gpt_model *m) {
     free(m->block);
     free(m->acts);
     free(m->act_mem);
+    free(m->bf16_mem);
     free(m->grad_mem);
     free(m->params);
     free(m->grads);

@@ -33,6 +33,8 @@ typedef struct {
 
 struct moe_layer {
     int layer, C, E, k, He, E_local, e0, ep;
+    int bf16; /* bf16 precision: rows, expert activations and their gradients in bf16, in
+               * the fp32-sized buffers below (token rows and payloads: half the bytes) */
     gate_kind gate;
     int moge, guard_steps;
     float w_imp, w_load, aux_alpha, z_loss, jitter, cf, margin;
@@ -110,6 +112,7 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
     m->k = cfg->top_k;
     m->He = cfg->expert_hidden;
     m->ep = ep;
+    m->bf16 = ctx && ctx->bf16;
     m->E_local = m->E / ep;
     m->e0 = ep_rank * m->E_local;
     m->gate = cfg->gate;
@@ -410,7 +413,12 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
 double moe_forward(moe_layer *m, const float *params, float *out, const float *in, int64_t n,
                    const ffn_context *ctx) {
     ALWAYS(n <= m->max_tokens);
-    const int E = m->E, k = m->k, C = m->C, W = C + 1;
+    const int E = m->E, k = m->k, C = m->C;
+    /* a send row: the token's vector, then the expert's local index (an int32: one
+     * fp32 slot, or two bf16 ones) */
+    const int bf = m->bf16, W = bf ? C + 2 : C + 1;
+    const size_t es = bf ? sizeof(bf16) : sizeof(float);
+    const bf16 *wbf = ctx->wbf;
     m->n = n;
 
     moe_stats *st = &m->stats;
@@ -452,26 +460,49 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
 #pragma omp parallel for
     for (int64_t r = 0; r < n_send; r++) {
         int64_t i = m->send_item[r];
-        float *row = m->send + r * W;
-        memcpy(row, in + (i / k) * C, sizeof(float) * C);
         int32_t local = m->choice[i] % m->E_local;
-        memcpy(row + C, &local, sizeof local);
+        if (bf) {
+            bf16 *row = (bf16 *)m->send + r * W;
+            const float *x = in + (i / k) * C;
+            for (int c = 0; c < C; c++) row[c] = bf16_round(x[c]);
+            memcpy(row + C, &local, sizeof local);
+        } else {
+            float *row = m->send + r * W;
+            memcpy(row, in + (i / k) * C, sizeof(float) * C);
+            memcpy(row + C, &local, sizeof local);
+        }
     }
 
     /* 4. rows to the expert ranks */
     double t2 = wall_time();
-    m->n_recv = dispatch_send(&m->plan, m->send, m->recv, W, m->max_rows);
+    m->n_recv = dispatch_send(&m->plan, m->send, m->recv, W, es, m->max_rows);
     double t3 = wall_time();
     st->t_alltoall += t3 - t2;
 
     /* 5. group received rows by local expert, one GEMM pair per expert */
     const int El = m->E_local, He = m->He;
-    for (int64_t i = 0; i < m->n_recv; i++) memcpy(&m->recv_expert[i], m->recv + i * W + C, sizeof(int32_t));
+    for (int64_t i = 0; i < m->n_recv; i++)
+        memcpy(&m->recv_expert[i], (const char *)m->recv + (size_t)(i * W + C) * es, sizeof(int32_t));
     dispatch_group_by_id(&m->by_expert, m->recv_expert, m->n_recv);
     const int64_t *l_start = m->by_expert.start;
     const int32_t *from = m->by_expert.row; /* received row at each expert-ordered position */
-    dispatch_gather(m->X, m->recv, W, from, m->n_recv, C);
+    dispatch_gather(m->X, m->recv, W, from, m->n_recv, C, es);
     double t4 = wall_time();
+    if (bf) {
+        const bf16 *X = (const bf16 *)m->X;
+        bf16 *A = (bf16 *)m->A, *Y = (bf16 *)m->Y;
+        for (int e = 0; e < El; e++) {
+            int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+            gemm_var_bf16(0, 1, rows, He, C, X + r0 * C, C, wbf + m->w1 + (size_t)e * He * C, C,
+                          m->Hpre + r0 * He, He, 0, 0, params + m->b1 + (size_t)e * He);
+        }
+        gelu_forward_bf16(A, m->Hpre, m->n_recv * He);
+        for (int e = 0; e < El; e++) {
+            int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+            gemm_var_bf16(0, 1, rows, C, He, A + r0 * He, He, wbf + m->w2 + (size_t)e * C * He,
+                          He, Y + r0 * C, C, 1, 0, params + m->b2 + (size_t)e * C);
+        }
+    } else {
     for (int e = 0; e < El; e++) {
         int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         gemm_var(0, 1, rows, He, C, m->X + r0 * C, C, params + m->w1 + (size_t)e * He * C, C,
@@ -483,13 +514,14 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
         gemm_var(0, 1, rows, C, He, m->A + r0 * He, He, params + m->w2 + (size_t)e * C * He, He,
                  m->Y + r0 * C, C, 0, params + m->b2 + (size_t)e * C);
     }
+    }
     double t5 = wall_time();
     st->t_expert += t5 - t4;
-    dispatch_scatter(m->back, C, m->Y, from, m->n_recv, C);
+    dispatch_scatter(m->back, C, m->Y, from, m->n_recv, C, es);
 
     /* 6. outputs back to the token owners, combined with their gates */
     double t6 = wall_time();
-    dispatch_reverse(&m->plan, m->back, m->yrows, C);
+    dispatch_reverse(&m->plan, m->back, m->yrows, C, es);
     double t7 = wall_time();
     st->t_alltoall += t7 - t6;
 #pragma omp parallel for
@@ -498,9 +530,14 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
             int32_t s = m->slot[t * k + j];
             if (s < 0) continue; /* dropped: the token rides the residual */
             float g = m->gates[t * k + j];
-            const float *y = m->yrows + (int64_t)s * C;
             float *o = out + t * C;
-            for (int c = 0; c < C; c++) o[c] += g * y[c];
+            if (bf) {
+                const bf16 *y = (const bf16 *)m->yrows + (int64_t)s * C;
+                for (int c = 0; c < C; c++) o[c] += g * bf16_float(y[c]);
+            } else {
+                const float *y = m->yrows + (int64_t)s * C;
+                for (int c = 0; c < C; c++) o[c] += g * y[c];
+            }
         }
     double t8 = wall_time();
     st->t_dispatch += (t2 - t1) + (t4 - t3) + (t6 - t5) + (t8 - t7);
@@ -572,10 +609,45 @@ static void gate_backward(moe_layer *m, int64_t t, const float *dgate, const ffn
     }
 }
 
+/*
+ * The experts' backward in bf16: dY (the received row gradients, expert-ordered, in
+ * m->Y) -> the weight and bias gradients, and dX in bf16 back in m->Y. The GELU
+ * output (m->A) feeds the weight gradient first, then holds dH.
+ */
+static void expert_backward_bf16(moe_layer *m, const float *params, const bf16 *wbf,
+                                 float *grads) {
+    const int C = m->C, El = m->E_local, He = m->He;
+    const int64_t *l_start = m->by_expert.start;
+    bf16 *dY = (bf16 *)m->Y, *A = (bf16 *)m->A, *X = (bf16 *)m->X;
+    float *dA = m->dA;
+    (void)params;
+    for (int e = 0; e < El; e++) {
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        const bf16 *W2 = wbf + m->w2 + (size_t)e * C * He;
+        gemm_var_bf16(0, 0, rows, He, C, dY + r0 * C, C, W2, He, dA + r0 * He, He, 0, 0, NULL);
+        gemm_var_bf16(1, 0, C, He, rows, dY + r0 * C, C, A + r0 * He, He,
+                      grads + m->w2 + (size_t)e * C * He, He, 0, 1, NULL);
+        bias_backward_bf16(grads + m->b2 + (size_t)e * C, dY + r0 * C, rows, C);
+    }
+    bf16 *dH = A;
+    gelu_backward_bf16(dH, m->Hpre, dA, m->n_recv * He);
+    bf16 *dX = dY; /* dY has been used */
+    for (int e = 0; e < El; e++) {
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        const bf16 *W1 = wbf + m->w1 + (size_t)e * He * C;
+        gemm_var_bf16(1, 0, He, C, rows, dH + r0 * He, He, X + r0 * C, C,
+                      grads + m->w1 + (size_t)e * He * C, C, 0, 1, NULL);
+        bias_backward_bf16(grads + m->b1 + (size_t)e * He, dH + r0 * He, rows, He);
+        gemm_var_bf16(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 1, 0, NULL);
+    }
+}
+
 void moe_backward(moe_layer *m, const float *params, float *grads, float *din, const float *dout,
                   const float *in, int64_t n, const ffn_context *ctx) {
     ALWAYS(n == m->n);
     const int E = m->E, k = m->k, C = m->C, El = m->E_local, He = m->He;
+    const int bf = m->bf16;
+    const size_t es = bf ? sizeof(bf16) : sizeof(float);
     moe_stats *st = &m->stats;
     double t0 = wall_time();
     float *dgate = m->dgate;
@@ -585,26 +657,40 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
     for (int64_t i = 0; i < n * k; i++) {
         int32_t s = m->slot[i];
         if (s < 0) continue;
-        const float *d = dout + (i / k) * C, *y = m->yrows + (int64_t)s * C;
-        float *row = m->dx_rows + (int64_t)s * C, g = m->gates[i], dot = 0.0f;
-        for (int c = 0; c < C; c++) {
-            row[c] = g * d[c];
-            dot += d[c] * y[c];
+        const float *d = dout + (i / k) * C;
+        float g = m->gates[i], dot = 0.0f;
+        if (bf) {
+            const bf16 *y = (const bf16 *)m->yrows + (int64_t)s * C;
+            bf16 *row = (bf16 *)m->dx_rows + (int64_t)s * C;
+            for (int c = 0; c < C; c++) {
+                row[c] = bf16_round(g * d[c]);
+                dot += d[c] * bf16_float(y[c]);
+            }
+        } else {
+            const float *y = m->yrows + (int64_t)s * C;
+            float *row = m->dx_rows + (int64_t)s * C;
+            for (int c = 0; c < C; c++) {
+                row[c] = g * d[c];
+                dot += d[c] * y[c];
+            }
         }
         dgate[i] = dot;
     }
     /* 2. row gradients to the experts along the forward plan */
     double t1 = wall_time();
-    dispatch_forward(&m->plan, m->dx_rows, m->back, C);
+    dispatch_forward(&m->plan, m->dx_rows, m->back, C, es);
     double t2 = wall_time();
     st->t_alltoall += t2 - t1;
     float *dY = m->Y; /* the forward outputs are no longer needed */
     const int64_t *l_start = m->by_expert.start;
     const int32_t *from = m->by_expert.row;
-    dispatch_gather(dY, m->back, C, from, m->n_recv, C);
+    dispatch_gather(dY, m->back, C, from, m->n_recv, C, es);
     /* 3. expert backward, one GEMM group per local expert */
     float *dA = m->dA, *dH = m->A; /* GELU outputs are consumed by the weight gradient first */
     double t3 = wall_time();
+    if (bf) {
+        expert_backward_bf16(m, params, ctx->wbf, grads);
+    } else {
     for (int e = 0; e < El; e++) {
         int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         const float *W2 = params + m->w2 + (size_t)e * C * He;
@@ -628,12 +714,13 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
             for (int h = 0; h < He; h++) db1[h] += dH[r * He + h];
         gemm_var(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 0, NULL);
     }
+    }
     double t4 = wall_time();
     st->t_expert += t4 - t3;
-    dispatch_scatter(m->back, C, dX, from, m->n_recv, C);
+    dispatch_scatter(m->back, C, m->Y, from, m->n_recv, C, es);
     /* 4. input gradients back to the token owners */
     double t5 = wall_time();
-    dispatch_reverse(&m->plan, m->back, m->dx_rows, C);
+    dispatch_reverse(&m->plan, m->back, m->dx_rows, C, es);
     double t6 = wall_time();
     st->t_alltoall += t6 - t5;
 #pragma omp parallel for
@@ -641,8 +728,13 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
         for (int j = 0; j < k; j++) {
             int32_t s = m->slot[t * k + j];
             if (s < 0) continue;
-            const float *r = m->dx_rows + (int64_t)s * C;
-            for (int c = 0; c < C; c++) din[t * C + c] += r[c];
+            if (bf) {
+                const bf16 *r = (const bf16 *)m->dx_rows + (int64_t)s * C;
+                for (int c = 0; c < C; c++) din[t * C + c] += bf16_float(r[c]);
+            } else {
+                const float *r = m->dx_rows + (int64_t)s * C;
+                for (int c = 0; c < C; c++) din[t * C + c] += r[c];
+            }
         }
     double t7 = wall_time();
     st->t_dispatch += (t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6);

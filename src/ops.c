@@ -105,17 +105,48 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
                      const float *inp, const float *weight, int64_t N, int C, int OC) {
     gemm(0, 0, N, C, OC, dout, OC, weight, C, dinp, C, 1, NULL);
     gemm(1, 0, OC, C, N, dout, OC, inp, C, dweight, C, 1, NULL);
-    if (dbias) {
+    if (dbias) bias_backward(dbias, dout, N, OC);
+}
+
+void bias_backward(float *dbias, const float *dout, int64_t N, int OC) {
 #pragma omp parallel for
-        for (int o0 = 0; o0 < OC; o0 += CHANNEL_BLOCK) {
-            int o1 = o0 + CHANNEL_BLOCK < OC ? o0 + CHANNEL_BLOCK : OC;
-            for (int64_t n = 0; n < N; n++) {
-                const float *d = dout + n * OC;
+    for (int o0 = 0; o0 < OC; o0 += CHANNEL_BLOCK) {
+        int o1 = o0 + CHANNEL_BLOCK < OC ? o0 + CHANNEL_BLOCK : OC;
+        for (int64_t n = 0; n < N; n++) {
+            const float *d = dout + n * OC;
 #pragma omp simd
-                for (int o = o0; o < o1; o++) dbias[o] += d[o];
-            }
+            for (int o = o0; o < o1; o++) dbias[o] += d[o];
         }
     }
+}
+
+void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
+#pragma omp parallel for
+    for (int o0 = 0; o0 < OC; o0 += CHANNEL_BLOCK) {
+        int o1 = o0 + CHANNEL_BLOCK < OC ? o0 + CHANNEL_BLOCK : OC;
+        for (int64_t n = 0; n < N; n++) {
+            const bf16 *d = dout + n * OC;
+#pragma omp simd
+            for (int o = o0; o < o1; o++) dbias[o] += bf16_float(d[o]);
+        }
+    }
+}
+
+/* Row t of causal attention scores: scaled, max-shifted and exponentiated in place
+ * over [0, t]; returns 1 / their sum (the caller normalises). */
+static inline float causal_softmax_row(float *row, int t, float scale) {
+    float max = -INFINITY;
+    for (int j = 0; j <= t; j++) {
+        row[j] *= scale;
+        if (row[j] > max) max = row[j];
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j <= t; j++) {
+        row[j] = exp_fast(row[j] - max);
+        sum += row[j];
+    }
+    return 1.0f / sum;
 }
 
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
@@ -131,18 +162,7 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
 #pragma omp parallel for
             for (int t = 0; t < T; t++) {
                 float *row = a + (int64_t)t * T;
-                float max = -INFINITY;
-                for (int j = 0; j <= t; j++) {
-                    row[j] *= scale;
-                    if (row[j] > max) max = row[j];
-                }
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int j = 0; j <= t; j++) {
-                    row[j] = exp_fast(row[j] - max);
-                    sum += row[j];
-                }
-                float inv = 1.0f / sum;
+                float inv = causal_softmax_row(row, t, scale);
                 for (int j = 0; j <= t; j++) row[j] *= inv;
                 for (int j = t + 1; j < T; j++) row[j] = 0.0f;
             }
@@ -245,5 +265,109 @@ void crossentropy_backward(float *dlogits, const float *probs, const int32_t *ta
         for (int i = 0; i < V; i++) d[i] = p[i] * dloss;
         for (int i = V; i < Vp; i++) d[i] = 0.0f;
         d[targets[n]] -= dloss;
+    }
+}
+
+/* ---- bf16 precision ---- */
+
+void matmul_forward_bf16(void *out, int out_bf16, const bf16 *inp, const bf16 *weight,
+                         const float *bias, int64_t N, int C, int OC, int accumulate) {
+    gemm_bf16(0, 1, N, OC, C, inp, C, weight, C, out, OC, out_bf16, accumulate, bias);
+}
+
+void matmul_backward_bf16(void *dinp, int dinp_bf16, float *dweight, float *dbias,
+                          const bf16 *dout, const bf16 *inp, const bf16 *weight, int64_t N, int C,
+                          int OC) {
+    gemm_bf16(0, 0, N, C, OC, dout, OC, weight, C, dinp, C, dinp_bf16, !dinp_bf16, NULL);
+    gemm_bf16(1, 0, OC, C, N, dout, OC, inp, C, dweight, C, 0, 1, NULL);
+    if (dbias) bias_backward_bf16(dbias, dout, N, OC);
+}
+
+void attention_forward_bf16(bf16 *out, bf16 *att, float *scores, const bf16 *qkv, int B, int T,
+                            int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            const bf16 *q = qkv + (int64_t)b * T * 3 * C + h * hs;
+            const bf16 *k = q + C, *v = q + 2 * C;
+            bf16 *a = att + ((int64_t)b * NH + h) * T * T;
+            gemm_bf16(0, 1, T, T, hs, q, 3 * C, k, 3 * C, scores, T, 0, 0, NULL);
+#pragma omp parallel for
+            for (int t = 0; t < T; t++) {
+                float *row = scores + (int64_t)t * T;
+                bf16 *ar = a + (int64_t)t * T;
+                float inv = causal_softmax_row(row, t, scale);
+#pragma omp simd
+                for (int j = 0; j <= t; j++) ar[j] = bf16_round(row[j] * inv);
+                for (int j = t + 1; j < T; j++) ar[j] = 0;
+            }
+            gemm_bf16(0, 0, T, hs, T, a, T, v, 3 * C, out + (int64_t)b * T * C + h * hs, C, 1, 0,
+                      NULL);
+        }
+}
+
+void attention_backward_bf16(bf16 *dqkv, float *scratch, bf16 *scratch_h, const bf16 *dout,
+                             const bf16 *qkv, const bf16 *att, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            int64_t off = (int64_t)b * T * 3 * C + h * hs;
+            const bf16 *q = qkv + off, *k = q + C, *v = q + 2 * C;
+            bf16 *dq = dqkv + off, *dk = dq + C, *dv = dq + 2 * C;
+            const bf16 *a = att + ((int64_t)b * NH + h) * T * T;
+            const bf16 *dy = dout + (int64_t)b * T * C + h * hs;
+            float *da = scratch;
+            gemm_bf16(0, 1, T, T, hs, dy, C, v, 3 * C, da, T, 0, 0, NULL);
+            gemm_bf16(1, 0, T, hs, T, a, T, dy, C, dv, 3 * C, 1, 0, NULL);
+#pragma omp parallel for
+            for (int t = 0; t < T; t++) {
+                const bf16 *ar = a + (int64_t)t * T;
+                const float *dr = da + (int64_t)t * T;
+                bf16 *ds = scratch_h + (int64_t)t * T;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int j = 0; j <= t; j++) dot += bf16_float(ar[j]) * dr[j];
+#pragma omp simd
+                for (int j = 0; j <= t; j++) ds[j] = bf16_round(bf16_float(ar[j]) * (dr[j] - dot) * scale);
+                for (int j = t + 1; j < T; j++) ds[j] = 0;
+            }
+            gemm_bf16(0, 0, T, hs, T, scratch_h, T, k, 3 * C, dq, 3 * C, 1, 0, NULL);
+            gemm_bf16(1, 0, T, hs, T, scratch_h, T, q, 3 * C, dk, 3 * C, 1, 0, NULL);
+        }
+}
+
+void gelu_forward_bf16(bf16 *out, const float *inp, int64_t N) {
+#pragma omp parallel for simd
+    for (int64_t i = 0; i < N; i++) {
+        float x = inp[i];
+        out[i] = bf16_round(0.5f * x * (1.0f + tanh_fast(GELU_SCALE * (x + 0.044715f * x * x * x))));
+    }
+}
+
+void gelu_backward_bf16(bf16 *dinp, const float *inp, const float *dout, int64_t N) {
+#pragma omp parallel for simd
+    for (int64_t i = 0; i < N; i++) {
+        float x = inp[i];
+        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+        float th = tanh_fast(u);
+        float sech2 = 1.0f - th * th;
+        float grad = 0.5f * (1.0f + th) +
+                     0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = bf16_round(grad * dout[i]);
+    }
+}
+
+void crossentropy_backward_bf16(bf16 *dlogits, const float *probs, const int32_t *targets,
+                                float dloss, int64_t N, int V, int Vp) {
+#pragma omp parallel for
+    for (int64_t n = 0; n < N; n++) {
+        const float *p = probs + n * Vp;
+        bf16 *d = dlogits + n * Vp;
+        const int32_t tgt = targets[n];
+#pragma omp simd
+        for (int i = 0; i < V; i++) d[i] = bf16_round((p[i] - (i == tgt ? 1.0f : 0.0f)) * dloss);
+        for (int i = V; i < Vp; i++) d[i] = 0;
     }
 }

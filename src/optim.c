@@ -24,8 +24,18 @@ float optim_clip_scale(float grad_clip, double norm) {
     return 1.0f;
 }
 
+/* One parameter's AdamW update; m and v updated in place. */
+static inline float adamw_one(float p, float g, float *m, float *v, float b1, float b2, float c1,
+                              float c2, float eps, float lr, float wd) {
+    *m = b1 * *m + (1.0f - b1) * g;
+    *v = b2 * *v + (1.0f - b2) * g * g;
+    float mhat = *m / c1, vhat = *v / c2;
+    return p - lr * (mhat / (sqrtf(vhat) + eps) + wd * p);
+}
+
 void optim_adamw_step(const tensor_table *tab, float *params, const float *grads, float *m,
-                      float *v, const run_config *cfg, float lr, int step, float grad_scale) {
+                      float *v, const run_config *cfg, float lr, int step, float grad_scale,
+                      bf16 *params_h) {
     const float b1 = cfg->beta1, b2 = cfg->beta2, eps = cfg->adam_eps;
     const float c1 = 1.0f - powf(b1, (float)(step + 1)), c2 = 1.0f - powf(b2, (float)(step + 1));
     for (int t = 0; t < tab->n; t++) {
@@ -34,13 +44,17 @@ void optim_adamw_step(const tensor_table *tab, float *params, const float *grads
         float *restrict p = params + s->offset, *restrict mm = m + s->offset,
                         *restrict vv = v + s->offset;
         const float *restrict g = grads + s->offset;
+        if (!params_h) {
+#pragma omp parallel for simd
+            for (size_t i = 0; i < s->numel; i++)
+                p[i] = adamw_one(p[i], g[i] * grad_scale, &mm[i], &vv[i], b1, b2, c1, c2, eps, lr, wd);
+            continue;
+        }
+        bf16 *restrict h = params_h + s->offset;
 #pragma omp parallel for simd
         for (size_t i = 0; i < s->numel; i++) {
-            float gi = g[i] * grad_scale;
-            mm[i] = b1 * mm[i] + (1.0f - b1) * gi;
-            vv[i] = b2 * vv[i] + (1.0f - b2) * gi * gi;
-            float mhat = mm[i] / c1, vhat = vv[i] / c2;
-            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+            p[i] = adamw_one(p[i], g[i] * grad_scale, &mm[i], &vv[i], b1, b2, c1, c2, eps, lr, wd);
+            h[i] = bf16_round(p[i]);
         }
     }
 }

@@ -115,6 +115,8 @@ int train_main(int argc, char **argv) {
     run_config cfg;
     config_load(&cfg, config_path, n_sets, sets, d.rank != 0);
     config_check_layout(&cfg, d.size, d.rank != 0);
+    char msg[512];
+    if (model_precision(&cfg, msg, sizeof msg) < 0) infmoe_die_all("%s", msg);
     dist_set_layout(&d, cfg.ep);
     const int B = cfg.batch_size / d.size, T = cfg.seq_len;
     const int threads = omp_get_max_threads();
@@ -153,16 +155,21 @@ int train_main(int argc, char **argv) {
     int32_t *inputs = xcalloc((size_t)B * T, sizeof(int32_t));
     int32_t *targets = xcalloc((size_t)B * T, sizeof(int32_t));
 
-    /* Peak of the cores this job uses: every rank measures its own threads at once. */
-    double peak = peak_fma_gflops(0.05);
+    /* Peak of the cores this job uses, in the precision it computes in: every rank
+     * measures its own threads at once. */
+    double peak = m.bf16 ? peak_bf16_gflops(0.05) : peak_fma_gflops(0.05);
     dist_allreduce_sum_d(&peak, 1, d.world);
     const double flops_per_token = model_flops_per_token(&m);
     const double tokens_per_step = (double)cfg.batch_size * T;
 
     dist_log("infmoe train %s | ranks %d x threads %d | ep %d | params %.2fM | "
-             "batch %d x %d tokens | data %llu sequences | peak %.0f GFLOP/s\n",
+             "batch %d x %d tokens | data %llu sequences | precision %s%s | peak %.0f GFLOP/s %s\n",
              config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,
-             cfg.batch_size, T, (unsigned long long)train.n_windows, peak);
+             cfg.batch_size, T, (unsigned long long)train.n_windows, m.bf16 ? "bf16" : "fp32",
+             cfg.precision == PRECISION_AUTO ? (m.bf16 ? " (auto: AVX-512 BF16)"
+                                                       : " (auto: no AVX-512 BF16 here)")
+                                             : "",
+             peak, m.bf16 ? "bf16" : "fp32");
 
     if (ckpt_path[0])
         dist_log("resumed from %s: step %lld, %lld sequences seen\n", ckpt_path,
@@ -188,8 +195,7 @@ int train_main(int argc, char **argv) {
         dist_allreduce_sum_d(&local_loss, 1, d.world);
         loss = (float)(local_loss / d.size);
         float lr = optim_lr(&cfg, step);
-        optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, lr, step,
-                         optim_clip_scale(cfg.grad_clip, norm));
+        model_update(&m, &cfg, lr, step, optim_clip_scale(cfg.grad_clip, norm));
         model_end_step(&m);
         if (stats && (step + 1) % cfg.stats_every == 0) stats_append(stats, &m, step + 1);
         double dt = wall_time() - t0;

@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
                     for (size_t i = 0; i < row; i++) bad |= m.grads[s->offset + (size_t)j * row + i] != 0.0f;
         }
         model_reduce_gradients(&m, &d);
-        optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, 1e-3f, step, 1.0f);
+        optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, 1e-3f, step, 1.0f, NULL);
         model_end_step(&m);
         dist_allreduce_sum_d(&loss, 1, d.world);
         stats_row st;

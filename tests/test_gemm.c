@@ -1,5 +1,6 @@
 /* oneDNN GEMMs against the naive reference: every transposition, odd shapes, strides,
  * accumulate and bias, and the primitive cache. */
+#include <math.h>
 #include <stdlib.h>
 
 #include "check.h"
@@ -33,6 +34,53 @@ static void one_case(int ta, int tb, int M, int N, int K, int pad, int acc, int 
     free(B);
     free(C);
     free(R);
+    free(bias);
+}
+
+/* bf16 operands: the same case with A, B (and C when c_bf16) rounded to bf16, against
+ * the naive sum of the same bf16 values. fp32 output: only the summation order
+ * differs, so the fp32 tolerance holds; bf16 output adds one rounding, 2^-8 relative. */
+static void bf16_case(int ta, int tb, int M, int N, int K, int pad, int acc, int use_bias,
+                      int c_bf16, int var, rng_state *r) {
+    int lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+    long na = (long)(ta ? K : M) * lda, nb = (long)(tb ? N : K) * ldb, nc = (long)M * ldc;
+    float *f = xmalloc(sizeof(float) * (na > nb ? na : nb) + 4);
+    bf16 *A = xmalloc(sizeof(bf16) * na + 2), *B = xmalloc(sizeof(bf16) * nb + 2);
+    float *C = xmalloc(sizeof(float) * nc + 4), *R = xmalloc(sizeof(float) * nc + 4);
+    bf16 *Ch = xmalloc(sizeof(bf16) * nc + 2), *Rh = xmalloc(sizeof(bf16) * nc + 2);
+    float *bias = xmalloc(sizeof(float) * N);
+    fill(f, na, r);
+    bf16_from_f32(A, f, na);
+    fill(f, nb, r);
+    bf16_from_f32(B, f, nb);
+    fill(C, nc, r);
+    bf16_from_f32(Ch, C, nc);
+    for (long i = 0; i < nc; i++) R[i] = C[i], Rh[i] = Ch[i];
+    fill(bias, N, r);
+    void *c = c_bf16 ? (void *)Ch : (void *)C, *ref = c_bf16 ? (void *)Rh : (void *)R;
+    const float *b = use_bias ? bias : NULL;
+    if (var)
+        gemm_var_bf16(ta, tb, M, N, K, A, lda, B, ldb, c, ldc, c_bf16, acc, b);
+    else
+        gemm_bf16(ta, tb, M, N, K, A, lda, B, ldb, c, ldc, c_bf16, acc, b);
+    gemm_naive_bf16(ta, tb, M, N, K, A, lda, B, ldb, ref, ldc, c_bf16, acc, b);
+    if (c_bf16) {
+        f32_from_bf16(C, Ch, nc);
+        f32_from_bf16(R, Rh, nc);
+    }
+    char what[200];
+    snprintf(what, sizeof what, "gemm_bf16%s ta=%d tb=%d M=%d N=%d K=%d pad=%d acc=%d bias=%d out=%s",
+             var ? " (runtime M, K)" : "", ta, tb, M, N, K, pad, acc, use_bias,
+             c_bf16 ? "bf16" : "fp32");
+    /* bf16 output: both sides round once; they may land one bf16 step (2^-7 relative) apart */
+    check_arrays_close(what, C, R, nc, c_bf16 ? 8e-3 : 1e-4, 2e-5 * (K + 1));
+    free(f);
+    free(A);
+    free(B);
+    free(C);
+    free(R);
+    free(Ch);
+    free(Rh);
     free(bias);
 }
 
@@ -79,6 +127,30 @@ int main(void) {
     CHECK(gemm_primitives_created() - before_var == 2,
           "gemm_var made %lld primitives for 2 transposition cases x 14 sizes",
           (long long)(gemm_primitives_created() - before_var));
+    /* bf16 operands, fp32 or bf16 output, every transposition, odd shapes, strides,
+     * accumulate, bias, long reductions and runtime M and K. */
+    for (unsigned s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int variant = 0; variant < 4; variant++) {
+                    int pad = variant & 1 ? 3 : 0, acc = variant >= 1, bias = variant == 2;
+                    for (int c_bf16 = 0; c_bf16 < 2; c_bf16++)
+                        bf16_case(ta, tb, shapes[s][0], shapes[s][1], shapes[s][2], pad, acc, bias,
+                                  c_bf16, variant == 3, &r);
+                }
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) bf16_case(ta, tb, 5, 7, 40001, 3, ta, tb, tb, 0, &r);
+    bf16_case(0, 1, 4, 6, 0, 0, 0, 1, 1, 0, &r);
+    for (int n = 0; n < 40; n += 7) bf16_case(0, 1, n, 16, 20, 0, 1, 0, 0, 1, &r);
+    for (int n = 0; n < 40; n += 7) bf16_case(1, 0, 24, 16, n, 0, 1, 0, 1, 1, &r);
+    /* Conversions: round to nearest even, NaN stays NaN, bf16 -> fp32 exact. */
+    CHECK(bf16_round(1.0f) == 0x3f80 && bf16_round(-2.0f) == 0xc000, "bf16 of 1 and -2");
+    CHECK(bf16_round(1.00390625f) == 0x3f80, "1 + 2^-8 (a tie) rounds to even 1");
+    CHECK(bf16_round(1.01171875f) == 0x3f82, "1 + 3 x 2^-8 (a tie) rounds to even");
+    CHECK(bf16_round(1.0048828125f) == 0x3f81, "above the tie rounds up");
+    CHECK(bf16_float(bf16_round(NAN)) != bf16_float(bf16_round(NAN)), "NaN stays NaN");
+    CHECK(bf16_float(bf16_round(INFINITY)) == INFINITY, "infinity stays infinity");
+    CHECK(bf16_float(0x4049) == 3.140625f, "bf16 -> fp32 is exact");
     /* The cache: repeating a shape creates no new primitive. */
     int64_t before = gemm_primitives_created();
     one_case(0, 1, 17, 33, 65, 0, 0, 0, &r);

@@ -130,7 +130,7 @@ int main(void) {
         model_backward(&m);
         double norm = sqrt(optim_sum_squares(m.grads, m.tensors.total));
         optim_adamw_step(&m.tensors, m.params, m.grads, m.m, m.v, &cfg, optim_lr(&cfg, step), step,
-                         optim_clip_scale(cfg.grad_clip, norm));
+                         optim_clip_scale(cfg.grad_clip, norm), NULL);
     }
     compare_tensors(&m, m.params, "final/", 1e-3, 2e-5);
 

@@ -45,7 +45,7 @@ static void inf_params(layer_case *lc) {
 }
 
 static void setup(layer_case *lc, const run_config *cfg, int64_t n) {
-    layer_case_setup(lc, cfg, n, (ffn_context){MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 11, 4, 10, 0, 1},
+    layer_case_setup(lc, cfg, n, (ffn_context){MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 11, 4, 10, 0, 1, 0, NULL},
                      inf_params, &g_rng);
 }
 

@@ -30,7 +30,7 @@ static void moe_params(layer_case *lc) {
 }
 
 static void setup(layer_case *lc, run_config *cfg, int64_t n) {
-    layer_case_setup(lc, cfg, n, (ffn_context){MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 77, 3, 10, 0, 1},
+    layer_case_setup(lc, cfg, n, (ffn_context){MPI_COMM_WORLD, MPI_COMM_WORLD, 1, 1, 0, 77, 3, 10, 0, 1, 0, NULL},
                      moe_params, &g_rng);
 }
 

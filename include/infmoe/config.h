@@ -32,6 +32,13 @@ typedef enum {
     GATE_SWITCH,    /* Switch: softmax over all E, raw probabilities as gates */
 } gate_kind;
 
+typedef enum {
+    PRECISION_FP32 = 0, /* every product in fp32 */
+    PRECISION_BF16,     /* GEMMs on bf16 operands, fp32 sums, weights and optimizer */
+    PRECISION_AUTO,     /* bf16 where the CPU has AVX-512 BF16, fp32 elsewhere */
+} precision_kind;
+const char *precision_name(precision_kind p);
+
 typedef struct {
     /* model */
     int32_t n_layer, n_embd, n_head, seq_len, vocab_size;
@@ -55,6 +62,7 @@ typedef struct {
     int32_t steps, batch_size, warmup;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;
     int64_t seed;
+    precision_kind precision; /* as written; precision_resolve() says what runs */
     int32_t log_every, eval_every, eval_batches, ckpt_every, stats_every, keep_last;
     /* data */
     char data_train[1024], data_val[1024];

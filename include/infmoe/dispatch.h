@@ -2,8 +2,9 @@
  * dispatch: moving token rows to the ranks that hold their experts, grouping
  * them there by bucket (an expert, or a chunk of ∞-MoE units), and back.
  *
- * A row is `width` floats: a token's vector plus whatever the caller packs
- * beside it (the expert's index, a token's samples z). One exchange:
+ * A row is `width` elements of `elem` bytes, fp32 (4) or bf16 (2, train.precision
+ * bf16: half the bytes): a token's vector plus whatever the caller packs beside
+ * it (the expert's index, a token's samples z). One exchange:
  *   dispatch_order    the send order: items (a token's choice of an expert, a
  *                     token's need of a shard) sorted by bucket, hence by
  *                     destination rank, and the per-destination row counts
@@ -31,7 +32,7 @@ typedef struct {
     MPI_Comm comm;
     int size;
     int *send_rows, *recv_rows;     /* per peer: of the last dispatch_order, of its dispatch_send */
-    int *scount, *sdispl, *rcount, *rdispl; /* in floats, for the current width */
+    int *scount, *sdispl, *rcount, *rdispl; /* in elements, for the current width */
     int64_t n_send, n_recv;         /* total rows */
 } dispatch_plan;
 
@@ -55,11 +56,14 @@ int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items,
  * recv (n_recv, width), grouped by source rank. Returns n_recv; more than
  * max_recv rows (what the receiver allocated for) is an internal error.
  */
-int64_t dispatch_send(dispatch_plan *p, const float *send, float *recv, int width, int64_t max_recv);
+int64_t dispatch_send(dispatch_plan *p, const void *send, void *recv, int width, size_t elem,
+                      int64_t max_recv);
 /* Rows of any width along the plan of the last dispatch_send, again: send -> recv. */
-void dispatch_forward(dispatch_plan *p, const float *send, float *recv, int width);
+void dispatch_forward(dispatch_plan *p, const void *send, void *recv, int width, size_t elem);
 /* The way back: back (n_recv, width) in received order -> out (n_send, width) in sent order. */
-void dispatch_reverse(dispatch_plan *p, const float *back, float *out, int width);
+void dispatch_reverse(dispatch_plan *p, const void *back, void *out, int width, size_t elem);
+/* Bytes of rows this process has sent through every exchange so far (tests, benchmarks). */
+int64_t dispatch_bytes_sent(void);
 
 /*
  * Received rows grouped by bucket: positions [start[b], start[b+1]) hold bucket
@@ -80,12 +84,12 @@ void dispatch_group_by_id(dispatch_groups *g, const int32_t *bucket, int64_t n_r
 /* member (n_rows, n_buckets): nonzero where the row belongs to the bucket. */
 void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t n_rows);
 
-/* dst (n, width) = src rows idx[r] (rows src_stride floats apart). */
-void dispatch_gather(float *dst, const float *src, int64_t src_stride, const int32_t *idx,
-                     int64_t n, int width);
+/* dst (n, width) = src rows idx[r] (rows src_stride elements apart), elements of elem bytes. */
+void dispatch_gather(void *dst, const void *src, int64_t src_stride, const int32_t *idx,
+                     int64_t n, int width, size_t elem);
 /* dst rows idx[r] (dst_stride apart) = src (n, width); idx must not repeat. */
-void dispatch_scatter(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
-                      int64_t n, int width);
+void dispatch_scatter(void *dst, int64_t dst_stride, const void *src, const int32_t *idx,
+                      int64_t n, int width, size_t elem);
 /* dst rows idx[r] += src (n, width), in order r = 0, 1, ... (idx may repeat). */
 void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
                           int64_t n, int width);

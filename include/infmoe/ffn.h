@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "infmoe/bf16.h"
 #include "infmoe/config.h"
 #include "infmoe/statsfile.h"
 #include "infmoe/tensor.h"
@@ -43,6 +44,8 @@ typedef struct {
     int step, total_steps;
     int64_t token_offset; /* global index of this rank's first token of the step */
     int training;         /* noise, jitter, aux losses and the guard only in training */
+    int bf16;             /* bf16 precision: products on bf16 operands (ops.h) */
+    const bf16 *wbf;      /* then: the parameters rounded to bf16, at the params' offsets */
 } ffn_context;
 
 typedef struct moe_layer moe_layer;

@@ -16,6 +16,8 @@
 
 #include <stdint.h>
 
+#include "infmoe/bf16.h"
+
 void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
           int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
           const float *bias);
@@ -33,6 +35,29 @@ void gemm_var(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const f
 void gemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                 int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc, int accumulate,
                 const float *bias);
+
+/*
+ * bf16 products (train.precision bf16): A and B are bf16, the sum is fp32, C is
+ * fp32, or bf16 when c_bf16 (the fp32 sum, plus C's value with accumulate and the
+ * fp32 bias, rounded once). gemm_var_bf16 takes runtime M and K like gemm_var.
+ */
+void gemm_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const bf16 *A,
+               int64_t lda, const bf16 *B, int64_t ldb, void *C, int64_t ldc, int c_bf16,
+               int accumulate, const float *bias);
+void gemm_var_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const bf16 *A,
+                   int64_t lda, const bf16 *B, int64_t ldb, void *C, int64_t ldc, int c_bf16,
+                   int accumulate, const float *bias);
+/* The reference: exact products of the bf16 values summed in double. */
+void gemm_naive_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const bf16 *A,
+                     int64_t lda, const bf16 *B, int64_t ldb, void *C, int64_t ldc, int c_bf16,
+                     int accumulate, const float *bias);
+
+/*
+ * Whether oneDNN runs bf16 products natively on this CPU (AVX-512 BF16 or AMX,
+ * within any ONEDNN_MAX_CPU_ISA limit), and the name of the ISA it uses.
+ */
+int gemm_bf16_native(void);
+const char *gemm_isa_name(void);
 
 /* Number of primitives created so far (tests check that the cache is hit). */
 int64_t gemm_primitives_created(void);

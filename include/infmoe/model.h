@@ -19,6 +19,7 @@
 
 #include <stdint.h>
 
+#include "infmoe/bf16.h"
 #include "infmoe/config.h"
 #include "infmoe/dist.h"
 #include "infmoe/ffn.h"
@@ -36,6 +37,9 @@ typedef struct {
     float *res2;                      /* (N,C) x after attention */
     float *ln2, *ln2_mean, *ln2_rstd; /* (N,C), (N), (N) */
     float *res3;                      /* (N,C) x after the FFN */
+    /* bf16 precision: what only feeds products is kept in bf16 instead (the fp32
+     * ln1, qkv, att and atty above are then NULL) */
+    bf16 *ln1_h, *qkv_h, *att_h, *atty_h;
 } block_acts;
 
 typedef struct {
@@ -57,11 +61,27 @@ typedef struct {
     /* backward scratch, shared by all blocks */
     float *grad_mem;
     float *dres, *dln, *dqkv, *datty, *datt, *dffn;
+    /* bf16 precision (bf16 set): the weights in bf16, and bf16 activations and
+     * gradients that only feed products */
+    int bf16;
+    bf16 *wbf;            /* tensors.total: params rounded to bf16 */
+    int wbf_fresh;        /* wbf was written by the last model_update (no cast needed) */
+    void *bf16_mem;
+    float *ln_out;        /* (N,C) fp32 LayerNorm output before its bf16 rounding */
+    bf16 *lnf_h, *dlogits_h, *dres_h, *datty_h, *dqkv_h, *datt_h;
     float mean_loss;      /* mean cross-entropy of the last forward with targets */
     double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */
     size_t n_replicated;  /* floats of the replicated region; the rest is expert-sharded */
     ffn_context ctx;      /* the step the FFN layers run in */
 } gpt_model;
+
+/*
+ * The precision cfg asks for on this machine: PRECISION_FP32 or PRECISION_BF16
+ * (auto: bf16 when oneDNN runs bf16 natively here), or -1 with a message in msg
+ * when bf16 is asked for and the CPU lacks AVX-512 BF16. Any ONEDNN_MAX_CPU_ISA
+ * limit counts (it is what oneDNN will run).
+ */
+int model_precision(const run_config *cfg, char *msg, size_t cap);
 
 /*
  * Size the model from cfg for B local sequences and allocate every buffer.
@@ -89,6 +109,8 @@ void model_init_params(gpt_model *m, uint64_t seed);
  */
 float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets);
 void model_zero_grad(gpt_model *m);
+/* The optimizer step (optim_adamw_step) and, in bf16, the bf16 weights in the same pass. */
+void model_update(gpt_model *m, const run_config *cfg, float lr, int step, float grad_scale);
 /*
  * Backward of the last forward's loss (mean cross-entropy + aux losses; the
  * forward must have had targets). Accumulates into grads; averaging over ranks

@@ -12,6 +12,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "infmoe/bf16.h"
+
 /*
  * e^x without calls or branches, so loops over it vectorise (libm's expf and
  * tanhf are scalar calls and were the largest non-GEMM cost). Range reduction
@@ -90,5 +92,35 @@ void crossentropy_forward(float *losses, float *probs, const float *logits,
 /* dlogits (N,Vp) = (probs - onehot(target)) * dloss; padding columns get 0 */
 void crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
                            float dloss, int64_t N, int V, int Vp);
+
+/*
+ * bf16 precision (train.precision bf16): the same layers with bf16 operands for
+ * their matrix products and fp32 sums. Where an output only feeds products it is
+ * written in bf16 (and overwritten, not accumulated); where it feeds anything
+ * else it stays fp32 and accumulates like the fp32 op. Softmax, the attention
+ * scale and every reduction run in fp32.
+ */
+/* out (N,OC) = inp . weight^T + bias: fp32 (accumulate allowed) or bf16 when out_bf16 */
+void matmul_forward_bf16(void *out, int out_bf16, const bf16 *inp, const bf16 *weight,
+                         const float *bias, int64_t N, int C, int OC, int accumulate);
+/* dinp (N,C): fp32 += , or bf16 = when dinp_bf16; dweight += ; dbias += (may be NULL) */
+void matmul_backward_bf16(void *dinp, int dinp_bf16, float *dweight, float *dbias,
+                          const bf16 *dout, const bf16 *inp, const bf16 *weight, int64_t N, int C,
+                          int OC);
+/* dbias (OC) += column sums of dout (N,OC), fp32 or bf16 */
+void bias_backward(float *dbias, const float *dout, int64_t N, int OC);
+void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC);
+/* out (B,T,C) and att (B,NH,T,T) in bf16; scores: T*T floats of scratch */
+void attention_forward_bf16(bf16 *out, bf16 *att, float *scores, const bf16 *qkv, int B, int T,
+                            int C, int NH);
+/* dqkv (B,T,3C) = (written); scratch T*T floats, scratch_h T*T bf16 */
+void attention_backward_bf16(bf16 *dqkv, float *scratch, bf16 *scratch_h, const bf16 *dout,
+                             const bf16 *qkv, const bf16 *att, int B, int T, int C, int NH);
+/* out (N) = GELU(inp) in bf16; dinp (N) = GELU'(inp) * dout in bf16 (written) */
+void gelu_forward_bf16(bf16 *out, const float *inp, int64_t N);
+void gelu_backward_bf16(bf16 *dinp, const float *inp, const float *dout, int64_t N);
+/* dlogits (N,Vp) = (probs - onehot(target)) * dloss in bf16 */
+void crossentropy_backward_bf16(bf16 *dlogits, const float *probs, const int32_t *targets,
+                                float dloss, int64_t N, int V, int Vp);
 
 #endif

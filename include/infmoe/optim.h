@@ -13,6 +13,7 @@
 
 #include <stddef.h>
 
+#include "infmoe/bf16.h"
 #include "infmoe/config.h"
 #include "infmoe/tensor.h"
 
@@ -27,9 +28,11 @@ float optim_clip_scale(float grad_clip, double norm);
 
 /*
  * One AdamW step (step is 0-based) over every tensor of `tab`; gradients are
- * multiplied by grad_scale first (clipping).
+ * multiplied by grad_scale first (clipping). params_h, when not NULL, receives the
+ * updated parameters rounded to bf16 in the same pass (the bf16 weights of a bf16 run).
  */
 void optim_adamw_step(const tensor_table *tab, float *params, const float *grads, float *m,
-                      float *v, const run_config *cfg, float lr, int step, float grad_scale);
+                      float *v, const run_config *cfg, float lr, int step, float grad_scale,
+                      bf16 *params_h);
 
 #endif

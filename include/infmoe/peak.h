@@ -1,7 +1,9 @@
 /*
- * peak: the machine's measured fp32 peak, the denominator of model FLOP
- * utilisation. A register-resident FMA loop (16 independent accumulators, the
- * widest vectors the build targets) runs on every OpenMP thread at once.
+ * peak: the machine's measured fp32 and bf16 peaks, the denominators of model
+ * FLOP utilisation (a run's MFU is against the peak of the precision it computes
+ * in). A register-resident loop of 16 independent accumulators runs on every
+ * OpenMP thread at once: fp32 FMAs on the widest vectors the build targets, or
+ * AVX-512 BF16 dot products (vdpbf16ps: 32 bf16 products into 16 fp32 lanes).
  */
 #ifndef INFMOE_PEAK_H
 #define INFMOE_PEAK_H
@@ -11,5 +13,8 @@
 double peak_fma_gflops(double seconds);
 /* Lanes of the FMA the build uses (16 with AVX-512, 8 with AVX2, 1 otherwise). */
 int peak_fma_lanes(void);
+/* The bf16 peak the same way (0 where the CPU has no AVX-512 BF16). */
+double peak_bf16_gflops(double seconds);
+int peak_has_bf16(void);
 
 #endif
