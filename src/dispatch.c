@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/bf16.h"
 #include "infmoe/dist.h"
 #include "infmoe/util.h"
 
@@ -186,5 +187,15 @@ void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, cons
         const float *y = src + r * width;
 #pragma omp simd
         for (int c = 0; c < width; c++) o[c] += y[c];
+    }
+}
+
+void dispatch_scatter_add_bf16(float *dst, int64_t dst_stride, const bf16 *src, const int32_t *idx,
+                               int64_t n, int width) {
+    for (int64_t r = 0; r < n; r++) {
+        float *o = dst + (int64_t)idx[r] * dst_stride;
+        const bf16 *y = src + r * width;
+#pragma omp simd
+        for (int c = 0; c < width; c++) o[c] += bf16_float(y[c]);
     }
 }

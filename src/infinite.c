@@ -54,6 +54,8 @@ typedef struct {
 struct inf_layer {
     int layer, C, H, b, nb, kb, n_keep, K, K_train, deterministic, dz, R, ep;
     int H_local, nb_local, blk0;
+    int bf16; /* bf16 precision: unit GEMMs on bf16 operands; vectors and their gradients
+               * travel in bf16, z and the masks' sums in fp32 beside them */
     int cu, nc_local;       /* compute chunks: cu units (whole blocks) each, nc_local per shard */
     mask_rule mask;
     float tau, kl;
@@ -72,6 +74,7 @@ struct inf_layer {
     int32_t *need;                                   /* (n*ep) shard r at t*ep + r if token t needs it, else -1 */
     uint8_t *seen;                                   /* (nb) diagnostics: blocks a token uses */
     float *Atot, *Stot;                              /* (n,K,dz), (n,K) backward sums over shards */
+    bf16 *out_h, *back_h;                            /* bf16: rows_out and rows_back packed to send */
     float *send, *back;                              /* (n*ep, C+K*dz), (n*ep, C+K*dz+K) */
     float *dy_send;                                  /* (n*ep, C) */
     /* receiver side */
@@ -105,8 +108,11 @@ static void alloc_sample_buffers(inf_layer *f, int K) {
         MEM_PART(f->back, n * ep * (C + K * dz + K)),
         MEM_PART(f->recv, M * (C + K * dz)),
         MEM_PART(f->rows_back, M * (C + K * dz + K)),
+        MEM_PART(f->out_h, M * C),
+        MEM_PART(f->back_h, M * (C + 2 * (K * dz + K))),
     };
-    f->sample_mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
+    f->sample_mem = mem_carve(parts, sizeof parts / sizeof parts[0] - (f->bf16 ? 0 : 2));
+    if (!f->bf16) f->out_h = f->back_h = NULL;
     f->K_alloc = K;
 }
 
@@ -129,6 +135,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->tau = cfg->tau;
     f->kl = cfg->kl_weight;
     f->ep = ep;
+    f->bf16 = ctx && ctx->bf16;
     f->H_local = f->H / ep;
     f->nb_local = f->nb / ep;
     f->blk0 = ep_rank * f->nb_local;
@@ -253,11 +260,24 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
     }
 }
 
+/* Elements of a sent row: the vector, then the K samples z (fp32; in bf16 rows each
+ * takes two bf16 slots, so the receiver's masks are the owner's bit for bit). */
+static int send_width(const inf_layer *f) {
+    return f->bf16 ? f->C + 2 * f->K * f->dz : f->C + f->K * f->dz;
+}
+
+/* Received row i's samples z (K*dz floats); buf holds them for a bf16 row. */
+static const float *recv_z(const inf_layer *f, int64_t i, float *buf) {
+    const int W = send_width(f);
+    if (!f->bf16) return f->recv + i * W + f->C;
+    memcpy(buf, (const bf16 *)f->recv + i * W + f->C, sizeof(float) * (size_t)(f->K * f->dz));
+    return buf;
+}
+
 /* Receiver: per-unit weights of every received row, and the rows of each local chunk. */
 static void build_block_lists(inf_layer *f, const float *params) {
-    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, nbl = f->nb_local;
+    const int K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, nbl = f->nb_local;
     const int ncl = f->nc_local, cu = f->cu;
-    const int W = C + K * dz;
     const int64_t M = f->n_recv;
     memset(f->used, 0, (size_t)(M * ncl));
     /* wrow is written only in the chunks a row uses (zeroed when first used), which are
@@ -265,7 +285,8 @@ static void build_block_lists(inf_layer *f, const float *params) {
 #pragma omp parallel for
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
-        const float *z = f->recv + i * W + C;
+        float zbuf[K * dz];
+        const float *z = recv_z(f, i, zbuf);
         for (int k = 0; k < K; k++) {
             inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++) {
@@ -289,14 +310,27 @@ static void build_block_lists(inf_layer *f, const float *params) {
 }
 
 /* Receiver: one GEMM pair per local chunk on the rows that use it. */
-static void blocks_forward(inf_layer *f, const float *params) {
-    const int C = f->C, cu = f->cu, W = C + f->K * f->dz;
+static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
+    const int C = f->C, cu = f->cu, W = send_width(f);
     memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
     for (int ch = 0; ch < f->nc_local; ch++) {
         int64_t base = f->by_chunk.start[ch], rows = f->by_chunk.start[ch + 1] - base;
         if (rows == 0) continue;
         const int32_t *rl = f->by_chunk.row + base;
         float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
+        if (f->bf16) {
+            bf16 *xg = (bf16 *)f->xg, *aw = (bf16 *)f->aw;
+            dispatch_gather(xg, f->recv, W, rl, rows, C, sizeof(bf16));
+            gemm_var_bf16(0, 1, rows, cu, C, xg, C, wbf + f->W1 + (size_t)ch * cu * C, C, Hp, cu,
+                          0, 0, params + f->b1 + (size_t)ch * cu);
+            gelu_forward(Ac, Hp, rows * cu);
+#pragma omp parallel for simd
+            for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
+            gemm_var_bf16(0, 0, rows, C, cu, aw, cu, wbf + f->W2 + (size_t)ch * cu * C, C, f->yg,
+                          C, 0, 0, NULL);
+            dispatch_scatter_add(f->rows_out, C, f->yg, rl, rows, C);
+            continue;
+        }
         dispatch_gather(f->xg, f->recv, W, rl, rows, C, sizeof(float));
         gemm_var(0, 1, rows, cu, C, f->xg, C, params + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0,
                  params + f->b1 + (size_t)ch * cu);
@@ -368,7 +402,8 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
 double inf_forward(inf_layer *f, const float *params, float *out, const float *in, int64_t n,
                    const ffn_context *ctx) {
     ALWAYS(n <= f->max_tokens);
-    const int C = f->C, K = f->K, dz = f->dz, kb = f->kb, ep = f->ep, W = C + K * dz;
+    const int C = f->C, K = f->K, dz = f->dz, kb = f->kb, ep = f->ep, W = send_width(f);
+    const size_t es = f->bf16 ? sizeof(bf16) : sizeof(float);
     f->n = n;
     f->training = ctx->training;
     inf_stats *st = &f->stats;
@@ -395,27 +430,38 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     for (int64_t i = 0; i < rows; i++) {
         int64_t t = f->row_token[i] / ep;
         f->row_token[i] = (int32_t)t;
+        if (f->bf16) {
+            bf16 *row = (bf16 *)f->send + i * W;
+            for (int c = 0; c < C; c++) row[c] = bf16_round(in[t * C + c]);
+            memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
+            continue;
+        }
         float *row = f->send + i * W;
         memcpy(row, in + t * C, sizeof(float) * C);
         memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
     }
     double t1 = wall_time();
-    f->n_recv = dispatch_send(&f->plan, f->send, f->recv, W, sizeof(float), f->max_recv);
+    f->n_recv = dispatch_send(&f->plan, f->send, f->recv, W, es, f->max_recv);
     double t2 = wall_time();
     build_block_lists(f, params);
     double t3 = wall_time();
-    blocks_forward(f, params);
+    blocks_forward(f, params, ctx->wbf);
+    if (f->bf16) bf16_from_f32(f->out_h, f->rows_out, f->n_recv * C);
     double t4 = wall_time();
     /* partial outputs back; they add up at the owner, which adds b2 once */
     float *partial = f->dy_send; /* free until backward */
-    dispatch_reverse(&f->plan, f->rows_out, partial, C, sizeof(float));
+    dispatch_reverse(&f->plan, f->bf16 ? (const void *)f->out_h : (const void *)f->rows_out,
+                     partial, C, es);
     double t5 = wall_time();
     st->t_router += t1 - t0;
     st->t_alltoall += (t2 - t1) + (t5 - t4);
     st->t_masks += t3 - t2;
     st->t_units += t4 - t3;
     const float *b2 = params + f->b2;
-    dispatch_scatter_add(out, C, partial, f->row_token, rows, C);
+    if (f->bf16)
+        dispatch_scatter_add_bf16(out, C, (const bf16 *)partial, f->row_token, rows, C);
+    else
+        dispatch_scatter_add(out, C, partial, f->row_token, rows, C);
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++)
         for (int c = 0; c < C; c++) out[t * C + c] += b2[c];
@@ -424,9 +470,46 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
 
 /* ---- backward ---- */
 
+/* One chunk's backward in bf16 (see blocks_backward): the rows rl of the chunk
+ * (positions base..base+rows), their output gradients in the bf16 rows dY. */
+static void chunk_backward_bf16(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
+                                const void *dY, int ch, int64_t base, int64_t rows) {
+    const int C = f->C, Hl = f->H_local, cu = f->cu, WB = C + f->K * f->dz + f->K;
+    const int32_t *rl = f->by_chunk.row + base;
+    const float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
+    const bf16 *W1 = wbf + f->W1 + (size_t)ch * cu * C, *W2 = wbf + f->W2 + (size_t)ch * cu * C;
+    bf16 *dy = (bf16 *)f->yg, *aw = (bf16 *)f->aw, *xg = (bf16 *)f->xg;
+    (void)params;
+    dispatch_gather(dy, dY, C, rl, rows, C, sizeof(bf16));
+#pragma omp parallel for simd
+    for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
+    gemm_var_bf16(0, 1, rows, cu, C, dy, C, W2, C, f->daw, cu, 0, 0, NULL);
+    gemm_var_bf16(1, 0, cu, C, rows, aw, cu, dy, C, grads + f->W2 + (size_t)ch * cu * C, C, 0, 1,
+                  NULL);
+#pragma omp parallel for
+    for (int64_t r = 0; r < rows; r++) {
+        float *g = f->wrow + (int64_t)rl[r] * Hl + ch * cu;
+        float *da = f->daw + r * cu;
+        const float *ac = Ac + r * cu, *wt = Wt + r * cu;
+#pragma omp simd
+        for (int u = 0; u < cu; u++) {
+            g[u] = da[u] * ac[u];
+            da[u] *= wt[u];
+        }
+    }
+    gelu_backward_bf16(aw, Hp, f->daw, rows * cu); /* aw <- GELU'(Hp) * daw */
+    dispatch_gather(xg, f->recv, send_width(f), rl, rows, C, sizeof(bf16));
+    gemm_var_bf16(1, 0, cu, C, rows, aw, cu, xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 0, 1,
+                  NULL);
+    bias_backward_bf16(grads + f->b1 + (size_t)ch * cu, aw, rows, cu);
+    gemm_var_bf16(0, 0, rows, C, cu, aw, cu, W1, C, f->yg, C, 0, 0, NULL);
+    dispatch_scatter_add(f->rows_back, WB, f->yg, rl, rows, C);
+}
+
 /* Receiver: block GEMMs backward; fills rows_back with [d u | A_k | S_k] per row. */
-static void blocks_backward(inf_layer *f, const float *params, float *grads, const float *dY) {
-    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, W = C + K * dz;
+static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
+                            const void *dY) {
+    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, W = send_width(f);
     const int WB = C + K * dz + K, cu = f->cu;
     const int64_t M = f->n_recv;
     memset(f->rows_back, 0, sizeof(float) * (size_t)(M * WB));
@@ -437,6 +520,10 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
         if (rows == 0) continue;
         const int32_t *rl = f->by_chunk.row + base;
         float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
+        if (f->bf16) {
+            chunk_backward_bf16(f, params, wbf, grads, dY, ch, base, rows);
+            continue;
+        }
         const float *W1 = params + f->W1 + (size_t)ch * cu * C, *W2 = params + f->W2 + (size_t)ch * cu * C;
         dispatch_gather(f->yg, dY, C, rl, rows, C, sizeof(float));
 #pragma omp parallel for simd
@@ -476,7 +563,8 @@ static void blocks_backward(inf_layer *f, const float *params, float *grads, con
 #pragma omp parallel for
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
-        const float *z = f->recv + i * W + C;
+        float zbuf[K * dz];
+        const float *z = recv_z(f, i, zbuf);
         float *A = f->rows_back + i * WB + C, *S = A + K * dz;
         for (int k = 0; k < K; k++) {
             inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_DEDZ);
@@ -532,18 +620,35 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, const ffn_context *ctx) {
     ALWAYS(n == f->n);
     const int C = f->C, K = f->K, dz = f->dz, R = f->R, WB = C + K * dz + K;
+    /* bf16 back rows: d u in bf16, then A and S in fp32, two bf16 slots each */
+    const int bf = f->bf16, WBh = C + 2 * (K * dz + K);
+    const size_t es = bf ? sizeof(bf16) : sizeof(float);
     const int64_t rows = f->plan.n_send;
     /* 1. dy to the shards along the forward plan */
     inf_stats *st = &f->stats;
     double t0 = wall_time();
-    for (int64_t i = 0; i < rows; i++)
-        memcpy(f->dy_send + i * C, dout + (int64_t)f->row_token[i] * C, sizeof(float) * C);
-    dispatch_forward(&f->plan, f->dy_send, f->rows_out, C, sizeof(float));
+    for (int64_t i = 0; i < rows; i++) {
+        const float *d = dout + (int64_t)f->row_token[i] * C;
+        if (bf)
+            for (int c = 0; c < C; c++) ((bf16 *)f->dy_send)[i * C + c] = bf16_round(d[c]);
+        else
+            memcpy(f->dy_send + i * C, d, sizeof(float) * C);
+    }
+    dispatch_forward(&f->plan, f->dy_send, f->rows_out, C, es);
     double t1 = wall_time(), masks_before = st->t_masks;
-    blocks_backward(f, params, grads, f->rows_out);
+    blocks_backward(f, params, ctx->wbf, grads, f->rows_out);
+    if (bf)
+#pragma omp parallel for
+        for (int64_t i = 0; i < f->n_recv; i++) {
+            const float *src = f->rows_back + i * WB;
+            bf16 *dst = f->back_h + i * WBh;
+            for (int c = 0; c < C; c++) dst[c] = bf16_round(src[c]);
+            memcpy(dst + C, src + C, sizeof(float) * (size_t)(K * dz + K));
+        }
     double t2 = wall_time();
     st->t_units += (t2 - t1) - (st->t_masks - masks_before);
-    dispatch_reverse(&f->plan, f->rows_back, f->back, WB, sizeof(float));
+    dispatch_reverse(&f->plan, bf ? (const void *)f->back_h : (const void *)f->rows_back, f->back,
+                     bf ? WBh : WB, es);
     double t3 = wall_time();
     st->t_alltoall += (t1 - t0) + (t3 - t2);
     /* 2. owner: input gradients, and the per-sample sums A and S over all shards */
@@ -552,10 +657,20 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     memset(Stot, 0, sizeof(float) * (size_t)(n * K));
     for (int64_t i = 0; i < rows; i++) {
         int64_t t = f->row_token[i];
-        const float *bk = f->back + i * WB;
-        for (int c = 0; c < C; c++) din[t * C + c] += bk[c];
-        for (int j = 0; j < K * dz; j++) Atot[t * K * dz + j] += bk[C + j];
-        for (int k = 0; k < K; k++) Stot[t * K + k] += bk[C + K * dz + k];
+        float sums[K * dz + K];
+        const float *as; /* A (K*dz), then S (K) */
+        if (bf) {
+            const bf16 *bh = (const bf16 *)f->back + i * WBh;
+            for (int c = 0; c < C; c++) din[t * C + c] += bf16_float(bh[c]);
+            memcpy(sums, bh + C, sizeof sums);
+            as = sums;
+        } else {
+            const float *bk = f->back + i * WB;
+            for (int c = 0; c < C; c++) din[t * C + c] += bk[c];
+            as = bk + C;
+        }
+        for (int j = 0; j < K * dz; j++) Atot[t * K * dz + j] += as[j];
+        for (int k = 0; k < K; k++) Stot[t * K + k] += as[K * dz + k];
     }
     float *db2 = grads + f->b2;
     for (int64_t t = 0; t < n; t++)

@@ -44,7 +44,7 @@ summarise() { # log, run dir
     build/tests/tool_ckhash "$2/$(cat "$2/latest")/model.h5" 2>&1 | sed 's/^/ckpt /'
 }
 
-# config, ranks, ep
+# config, ranks, ep[, precision: fp32 unless named]
 RUNS=(
     "configs/tiny-dense.yaml 2 1"
     "configs/tiny-topk.yaml 2 2"
@@ -57,6 +57,9 @@ RUNS=(
     "tests/configs/tiny-infinite.yaml 1 1"
     "tests/configs/tiny-infinite.yaml 4 2"
     "tests/configs/tiny-infinite-learned.yaml 2 2"
+    "tests/configs/tiny.yaml 1 1 bf16"
+    "tests/configs/tiny-topk.yaml 2 2 bf16"
+    "tests/configs/tiny-infinite.yaml 2 2 bf16"
 )
 
 if [ $record -eq 1 ]; then
@@ -67,12 +70,20 @@ same_machine=0
 [ -e "$GOLD/MACHINE" ] && [ "$(machine)" = "$(cat "$GOLD/MACHINE")" ] && same_machine=1
 
 for run in "${RUNS[@]}"; do
-    read -r cfg p ep <<< "$run"
+    read -r cfg p ep precision <<< "$run"
+    precision=${precision:-fp32}
     name="$(dirname "$cfg" | tr / -)-$(basename "$cfg" .yaml)-p$p-ep$ep"
+    if [ "$precision" != fp32 ]; then
+        name="$name-$precision"
+        if ! grep -qw avx512_bf16 /proc/cpuinfo; then
+            pass "recorded run $name: skipped, this CPU has no AVX-512 BF16"
+            continue
+        fi
+    fi
     dir="$TMP/$name"
     log="$TMP/$name.log"
     if ! "${MPIRUN[@]}" -np "$p" $INFMOE train "$cfg" --set train.steps=20 --set train.warmup=5 --set train.log_every=1 \
-        --set train.eval_every=0 --set train.stats_every=5 --set parallel.ep="$ep" \
+        --set train.eval_every=0 --set train.stats_every=5 --set parallel.ep="$ep" --set train.precision="$precision" \
         --set output.dir="$dir" > "$log" 2>&1; then
         fail "recorded run $name: training failed" "$(tail -5 "$log")"
         continue

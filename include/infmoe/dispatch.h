@@ -93,5 +93,8 @@ void dispatch_scatter(void *dst, int64_t dst_stride, const void *src, const int3
 /* dst rows idx[r] += src (n, width), in order r = 0, 1, ... (idx may repeat). */
 void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
                           int64_t n, int width);
+/* The same from bf16 rows, each value widened to fp32 before it is added. */
+void dispatch_scatter_add_bf16(float *dst, int64_t dst_stride, const uint16_t *src,
+                               const int32_t *idx, int64_t n, int width);
 
 #endif
