@@ -470,11 +470,29 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
 
 /* ---- backward ---- */
 
+/* From daw = d loss / d (a w) of a chunk's rows: d loss / d w into wrow, and daw
+ * becomes d loss / d a. */
+static void weight_gradients(inf_layer *f, int ch, const int32_t *rl, int64_t rows, const float *Ac,
+                             const float *Wt) {
+    const int Hl = f->H_local, cu = f->cu;
+#pragma omp parallel for
+    for (int64_t r = 0; r < rows; r++) {
+        float *g = f->wrow + (int64_t)rl[r] * Hl + ch * cu;
+        float *da = f->daw + r * cu;
+        const float *ac = Ac + r * cu, *wt = Wt + r * cu;
+#pragma omp simd
+        for (int u = 0; u < cu; u++) {
+            g[u] = da[u] * ac[u]; /* d loss / d w */
+            da[u] *= wt[u];       /* d loss / d a */
+        }
+    }
+}
+
 /* One chunk's backward in bf16 (see blocks_backward): the rows rl of the chunk
  * (positions base..base+rows), their output gradients in the bf16 rows dY. */
 static void chunk_backward_bf16(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
                                 const void *dY, int ch, int64_t base, int64_t rows) {
-    const int C = f->C, Hl = f->H_local, cu = f->cu, WB = C + f->K * f->dz + f->K;
+    const int C = f->C, cu = f->cu, WB = C + f->K * f->dz + f->K;
     const int32_t *rl = f->by_chunk.row + base;
     const float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
     const bf16 *W1 = wbf + f->W1 + (size_t)ch * cu * C, *W2 = wbf + f->W2 + (size_t)ch * cu * C;
@@ -486,17 +504,7 @@ static void chunk_backward_bf16(inf_layer *f, const float *params, const bf16 *w
     gemm_var_bf16(0, 1, rows, cu, C, dy, C, W2, C, f->daw, cu, 0, 0, NULL);
     gemm_var_bf16(1, 0, cu, C, rows, aw, cu, dy, C, grads + f->W2 + (size_t)ch * cu * C, C, 0, 1,
                   NULL);
-#pragma omp parallel for
-    for (int64_t r = 0; r < rows; r++) {
-        float *g = f->wrow + (int64_t)rl[r] * Hl + ch * cu;
-        float *da = f->daw + r * cu;
-        const float *ac = Ac + r * cu, *wt = Wt + r * cu;
-#pragma omp simd
-        for (int u = 0; u < cu; u++) {
-            g[u] = da[u] * ac[u];
-            da[u] *= wt[u];
-        }
-    }
+    weight_gradients(f, ch, rl, rows, Ac, Wt);
     gelu_backward_bf16(aw, Hp, f->daw, rows * cu); /* aw <- GELU'(Hp) * daw */
     dispatch_gather(xg, f->recv, send_width(f), rl, rows, C, sizeof(bf16));
     gemm_var_bf16(1, 0, cu, C, rows, aw, cu, xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 0, 1,
@@ -530,17 +538,7 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
         for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
         gemm_var(0, 1, rows, cu, C, f->yg, C, W2, C, f->daw, cu, 0, NULL);
         gemm_var(1, 0, cu, C, rows, f->aw, cu, f->yg, C, grads + f->W2 + (size_t)ch * cu * C, C, 1, NULL);
-#pragma omp parallel for
-        for (int64_t r = 0; r < rows; r++) {
-            float *g = f->wrow + (int64_t)rl[r] * Hl + ch * cu;
-            float *da = f->daw + r * cu;
-            const float *ac = Ac + r * cu, *wt = Wt + r * cu;
-#pragma omp simd
-            for (int u = 0; u < cu; u++) {
-                g[u] = da[u] * ac[u]; /* d loss / d w */
-                da[u] *= wt[u];       /* d loss / d a */
-            }
-        }
+        weight_gradients(f, ch, rl, rows, Ac, Wt);
         /* GELU backward: aw <- GELU'(Hp) * daw */
         memset(f->aw, 0, sizeof(float) * (size_t)(rows * cu));
         gelu_backward(f->aw, Hp, f->daw, rows * cu);
