@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# make bench: the benchmarks. Prints figures (not pass/fail): the fp32 FMA peak,
-# oneDNN GEMM efficiency at GPT-2 small shapes, GPT-2 small training steps on
-# 1 rank x 2 threads and 2 ranks x 1 thread with MFU against the peak measured in
-# the same process, and the same model with an 8-expert top-2 MoE FFN of equal
-# active FLOPs against the dense one, run back to back: step-time ratio MoE/dense.
+# make bench: the benchmarks. Prints figures (not pass/fail): the fp32 and bf16
+# peaks, oneDNN GEMM efficiency at GPT-2 small shapes, GPT-2 small training steps
+# (B=4 T=1024) on 1 rank x 2 threads and 2 ranks x 1 thread in fp32 and bf16 with
+# MFU against the peak of the precision measured in the same process, MoE (8
+# experts top-2, equal active FLOPs) and ∞-MoE against dense in bf16, peak RSS,
+# and the PyTorch peer (bf16 autocast) on the same model in the same run.
 # Quote ratios; absolute times on shared machines drift.
 set -eu
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ CORES=$(nproc)
 STEPS=${BENCH_STEPS:-3}
 export OMP_WAIT_POLICY=passive
 
-echo "== fp32 FMA peak (bench/fma_peak) =="
+echo "== fp32 FMA and bf16 dot-product peaks (bench/fma_peak) =="
 OMP_NUM_THREADS=$CORES build/bench/fma_peak
 echo
 echo "== oneDNN GEMM efficiency at GPT-2 small shapes, 4 x 256 tokens (bench/bench_gemm) =="
@@ -23,25 +24,56 @@ if [ "$CORES" -ge 2 ]; then
     OMP_NUM_THREADS=2 build/bench/bench_gemm
 fi
 ms() { sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$1"; }
-step_pair() { # label, ranks, threads, ep
-    local dense moe
-    dense=$(mktemp)
-    moe=$(mktemp)
+rss() { sed -n 's/.*peak RSS \([0-9]*\) MiB.*/\1/p' "$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.3f", a / b}'; }
+BF16=0
+grep -qw avx512_bf16 /proc/cpuinfo && BF16=1
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+step() { # name, ranks, threads, args...
+    local name=$1 p=$2 t=$3
+    shift 3
+    echo "-- $name --"
+    OMP_NUM_THREADS=$t "${MPIRUN[@]}" -np "$p" build/bench/bench_step --seq 1024 --batch 4 --steps "$STEPS" "$@" |
+        tee "$OUT/$name"
+}
+layout() { # label, ranks, threads, ep
+    local l=$1 p=$2 t=$3 ep=$4
     echo
-    echo "-- $1: dense --"
-    OMP_NUM_THREADS=$3 "${MPIRUN[@]}" -np "$2" build/bench/bench_step --steps "$STEPS" | tee "$dense"
-    echo "-- $1: MoE, 8 experts top-2 of width 1536 (equal active FLOPs), ep $4 --"
-    OMP_NUM_THREADS=$3 "${MPIRUN[@]}" -np "$2" build/bench/bench_step --steps "$STEPS" \
-        --experts 8 --k 2 --expert-hidden 1536 --ep "$4" | tee "$moe"
-    awk -v a="$(ms "$moe")" -v b="$(ms "$dense")" -v l="$1" \
-        'BEGIN{printf "== %s: step time MoE / dense = %.3f ==\n", l, a / b}'
-    rm -f "$dense" "$moe"
+    step "$l fp32 dense" "$p" "$t" --precision fp32
+    if [ $BF16 -eq 0 ]; then
+        echo "== $l: no AVX-512 BF16 on this CPU: bf16 not measured =="
+        return
+    fi
+    step "$l bf16 dense" "$p" "$t" --precision bf16
+    step "$l bf16 MoE" "$p" "$t" --precision bf16 --experts 8 --k 2 --expert-hidden 1536 --ep "$ep"
+    step "$l bf16 inf" "$p" "$t" --precision bf16 --units 6144 --keep 0.25 --samples 2 --block 64 --ep "$ep"
+    local d32 d16
+    d32=$(ms "$OUT/$l fp32 dense")
+    d16=$(ms "$OUT/$l bf16 dense")
+    echo "== $l: bf16 / fp32 dense step = $(ratio "$d16" "$d32") | bf16 MoE / dense = $(ratio "$(ms "$OUT/$l bf16 MoE")" "$d16") | bf16 ∞-MoE / dense = $(ratio "$(ms "$OUT/$l bf16 inf")" "$d16") | peak RSS per rank bf16 / fp32 = $(ratio "$(rss "$OUT/$l bf16 dense")" "$(rss "$OUT/$l fp32 dense")") =="
 }
 echo
-echo "== GPT-2 small training step, B=4 T=256 (bench/bench_step, $STEPS timed steps) =="
-step_pair "1 rank x $CORES threads" 1 "$CORES" 1
+echo "== GPT-2 small training step, B=4 T=1024, fp32 and bf16 (bench/bench_step, $STEPS timed steps; MoE: 8 experts top-2 of width 1536, equal active FLOPs; ∞-MoE: H 6144, keep 25%, K 2) =="
+layout "1 rank x $CORES threads" 1 "$CORES" 1
 if [ "$CORES" -ge 2 ]; then
-    step_pair "2 ranks x 1 thread, ep 2" 2 1 2
+    layout "2 ranks x 1 thread" 2 1 2
+fi
+
+# The PyTorch peer on the same model and batch, in the same run (torch's bf16 autocast).
+PEER=${PEER:-../shared/peers/torch_peer.sh}
+echo
+if [ $BF16 -eq 1 ] && [ -x "$PEER" ] && /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+    echo "== PyTorch peer: GPT-2 small dense, B=4 T=1024, bf16 autocast, $CORES threads ($PEER) =="
+    peer=$("$PEER" --config gpt2-small --B 4 --T 1024 --ffn dense --bf16 | tail -1)
+    echo "$peer"
+    pms=$(printf '%s\n' "$peer" | sed -n 's/.*"ms_median": *\([0-9.]*\).*/\1/p')
+    for l in "1 rank x $CORES threads" "2 ranks x 1 thread"; do
+        [ -e "$OUT/$l bf16 dense" ] || continue
+        echo "== $l: infmoe bf16 dense is $(ratio "$pms" "$(ms "$OUT/$l bf16 dense")")x the speed of PyTorch bf16 autocast =="
+    done
+else
+    echo "== PyTorch peer not run (needs AVX-512 BF16, $PEER and apt-get install python3-torch) =="
 fi
 
 echo

@@ -153,7 +153,8 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     for (int l = 0; l < L; l++)
         if (ffn_scratch_floats(&m->ffn[l], N) > ffn_scratch) ffn_scratch = ffn_scratch_floats(&m->ffn[l], N);
     /* bf16 keeps the gradients of qkv and of the heads' outputs in bf16 (dqkv_h, datty_h) */
-    const size_t grad_parts[] = {nc, nc, m->bf16 ? 0 : 3 * nc, m->bf16 ? 0 : nc, (size_t)T * T,
+    const size_t att_scratch = m->bf16 ? attention_bf16_scratch_floats(T, C, m->NH) : (size_t)T * T;
+    const size_t grad_parts[] = {nc, nc, m->bf16 ? 0 : 3 * nc, m->bf16 ? 0 : nc, att_scratch,
                                  ffn_scratch};
     size_t grad_total = 0;
     for (size_t i = 0; i < sizeof grad_parts / sizeof grad_parts[0]; i++)
@@ -164,7 +165,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->dln = carve(&cur, nc);
     m->dqkv = carve(&cur, grad_parts[2]);
     m->datty = carve(&cur, grad_parts[3]);
-    m->datt = carve(&cur, (size_t)T * T);
+    m->datt = carve(&cur, att_scratch);
     m->dffn = carve(&cur, ffn_scratch);
     ALWAYS(cur == m->grad_mem + grad_total);
 }

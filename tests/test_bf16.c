@@ -15,6 +15,7 @@
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
 #include "infmoe/model.h"
+#include "infmoe/ops.h"
 #include "infmoe/util.h"
 
 typedef struct {
@@ -96,6 +97,48 @@ static void compare(const char *label, run_config cfg, const dist_ctx *d) {
     free(h.grads);
 }
 
+/* cosine of two arrays */
+static double cosine_of(const float *a, const float *b, size_t n) {
+    double d = 0, na = 0, nb = 0;
+    for (size_t i = 0; i < n; i++) d += (double)a[i] * b[i], na += (double)a[i] * a[i], nb += (double)b[i] * b[i];
+    return d / sqrt(na * nb);
+}
+
+/* bf16 attention (causal row blocks) against the fp32 op on the same bf16 values, for
+ * T not a multiple of the block and spanning several blocks. */
+static void attention_case(int B, int T, int C, int NH) {
+    rng_state r;
+    rng_seed(&r, 5);
+    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, na = (size_t)B * NH * T * T;
+    float *qkv = xmalloc(sizeof(float) * nq), *out = xmalloc(sizeof(float) * no);
+    float *att = xmalloc(sizeof(float) * na), *dout = xmalloc(sizeof(float) * no);
+    float *dqkv = xcalloc(nq, sizeof(float)), *scratch = xmalloc(sizeof(float) * (size_t)T * T);
+    bf16 *qkv_h = xmalloc(sizeof(bf16) * nq), *out_h = xmalloc(sizeof(bf16) * no);
+    bf16 *att_h = xcalloc(na, sizeof(bf16)), *dout_h = xmalloc(sizeof(bf16) * no);
+    bf16 *dqkv_h = xmalloc(sizeof(bf16) * nq), *s_h = xmalloc(sizeof(bf16) * (size_t)T * T);
+    float *s32 = xmalloc(sizeof(float) * attention_bf16_scratch_floats(T, C, NH));
+    float *got = xmalloc(sizeof(float) * nq);
+    for (size_t i = 0; i < nq; i++) qkv_h[i] = bf16_round(rng_normal(&r));
+    for (size_t i = 0; i < no; i++) dout_h[i] = bf16_round(rng_normal(&r));
+    f32_from_bf16(qkv, qkv_h, (int64_t)nq);
+    f32_from_bf16(dout, dout_h, (int64_t)no);
+    attention_forward(out, att, qkv, B, T, C, NH);
+    attention_backward(dqkv, scratch, dout, qkv, att, B, T, C, NH);
+    attention_forward_bf16(out_h, att_h, s32, qkv_h, B, T, C, NH);
+    attention_backward_bf16(dqkv_h, s32, s_h, dout_h, qkv_h, att_h, B, T, C, NH);
+    f32_from_bf16(got, out_h, (int64_t)no);
+    double co = cosine_of(got, out, no);
+    check_arrays_close("bf16 attention output", got, out, (long)no, 2e-2, 2e-2);
+    f32_from_bf16(got, dqkv_h, (int64_t)nq);
+    double cg = cosine_of(got, dqkv, nq);
+    CHECK(co > 0.9999 && cg > 0.999, "bf16 attention B%d T%d C%d NH%d: cosine output %.6f, dqkv %.6f",
+          B, T, C, NH, co, cg);
+    printf("attention B%d T%d C%d NH%d (causal blocks): cosine with fp32 output %.6f, dqkv %.6f\n", B,
+           T, C, NH, co, cg);
+    free(qkv), free(out), free(att), free(dout), free(dqkv), free(scratch), free(qkv_h), free(out_h);
+    free(att_h), free(dout_h), free(dqkv_h), free(s_h), free(s32), free(got);
+}
+
 int main(int argc, char **argv) {
     dist_ctx d;
     dist_init(&d, &argc, &argv);
@@ -105,6 +148,8 @@ int main(int argc, char **argv) {
         dist_finalize(&d);
         return rc;
     }
+    attention_case(2, 300, 32, 2);
+    attention_case(1, 128, 16, 1);
     run_config cfg;
     config_defaults(&cfg);
     compare("dense", cfg, &d);
