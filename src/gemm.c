@@ -2,6 +2,7 @@
 #include "infmoe/gemm.h"
 
 #include <dnnl.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,16 +23,31 @@ typedef struct {
 
 enum { GEMM_TYPES_F32 = 0, GEMM_TYPES_BF16 = 1, GEMM_TYPES_BF16_OUT = 2 };
 
+/* A thread's memory objects for one primitive, re-pointed at each call's buffers. */
+typedef struct {
+    dnnl_memory_t src, wei, dst, bia, pad;
+} gemm_mems;
+
 typedef struct {
     gemm_key key;
-    int used;
     dnnl_primitive_t prim;
-    dnnl_memory_t src, wei, dst, bia;
+    dnnl_memory_desc_t a_md, b_md, c_md, bias_md, pad_md;
+    size_t pad_bytes; /* the primitive's scratchpad (user-managed: one buffer per thread) */
+    gemm_mems *mem;   /* (g_threads), each made by its thread on first use */
 } gemm_entry;
 
+/*
+ * gemm may be called from several OpenMP threads at once (independent small
+ * products, one thread each): entries never move once made (the table holds
+ * pointers), the table is searched and grown in one critical section, and each
+ * thread has its own stream, memory objects and scratchpad.
+ */
 static dnnl_engine_t g_engine;
-static dnnl_stream_t g_stream;
-static gemm_entry *g_table;
+static int g_threads;
+static dnnl_stream_t *g_streams;     /* (g_threads) */
+static void **g_pad;                 /* (g_threads) scratchpad buffers */
+static size_t *g_pad_cap;
+static gemm_entry **g_table;
 static int64_t g_cap, g_count, g_created;
 
 static uint64_t key_hash(const gemm_key *k) {
@@ -52,22 +68,27 @@ static int key_eq(const gemm_key *a, const gemm_key *b) {
 static void init_engine(void) {
     if (g_engine) return;
     DNNL_CHECK(dnnl_engine_create(&g_engine, dnnl_cpu, 0));
-    DNNL_CHECK(dnnl_stream_create(&g_stream, g_engine, dnnl_stream_default_flags));
+    g_threads = omp_get_max_threads() > omp_get_num_procs() ? omp_get_max_threads() : omp_get_num_procs();
+    g_streams = xcalloc((size_t)g_threads, sizeof *g_streams);
+    for (int t = 0; t < g_threads; t++)
+        DNNL_CHECK(dnnl_stream_create(&g_streams[t], g_engine, dnnl_stream_default_flags));
+    g_pad = xcalloc((size_t)g_threads, sizeof *g_pad);
+    g_pad_cap = xcalloc((size_t)g_threads, sizeof *g_pad_cap);
     g_cap = 64;
-    g_table = xcalloc((size_t)g_cap, sizeof(gemm_entry));
+    g_table = xcalloc((size_t)g_cap, sizeof *g_table);
 }
 
-static gemm_entry *slot_for(gemm_entry *table, int64_t cap, const gemm_key *k) {
+static gemm_entry **slot_for(gemm_entry **table, int64_t cap, const gemm_key *k) {
     int64_t i = (int64_t)(key_hash(k) & (uint64_t)(cap - 1));
-    while (table[i].used && !key_eq(&table[i].key, k)) i = (i + 1) & (cap - 1);
+    while (table[i] && !key_eq(&table[i]->key, k)) i = (i + 1) & (cap - 1);
     return &table[i];
 }
 
 static void grow(void) {
     int64_t cap = g_cap * 2;
-    gemm_entry *t = xcalloc((size_t)cap, sizeof(gemm_entry));
+    gemm_entry **t = xcalloc((size_t)cap, sizeof *t);
     for (int64_t i = 0; i < g_cap; i++)
-        if (g_table[i].used) *slot_for(t, cap, &g_table[i].key) = g_table[i];
+        if (g_table[i]) *slot_for(t, cap, &g_table[i]->key) = g_table[i];
     free(g_table);
     g_table = t;
     g_cap = cap;
@@ -89,16 +110,18 @@ static void make_mds(const gemm_key *k, int64_t M, int64_t K, dnnl_memory_desc_t
     DNNL_CHECK(dnnl_memory_desc_init_by_strides(c_md, 2, c_dims, out, c_str));
 }
 
-static void create_entry(gemm_entry *e, const gemm_key *k) {
-    dnnl_memory_desc_t a_md, b_md, c_md, bias_md;
-    make_mds(k, k->M, k->K, &a_md, &b_md, &c_md);
+static gemm_entry *create_entry(const gemm_key *k) {
+    gemm_entry *e = xcalloc(1, sizeof *e);
+    make_mds(k, k->M, k->K, &e->a_md, &e->b_md, &e->c_md);
     dnnl_dims_t bias_dims = {1, k->N}, bias_str = {k->N, 1};
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&bias_md, 2, bias_dims, dnnl_f32, bias_str));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->bias_md, 2, bias_dims, dnnl_f32, bias_str));
 
     dnnl_matmul_desc_t desc;
-    DNNL_CHECK(dnnl_matmul_desc_init(&desc, &a_md, &b_md, k->bias ? &bias_md : NULL, &c_md));
+    DNNL_CHECK(dnnl_matmul_desc_init(&desc, &e->a_md, &e->b_md, k->bias ? &e->bias_md : NULL,
+                                     &e->c_md));
     dnnl_primitive_attr_t attr;
     DNNL_CHECK(dnnl_primitive_attr_create(&attr));
+    DNNL_CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
     if (k->accumulate) {
         dnnl_post_ops_t po;
         DNNL_CHECK(dnnl_post_ops_create(&po));
@@ -115,19 +138,14 @@ static void create_entry(gemm_entry *e, const gemm_key *k) {
                     (long long)k->lda, (long long)k->ldb, (long long)k->ldc,
                     k->types == GEMM_TYPES_F32 ? "fp32" : "bf16", (int)st);
     DNNL_CHECK(dnnl_primitive_create(&e->prim, pd));
+    e->pad_md = *dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    e->pad_bytes = dnnl_memory_desc_get_size(&e->pad_md);
     DNNL_CHECK(dnnl_primitive_desc_destroy(pd));
     DNNL_CHECK(dnnl_primitive_attr_destroy(attr));
-    /* Memory objects are created once and re-pointed at each call's buffers
-     * (with runtime dimensions they are made per call, for the actual sizes). */
-    if (!is_var(k)) {
-        DNNL_CHECK(dnnl_memory_create(&e->src, &a_md, g_engine, DNNL_MEMORY_NONE));
-        DNNL_CHECK(dnnl_memory_create(&e->wei, &b_md, g_engine, DNNL_MEMORY_NONE));
-        DNNL_CHECK(dnnl_memory_create(&e->dst, &c_md, g_engine, DNNL_MEMORY_NONE));
-    }
-    if (k->bias) DNNL_CHECK(dnnl_memory_create(&e->bia, &bias_md, g_engine, DNNL_MEMORY_NONE));
+    e->mem = xcalloc((size_t)g_threads, sizeof *e->mem);
     e->key = *k;
-    e->used = 1;
     g_created++;
+    return e;
 }
 
 /*
@@ -206,42 +224,66 @@ void gemm_var_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, co
 
 /* The cached primitive for `k`, created on first use. */
 static gemm_entry *lookup(const gemm_key *k) {
-    init_engine();
-    gemm_entry *e = slot_for(g_table, g_cap, k);
-    if (!e->used) {
-        if (2 * (g_count + 1) > g_cap) {
-            grow();
-            e = slot_for(g_table, g_cap, k);
+    gemm_entry *e;
+#pragma omp critical(infmoe_gemm_cache)
+    {
+        init_engine();
+        gemm_entry **slot = slot_for(g_table, g_cap, k);
+        if (!*slot) {
+            if (2 * (g_count + 1) > g_cap) {
+                grow();
+                slot = slot_for(g_table, g_cap, k);
+            }
+            *slot = create_entry(k);
+            g_count++;
         }
-        create_entry(e, k);
-        g_count++;
+        e = *slot;
     }
     return e;
 }
 
 static void execute(gemm_entry *e, int64_t M, int64_t K, const void *A, const void *B, void *C,
                     const float *bias) {
-    dnnl_memory_t src = e->src, wei = e->wei, dst = e->dst;
-    if (is_var(&e->key)) {
+    const int tid = omp_in_parallel() ? omp_get_thread_num() : 0;
+    ALWAYS(tid < g_threads);
+    gemm_mems *mm = &e->mem[tid];
+    dnnl_memory_t src, wei, dst;
+    if (is_var(&e->key)) { /* runtime dimensions: memory objects for this call's sizes */
         dnnl_memory_desc_t a_md, b_md, c_md;
         make_mds(&e->key, M, K, &a_md, &b_md, &c_md);
         DNNL_CHECK(dnnl_memory_create(&src, &a_md, g_engine, (void *)A));
         DNNL_CHECK(dnnl_memory_create(&wei, &b_md, g_engine, (void *)B));
         DNNL_CHECK(dnnl_memory_create(&dst, &c_md, g_engine, C));
     } else {
+        if (!mm->src) {
+            DNNL_CHECK(dnnl_memory_create(&mm->src, &e->a_md, g_engine, DNNL_MEMORY_NONE));
+            DNNL_CHECK(dnnl_memory_create(&mm->wei, &e->b_md, g_engine, DNNL_MEMORY_NONE));
+            DNNL_CHECK(dnnl_memory_create(&mm->dst, &e->c_md, g_engine, DNNL_MEMORY_NONE));
+        }
+        src = mm->src, wei = mm->wei, dst = mm->dst;
         DNNL_CHECK(dnnl_memory_set_data_handle(src, (void *)A));
         DNNL_CHECK(dnnl_memory_set_data_handle(wei, (void *)B));
         DNNL_CHECK(dnnl_memory_set_data_handle(dst, C));
     }
-    dnnl_exec_arg_t args[4] = {
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}, {0, NULL}};
+    dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
     int nargs = 3;
     if (bias) {
-        DNNL_CHECK(dnnl_memory_set_data_handle(e->bia, (void *)bias));
-        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, e->bia};
+        if (!mm->bia) DNNL_CHECK(dnnl_memory_create(&mm->bia, &e->bias_md, g_engine, DNNL_MEMORY_NONE));
+        DNNL_CHECK(dnnl_memory_set_data_handle(mm->bia, (void *)bias));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, mm->bia};
     }
-    DNNL_CHECK(dnnl_primitive_execute(e->prim, g_stream, nargs, args));
-    DNNL_CHECK(dnnl_stream_wait(g_stream));
+    if (e->pad_bytes > 0) {
+        if (e->pad_bytes > g_pad_cap[tid]) { /* the thread's buffer: only it touches it */
+            free(g_pad[tid]);
+            g_pad[tid] = xmalloc(e->pad_bytes);
+            g_pad_cap[tid] = e->pad_bytes;
+        }
+        if (!mm->pad) DNNL_CHECK(dnnl_memory_create(&mm->pad, &e->pad_md, g_engine, DNNL_MEMORY_NONE));
+        DNNL_CHECK(dnnl_memory_set_data_handle(mm->pad, g_pad[tid]));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, mm->pad};
+    }
+    DNNL_CHECK(dnnl_primitive_execute(e->prim, g_streams[tid], nargs, args));
+    DNNL_CHECK(dnnl_stream_wait(g_streams[tid]));
     if (is_var(&e->key)) {
         DNNL_CHECK(dnnl_memory_destroy(src));
         DNNL_CHECK(dnnl_memory_destroy(wei));
@@ -290,18 +332,33 @@ int64_t gemm_primitives_created(void) { return g_created; }
 void gemm_shutdown(void) {
     if (!g_engine) return;
     for (int64_t i = 0; i < g_cap; i++) {
-        gemm_entry *e = &g_table[i];
-        if (!e->used) continue;
+        gemm_entry *e = g_table[i];
+        if (!e) continue;
         dnnl_primitive_destroy(e->prim);
-        if (e->src) dnnl_memory_destroy(e->src);
-        if (e->wei) dnnl_memory_destroy(e->wei);
-        if (e->dst) dnnl_memory_destroy(e->dst);
-        if (e->bia) dnnl_memory_destroy(e->bia);
+        for (int t = 0; t < g_threads; t++) {
+            gemm_mems *mm = &e->mem[t];
+            if (mm->src) dnnl_memory_destroy(mm->src);
+            if (mm->wei) dnnl_memory_destroy(mm->wei);
+            if (mm->dst) dnnl_memory_destroy(mm->dst);
+            if (mm->bia) dnnl_memory_destroy(mm->bia);
+            if (mm->pad) dnnl_memory_destroy(mm->pad);
+        }
+        free(e->mem);
+        free(e);
     }
     free(g_table);
     g_table = NULL;
     g_cap = g_count = 0;
-    dnnl_stream_destroy(g_stream);
+    for (int t = 0; t < g_threads; t++) {
+        dnnl_stream_destroy(g_streams[t]);
+        free(g_pad[t]);
+    }
+    free(g_streams);
+    free(g_pad);
+    free(g_pad_cap);
+    g_streams = NULL;
+    g_pad = NULL;
+    g_pad_cap = NULL;
     dnnl_engine_destroy(g_engine);
     g_engine = NULL;
 }

@@ -2,6 +2,7 @@
 #include "infmoe/model.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,7 +75,6 @@ static void build_bf16_acts(gpt_model *m) {
     PART(m->dres_h, nc);
     PART(m->datty_h, nc);
     PART(m->dqkv_h, 3 * nc);
-    PART(m->datt_h, (size_t)T * T);
     PART(m->wbf, m->tensors.total);
 #undef PART
     m->bf16_mem = mem_carve(parts, n);
@@ -153,7 +153,9 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     for (int l = 0; l < L; l++)
         if (ffn_scratch_floats(&m->ffn[l], N) > ffn_scratch) ffn_scratch = ffn_scratch_floats(&m->ffn[l], N);
     /* bf16 keeps the gradients of qkv and of the heads' outputs in bf16 (dqkv_h, datty_h) */
-    const size_t att_scratch = m->bf16 ? attention_bf16_scratch_floats(T, C, m->NH) : (size_t)T * T;
+    m->att_threads = omp_get_max_threads();
+    const size_t att_scratch =
+        m->bf16 ? attention_bf16_scratch_floats(T, C, m->NH, m->att_threads) : (size_t)T * T;
     const size_t grad_parts[] = {nc, nc, m->bf16 ? 0 : 3 * nc, m->bf16 ? 0 : nc, att_scratch,
                                  ffn_scratch};
     size_t grad_total = 0;
@@ -241,7 +243,7 @@ static void forward_bf16(gpt_model *m) {
                           C);
         bf16_from_f32(a->ln1_h, m->ln_out, N * C);
         matmul_forward_bf16(a->qkv_h, 1, a->ln1_h, W + o->qkv_w, P + o->qkv_b, N, C, 3 * C, 0);
-        attention_forward_bf16(a->atty_h, a->att_h, m->datt, a->qkv_h, B, T, C, NH);
+        attention_forward_bf16(a->atty_h, a->att_h, m->datt, a->qkv_h, B, T, C, NH, m->att_threads);
         memcpy(a->res2, x, (size_t)(N * C) * sizeof(float));
         matmul_forward_bf16(a->res2, 0, a->atty_h, W + o->proj_w, P + o->proj_b, N, C, C, 1);
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, P + o->ln2_w, P + o->ln2_b,
@@ -337,8 +339,8 @@ static void backward_bf16(gpt_model *m) {
         matmul_backward_bf16(m->datty_h, 1, G + o->proj_w, NULL, m->dres_h, a->atty_h,
                              W + o->proj_w, N, C, C);
         bias_backward(G + o->proj_b, m->dres, N, C);
-        attention_backward_bf16(m->dqkv_h, m->datt, m->datt_h, m->datty_h, a->qkv_h, a->att_h, B,
-                                T, C, NH);
+        attention_backward_bf16(m->dqkv_h, m->datt, m->datty_h, a->qkv_h, a->att_h, B, T, C, NH,
+                                m->att_threads);
         memset(m->dln, 0, nc);
         matmul_backward_bf16(m->dln, 0, G + o->qkv_w, G + o->qkv_b, m->dqkv_h, a->ln1_h,
                              W + o->qkv_w, N, C, 3 * C);

@@ -2,6 +2,7 @@
 #include "infmoe/moe.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,6 +80,16 @@ struct moe_layer {
     moe_stats stats;
     void *mem; /* every buffer above, one allocation (mem_carve) */
 };
+
+/*
+ * bf16 expert products: with at least as many local experts as threads, each
+ * thread runs whole experts alone (an expert's GEMMs are too small to split well
+ * over threads); otherwise experts run one after another on every thread.
+ */
+static int experts_in_parallel(const moe_layer *m) {
+    int nt = omp_get_max_threads();
+    return nt > 1 && m->E_local >= nt;
+}
 
 /* Layout of the per-expert sums reduced over all ranks each training step. */
 enum { S_IMP, S_LOAD, S_ARGMAX, S_PROB, S_KEPT, S_VECTORS };
@@ -491,14 +502,12 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
     if (bf) {
         const bf16 *X = (const bf16 *)m->X;
         bf16 *A = (bf16 *)m->A, *Y = (bf16 *)m->Y;
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
         for (int e = 0; e < El; e++) {
             int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
             gemm_var_bf16(0, 1, rows, He, C, X + r0 * C, C, wbf + m->w1 + (size_t)e * He * C, C,
                           m->Hpre + r0 * He, He, 0, 0, params + m->b1 + (size_t)e * He);
-        }
-        gelu_forward_bf16(A, m->Hpre, m->n_recv * He);
-        for (int e = 0; e < El; e++) {
-            int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+            gelu_forward_bf16(A + r0 * He, m->Hpre + r0 * He, rows * He);
             gemm_var_bf16(0, 1, rows, C, He, A + r0 * He, He, wbf + m->w2 + (size_t)e * C * He,
                           He, Y + r0 * C, C, 1, 0, params + m->b2 + (size_t)e * C);
         }
@@ -621,6 +630,8 @@ static void expert_backward_bf16(moe_layer *m, const float *params, const bf16 *
     bf16 *dY = (bf16 *)m->Y, *A = (bf16 *)m->A, *X = (bf16 *)m->X;
     float *dA = m->dA;
     (void)params;
+    /* experts are independent (their gradients are disjoint) */
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
     for (int e = 0; e < El; e++) {
         int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         const bf16 *W2 = wbf + m->w2 + (size_t)e * C * He;
@@ -628,12 +639,8 @@ static void expert_backward_bf16(moe_layer *m, const float *params, const bf16 *
         gemm_var_bf16(1, 0, C, He, rows, dY + r0 * C, C, A + r0 * He, He,
                       grads + m->w2 + (size_t)e * C * He, He, 0, 1, NULL);
         bias_backward_bf16(grads + m->b2 + (size_t)e * C, dY + r0 * C, rows, C);
-    }
-    bf16 *dH = A;
-    gelu_backward_bf16(dH, m->Hpre, dA, m->n_recv * He);
-    bf16 *dX = dY; /* dY has been used */
-    for (int e = 0; e < El; e++) {
-        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        bf16 *dH = A, *dX = dY; /* the GELU output and dY of these rows have been used */
+        gelu_backward_bf16(dH + r0 * He, m->Hpre + r0 * He, dA + r0 * He, rows * He);
         const bf16 *W1 = wbf + m->w1 + (size_t)e * He * C;
         gemm_var_bf16(1, 0, He, C, rows, dH + r0 * He, He, X + r0 * C, C,
                       grads + m->w1 + (size_t)e * He * C, C, 0, 1, NULL);

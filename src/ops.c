@@ -2,6 +2,7 @@
 #include "infmoe/ops.h"
 
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "infmoe/gemm.h"
@@ -290,88 +291,119 @@ void matmul_backward_bf16(void *dinp, int dinp_bf16, float *dweight, float *dbia
  */
 #define ATT_BLOCK 128
 
-size_t attention_bf16_scratch_floats(int T, int C, int NH) {
-    return (size_t)T * T + 2 * (size_t)T * (C / NH);
+/* Scratch of one head: scores (or their gradient) T*T, the fp32 sums of dk and dv
+ * 2*T*hs, the bf16 score gradient T*T (in floats). */
+static size_t head_scratch_floats(int T, int C, int NH) {
+    return (size_t)T * T + 2 * (size_t)T * (C / NH) + ((size_t)T * T + 1) / 2;
 }
 
-void attention_forward_bf16(bf16 *out, bf16 *att, float *scores, const bf16 *qkv, int B, int T,
-                            int C, int NH) {
-    int hs = C / NH;
+size_t attention_bf16_scratch_floats(int T, int C, int NH, int threads) {
+    return head_scratch_floats(T, C, NH) * (size_t)(threads > 0 ? threads : 1);
+}
+
+/*
+ * Heads are independent: with at least as many (sequence, head) pairs as threads,
+ * each thread takes whole heads and runs their products alone (they are too small
+ * to split well); otherwise heads run one after another on every thread. `threads`
+ * is how many head scratches the caller allocated.
+ */
+static int heads_in_parallel(int B, int NH, int threads) {
+    int nt = omp_get_max_threads();
+    return nt > 1 && nt <= threads && B * NH >= nt;
+}
+
+static void head_forward_bf16(bf16 *out, bf16 *a, float *scores, const bf16 *q, int T, int C,
+                              int hs) {
+    const bf16 *k = q + C, *v = q + 2 * C;
     float scale = 1.0f / sqrtf((float)hs);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            const bf16 *q = qkv + (int64_t)b * T * 3 * C + h * hs;
-            const bf16 *k = q + C, *v = q + 2 * C;
-            bf16 *a = att + ((int64_t)b * NH + h) * T * T;
-            for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
-                gemm_bf16(0, 1, r1 - r0, r1, hs, q + (int64_t)r0 * 3 * C, 3 * C, k, 3 * C,
-                          scores + (int64_t)r0 * T, T, 0, 0, NULL);
-            }
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        gemm_bf16(0, 1, r1 - r0, r1, hs, q + (int64_t)r0 * 3 * C, 3 * C, k, 3 * C,
+                  scores + (int64_t)r0 * T, T, 0, 0, NULL);
+    }
 #pragma omp parallel for
-            for (int t = 0; t < T; t++) {
-                float *row = scores + (int64_t)t * T;
-                bf16 *ar = a + (int64_t)t * T;
-                float inv = causal_softmax_row(row, t, scale);
-                /* zeros up to the end of the row's block: all the products read */
-                int end = (t / ATT_BLOCK + 1) * ATT_BLOCK < T ? (t / ATT_BLOCK + 1) * ATT_BLOCK : T;
+    for (int t = 0; t < T; t++) {
+        float *row = scores + (int64_t)t * T;
+        bf16 *ar = a + (int64_t)t * T;
+        float inv = causal_softmax_row(row, t, scale);
+        /* zeros up to the end of the row's block: all the products read */
+        int end = (t / ATT_BLOCK + 1) * ATT_BLOCK < T ? (t / ATT_BLOCK + 1) * ATT_BLOCK : T;
 #pragma omp simd
-                for (int j = 0; j <= t; j++) ar[j] = bf16_round(row[j] * inv);
-                for (int j = t + 1; j < end; j++) ar[j] = 0;
-            }
-            for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
-                gemm_bf16(0, 0, r1 - r0, hs, r1, a + (int64_t)r0 * T, T, v, 3 * C,
-                          out + ((int64_t)b * T + r0) * C + h * hs, C, 1, 0, NULL);
-            }
-        }
+        for (int j = 0; j <= t; j++) ar[j] = bf16_round(row[j] * inv);
+        for (int j = t + 1; j < end; j++) ar[j] = 0;
+    }
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        gemm_bf16(0, 0, r1 - r0, hs, r1, a + (int64_t)r0 * T, T, v, 3 * C,
+                  out + (int64_t)r0 * C, C, 1, 0, NULL);
+    }
 }
 
-void attention_backward_bf16(bf16 *dqkv, float *scratch, bf16 *scratch_h, const bf16 *dout,
-                             const bf16 *qkv, const bf16 *att, int B, int T, int C, int NH) {
-    int hs = C / NH;
+void attention_forward_bf16(bf16 *out, bf16 *att, float *scratch, const bf16 *qkv, int B, int T,
+                            int C, int NH, int threads) {
+    const int hs = C / NH;
+    const size_t per = head_scratch_floats(T, C, NH);
+#pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, threads))
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            head_forward_bf16(out + (int64_t)b * T * C + h * hs, att + ((int64_t)b * NH + h) * T * T,
+                              scratch + per * (size_t)omp_get_thread_num(),
+                              qkv + (int64_t)b * T * 3 * C + h * hs, T, C, hs);
+}
+
+static void head_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const bf16 *q,
+                               const bf16 *a, int T, int C, int hs) {
+    const bf16 *k = q + C, *v = q + 2 * C;
+    bf16 *dk = dq + C, *dv = dq + 2 * C;
     float scale = 1.0f / sqrtf((float)hs);
     float *da = scratch, *dk_acc = scratch + (size_t)T * T, *dv_acc = dk_acc + (size_t)T * hs;
+    bf16 *ds_all = (bf16 *)(dv_acc + (size_t)T * hs);
+    /* datt = dy . v^T ; dv = att^T . dy, summed over the row blocks in fp32 */
+    memset(dv_acc, 0, sizeof(float) * (size_t)T * hs);
+    memset(dk_acc, 0, sizeof(float) * (size_t)T * hs);
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        gemm_bf16(0, 1, r1 - r0, r1, hs, dy + (int64_t)r0 * C, C, v, 3 * C, da + (int64_t)r0 * T,
+                  T, 0, 0, NULL);
+        gemm_bf16(1, 0, r1, hs, r1 - r0, a + (int64_t)r0 * T, T, dy + (int64_t)r0 * C, C, dv_acc,
+                  hs, 0, 1, NULL);
+    }
+#pragma omp parallel for
+    for (int t = 0; t < T; t++) {
+        const bf16 *ar = a + (int64_t)t * T;
+        const float *dr = da + (int64_t)t * T;
+        bf16 *ds = ds_all + (int64_t)t * T;
+        int end = (t / ATT_BLOCK + 1) * ATT_BLOCK < T ? (t / ATT_BLOCK + 1) * ATT_BLOCK : T;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j <= t; j++) dot += bf16_float(ar[j]) * dr[j];
+#pragma omp simd
+        for (int j = 0; j <= t; j++) ds[j] = bf16_round(bf16_float(ar[j]) * (dr[j] - dot) * scale);
+        for (int j = t + 1; j < end; j++) ds[j] = 0;
+    }
+    /* dq = dscores . k (rows of a block read columns up to it); dk = dscores^T . q */
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        gemm_bf16(0, 0, r1 - r0, hs, r1, ds_all + (int64_t)r0 * T, T, k, 3 * C,
+                  dq + (int64_t)r0 * 3 * C, 3 * C, 1, 0, NULL);
+        gemm_bf16(1, 0, r1, hs, r1 - r0, ds_all + (int64_t)r0 * T, T, q + (int64_t)r0 * 3 * C,
+                  3 * C, dk_acc, hs, 0, 1, NULL);
+    }
+    bf16_from_f32_rows(dk, 3 * C, dk_acc, hs, T, hs);
+    bf16_from_f32_rows(dv, 3 * C, dv_acc, hs, T, hs);
+}
+
+void attention_backward_bf16(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
+                             const bf16 *att, int B, int T, int C, int NH, int threads) {
+    const int hs = C / NH;
+    const size_t per = head_scratch_floats(T, C, NH);
+#pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, threads))
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             int64_t off = (int64_t)b * T * 3 * C + h * hs;
-            const bf16 *q = qkv + off, *k = q + C, *v = q + 2 * C;
-            bf16 *dq = dqkv + off, *dk = dq + C, *dv = dq + 2 * C;
-            const bf16 *a = att + ((int64_t)b * NH + h) * T * T;
-            const bf16 *dy = dout + (int64_t)b * T * C + h * hs;
-            /* datt = dy . v^T ; dv = att^T . dy, summed over the row blocks in fp32 */
-            memset(dv_acc, 0, sizeof(float) * (size_t)T * hs);
-            memset(dk_acc, 0, sizeof(float) * (size_t)T * hs);
-            for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
-                gemm_bf16(0, 1, r1 - r0, r1, hs, dy + (int64_t)r0 * C, C, v, 3 * C,
-                          da + (int64_t)r0 * T, T, 0, 0, NULL);
-                gemm_bf16(1, 0, r1, hs, r1 - r0, a + (int64_t)r0 * T, T, dy + (int64_t)r0 * C, C,
-                          dv_acc, hs, 0, 1, NULL);
-            }
-#pragma omp parallel for
-            for (int t = 0; t < T; t++) {
-                const bf16 *ar = a + (int64_t)t * T;
-                const float *dr = da + (int64_t)t * T;
-                bf16 *ds = scratch_h + (int64_t)t * T;
-                int end = (t / ATT_BLOCK + 1) * ATT_BLOCK < T ? (t / ATT_BLOCK + 1) * ATT_BLOCK : T;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int j = 0; j <= t; j++) dot += bf16_float(ar[j]) * dr[j];
-#pragma omp simd
-                for (int j = 0; j <= t; j++) ds[j] = bf16_round(bf16_float(ar[j]) * (dr[j] - dot) * scale);
-                for (int j = t + 1; j < end; j++) ds[j] = 0;
-            }
-            /* dq = dscores . k (rows of a block read columns up to it); dk = dscores^T . q */
-            for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
-                gemm_bf16(0, 0, r1 - r0, hs, r1, scratch_h + (int64_t)r0 * T, T, k, 3 * C,
-                          dq + (int64_t)r0 * 3 * C, 3 * C, 1, 0, NULL);
-                gemm_bf16(1, 0, r1, hs, r1 - r0, scratch_h + (int64_t)r0 * T, T,
-                          q + (int64_t)r0 * 3 * C, 3 * C, dk_acc, hs, 0, 1, NULL);
-            }
-            bf16_from_f32_rows(dk, 3 * C, dk_acc, hs, T, hs);
-            bf16_from_f32_rows(dv, 3 * C, dv_acc, hs, T, hs);
+            head_backward_bf16(dqkv + off, scratch + per * (size_t)omp_get_thread_num(),
+                               dout + (int64_t)b * T * C + h * hs, qkv + off,
+                               att + ((int64_t)b * NH + h) * T * T, T, C, hs);
         }
 }
 

@@ -4,9 +4,11 @@
  * parameter tensor's bf16 gradient has cosine > 0.99 with the fp32 one; the bf16
  * run's all-to-all payloads are half the bytes (vectors in bf16; the expert index,
  * the samples z and the masks' sums stay 4 bytes beside them). Skipped, saying so,
- * on a CPU without AVX-512 BF16 (bf16 is refused there, see tests/run.sh).
+ * on a CPU without AVX-512 BF16 (bf16 is refused there, see tests/run.sh). On one
+ * thread and on two (where heads and experts run in parallel, one thread each).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -115,8 +117,9 @@ static void attention_case(int B, int T, int C, int NH) {
     float *dqkv = xcalloc(nq, sizeof(float)), *scratch = xmalloc(sizeof(float) * (size_t)T * T);
     bf16 *qkv_h = xmalloc(sizeof(bf16) * nq), *out_h = xmalloc(sizeof(bf16) * no);
     bf16 *att_h = xcalloc(na, sizeof(bf16)), *dout_h = xmalloc(sizeof(bf16) * no);
-    bf16 *dqkv_h = xmalloc(sizeof(bf16) * nq), *s_h = xmalloc(sizeof(bf16) * (size_t)T * T);
-    float *s32 = xmalloc(sizeof(float) * attention_bf16_scratch_floats(T, C, NH));
+    bf16 *dqkv_h = xmalloc(sizeof(bf16) * nq);
+    const int nt = omp_get_max_threads();
+    float *s32 = xmalloc(sizeof(float) * attention_bf16_scratch_floats(T, C, NH, nt));
     float *got = xmalloc(sizeof(float) * nq);
     for (size_t i = 0; i < nq; i++) qkv_h[i] = bf16_round(rng_normal(&r));
     for (size_t i = 0; i < no; i++) dout_h[i] = bf16_round(rng_normal(&r));
@@ -124,8 +127,8 @@ static void attention_case(int B, int T, int C, int NH) {
     f32_from_bf16(dout, dout_h, (int64_t)no);
     attention_forward(out, att, qkv, B, T, C, NH);
     attention_backward(dqkv, scratch, dout, qkv, att, B, T, C, NH);
-    attention_forward_bf16(out_h, att_h, s32, qkv_h, B, T, C, NH);
-    attention_backward_bf16(dqkv_h, s32, s_h, dout_h, qkv_h, att_h, B, T, C, NH);
+    attention_forward_bf16(out_h, att_h, s32, qkv_h, B, T, C, NH, nt);
+    attention_backward_bf16(dqkv_h, s32, dout_h, qkv_h, att_h, B, T, C, NH, nt);
     f32_from_bf16(got, out_h, (int64_t)no);
     double co = cosine_of(got, out, no);
     check_arrays_close("bf16 attention output", got, out, (long)no, 2e-2, 2e-2);
@@ -133,10 +136,10 @@ static void attention_case(int B, int T, int C, int NH) {
     double cg = cosine_of(got, dqkv, nq);
     CHECK(co > 0.9999 && cg > 0.999, "bf16 attention B%d T%d C%d NH%d: cosine output %.6f, dqkv %.6f",
           B, T, C, NH, co, cg);
-    printf("attention B%d T%d C%d NH%d (causal blocks): cosine with fp32 output %.6f, dqkv %.6f\n", B,
-           T, C, NH, co, cg);
+    printf("attention B%d T%d C%d NH%d, %d threads (causal blocks%s): cosine with fp32 output %.6f, "
+           "dqkv %.6f\n", B, T, C, NH, nt, nt > 1 && B * NH >= nt ? ", heads in parallel" : "", co, cg);
     free(qkv), free(out), free(att), free(dout), free(dqkv), free(scratch), free(qkv_h), free(out_h);
-    free(att_h), free(dout_h), free(dqkv_h), free(s_h), free(s32), free(got);
+    free(att_h), free(dout_h), free(dqkv_h), free(s32), free(got);
 }
 
 int main(int argc, char **argv) {
@@ -178,6 +181,15 @@ int main(int argc, char **argv) {
     cfg.mask = MASK_LEARNED;
     cfg.latent_dim = 3;
     compare("infinite learned", cfg, &d);
+    /* Two threads: heads, and MoE experts, run in parallel, one thread each. */
+    omp_set_num_threads(2);
+    attention_case(2, 300, 32, 2);
+    config_defaults(&cfg);
+    compare("dense, 2 threads", cfg, &d);
+    cfg.ffn_kind = FFN_TOPK;
+    cfg.experts = 4;
+    cfg.top_k = 2;
+    compare("noisy top-2, 2 threads", cfg, &d);
     gemm_shutdown();
     int rc = check_finish("bf16: losses and per-tensor gradient cosines against fp32, every FFN kind; "
                           "all-to-all bytes halve");

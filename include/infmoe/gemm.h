@@ -7,9 +7,14 @@
  * multiply strided views, e.g. one head of a (T, 3C) qkv buffer.
  *
  * oneDNN primitives are created once per (shape, strides, transposition,
- * accumulate, bias) and cached: creation costs 0.1-0.6 ms, a cached call
- * microseconds. gemm_naive has the same signature and is the reference the
- * tests compare against.
+ * accumulate, bias, operand types) and cached: creation costs 0.1-0.6 ms, a
+ * cached call microseconds. gemm_naive has the same signature and is the
+ * reference the tests compare against.
+ *
+ * Every call may come from any OpenMP thread, several at once (independent small
+ * products, one thread each: attention heads, experts): the cache is shared under
+ * a lock, each thread has its own stream, memory objects and scratchpad. A call
+ * from inside a parallel region runs on its thread alone.
  */
 #ifndef INFMOE_GEMM_H
 #define INFMOE_GEMM_H

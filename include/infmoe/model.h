@@ -68,7 +68,8 @@ typedef struct {
     int wbf_fresh;        /* wbf was written by the last model_update (no cast needed) */
     void *bf16_mem;
     float *ln_out;        /* (N,C) fp32 LayerNorm output before its bf16 rounding */
-    bf16 *lnf_h, *dlogits_h, *dres_h, *datty_h, *dqkv_h, *datt_h;
+    bf16 *lnf_h, *dlogits_h, *dres_h, *datty_h, *dqkv_h;
+    int att_threads;      /* threads the bf16 attention scratch (datt) is sized for */
     float mean_loss;      /* mean cross-entropy of the last forward with targets */
     double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */
     size_t n_replicated;  /* floats of the replicated region; the rest is expert-sharded */

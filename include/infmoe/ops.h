@@ -110,16 +110,18 @@ void matmul_backward_bf16(void *dinp, int dinp_bf16, float *dweight, float *dbia
 /* dbias (OC) += column sums of dout (N,OC), fp32 or bf16 */
 void bias_backward(float *dbias, const float *dout, int64_t N, int OC);
 void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC);
-/* out (B,T,C) and att (B,NH,T,T) in bf16, only the causal part of att computed
- * (entries right of the diagonal's row block are left as they were); scores:
- * T*T floats of scratch */
-void attention_forward_bf16(bf16 *out, bf16 *att, float *scores, const bf16 *qkv, int B, int T,
-                            int C, int NH);
-/* Floats of scratch attention_backward_bf16 needs. */
-size_t attention_bf16_scratch_floats(int T, int C, int NH);
-/* dqkv (B,T,3C) = (written); scratch: attention_bf16_scratch_floats, scratch_h T*T bf16 */
-void attention_backward_bf16(bf16 *dqkv, float *scratch, bf16 *scratch_h, const bf16 *dout,
-                             const bf16 *qkv, const bf16 *att, int B, int T, int C, int NH);
+/*
+ * out (B,T,C) and att (B,NH,T,T) in bf16, only the causal part of att computed
+ * (entries right of the diagonal's row block are left as they were). scratch:
+ * attention_bf16_scratch_floats(T, C, NH, threads) floats, one head's worth per
+ * thread: with several threads and enough heads, each thread runs whole heads.
+ */
+size_t attention_bf16_scratch_floats(int T, int C, int NH, int threads);
+void attention_forward_bf16(bf16 *out, bf16 *att, float *scratch, const bf16 *qkv, int B, int T,
+                            int C, int NH, int threads);
+/* dqkv (B,T,3C) = (written); the same scratch */
+void attention_backward_bf16(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
+                             const bf16 *att, int B, int T, int C, int NH, int threads);
 /* out (N) = GELU(inp) in bf16; dinp (N) = GELU'(inp) * dout in bf16 (written) */
 void gelu_forward_bf16(bf16 *out, const float *inp, int64_t N);
 void gelu_backward_bf16(bf16 *dinp, const float *inp, const float *dout, int64_t N);
