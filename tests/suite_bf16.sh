@@ -5,7 +5,8 @@
 # 1e-4 relative (fp32: 1e-5); resume is bit-exact; a bf16 checkpoint resumes in
 # fp32 and the reverse. With oneDNN held below AVX-512 BF16 (ONEDNN_MAX_CPU_ISA),
 # bf16 is refused in one line and auto falls back to fp32. The kernels and the
-# gradients are tests/test_gemm.c and tests/test_bf16.c.
+# gradients are tests/test_gemm.c and tests/test_bf16.c. One rank on 2 threads (heads
+# and experts in parallel, one thread each) gives the 1-thread losses.
 set -u
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
 MPIRUN=(mpirun --oversubscribe --bind-to none)
@@ -136,3 +137,17 @@ cross() { # label, checkpoint, precision to resume in, reference log
 }
 cross bf16 "$TMP/tiny-topk-first/step_000020" fp32 "$TMP/tiny-topk-straight.log"
 cross fp32 "$TMP/fp32-straight/step_000020" bf16 "$TMP/fp32-straight.log"
+
+# ---- one rank, 2 threads: heads and experts run in parallel, one thread each ----
+for name in tiny tiny-topk; do
+    for t in 1 2; do
+        OMP_NUM_THREADS=$t $INFMOE train tests/configs/$name.yaml --set train.precision=bf16 \
+            --set output.dir="$TMP/$name-t$t" > "$TMP/$name-t$t.log" 2>&1
+    done
+    worst=$(max_rel_diff "$(losses "$TMP/$name-t1.log")" "$(losses "$TMP/$name-t2.log")")
+    if grep -q "ranks 1 x threads 2" "$TMP/$name-t2.log" && awk -v w="$worst" 'BEGIN{exit !(w <= 1e-4)}'; then
+        pass "bf16: $name, 1 rank x 2 threads (heads and experts in parallel) equals 1 thread (max rel diff $worst)"
+    else
+        fail "bf16: $name, 1 rank x 2 threads against 1 thread (max rel diff $worst)" "$(tail -3 "$TMP/$name-t2.log")"
+    fi
+done
