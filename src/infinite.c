@@ -544,10 +544,7 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
         gelu_backward(f->aw, Hp, f->daw, rows * cu);
         dispatch_gather(f->xg, f->recv, W, rl, rows, C, sizeof(float));
         gemm_var(1, 0, cu, C, rows, f->aw, cu, f->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
-        float *db1 = grads + f->b1 + (size_t)ch * cu;
-        for (int64_t r = 0; r < rows; r++)
-#pragma omp simd
-            for (int u = 0; u < cu; u++) db1[u] += f->aw[r * cu + u];
+        bias_backward(grads + f->b1 + (size_t)ch * cu, f->aw, rows, cu);
         gemm_var(0, 0, rows, C, cu, f->aw, cu, W1, C, f->yg, C, 0, NULL);
         dispatch_scatter_add(f->rows_back, WB, f->yg, rl, rows, C);
     }
@@ -670,9 +667,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
         for (int j = 0; j < K * dz; j++) Atot[t * K * dz + j] += as[j];
         for (int k = 0; k < K; k++) Stot[t * K + k] += as[K * dz + k];
     }
-    float *db2 = grads + f->b2;
-    for (int64_t t = 0; t < n; t++)
-        for (int c = 0; c < C; c++) db2[c] += dout[t * C + c];
+    bias_backward(grads + f->b2, dout, n, C);
     /* 3. d z = A - n_keep S sum_{kept} p de/dz (window: the shards did the second term);
      * learned: the S share of d/dP, d/dq */
     if (f->mask == MASK_LEARNED)

@@ -704,9 +704,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
         gemm_var(0, 0, rows, He, C, dY + r0 * C, C, W2, He, dA + r0 * He, He, 0, NULL);
         gemm_var(1, 0, C, He, rows, dY + r0 * C, C, m->A + r0 * He, He,
                  grads + m->w2 + (size_t)e * C * He, He, 1, NULL);
-        float *db2 = grads + m->b2 + (size_t)e * C;
-        for (int64_t r = r0; r < r0 + rows; r++)
-            for (int c = 0; c < C; c++) db2[c] += dY[r * C + c];
+        bias_backward(grads + m->b2 + (size_t)e * C, dY + r0 * C, rows, C);
     }
     memset(dH, 0, sizeof(float) * (size_t)(m->n_recv * He));
     gelu_backward(dH, m->Hpre, dA, m->n_recv * He);
@@ -716,9 +714,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
         const float *W1 = params + m->w1 + (size_t)e * He * C;
         gemm_var(1, 0, He, C, rows, dH + r0 * He, He, m->X + r0 * C, C,
                  grads + m->w1 + (size_t)e * He * C, C, 1, NULL);
-        float *db1 = grads + m->b1 + (size_t)e * He;
-        for (int64_t r = r0; r < r0 + rows; r++)
-            for (int h = 0; h < He; h++) db1[h] += dH[r * He + h];
+        bias_backward(grads + m->b1 + (size_t)e * He, dH + r0 * He, rows, He);
         gemm_var(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 0, NULL);
     }
     }

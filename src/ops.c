@@ -291,6 +291,12 @@ void matmul_backward_bf16(void *dinp, int dinp_bf16, float *dweight, float *dbia
  */
 #define ATT_BLOCK 128
 
+/* The end of the row block that row t lies in (its causal columns end there too). */
+static inline int att_block_end(int t, int T) {
+    int end = (t / ATT_BLOCK + 1) * ATT_BLOCK;
+    return end < T ? end : T;
+}
+
 /* Scratch of one head: scores (or their gradient) T*T, the fp32 sums of dk and dv
  * 2*T*hs, the bf16 score gradient T*T (in floats). */
 static size_t head_scratch_floats(int T, int C, int NH) {
@@ -317,7 +323,7 @@ static void head_forward_bf16(bf16 *out, bf16 *a, float *scores, const bf16 *q, 
     const bf16 *k = q + C, *v = q + 2 * C;
     float scale = 1.0f / sqrtf((float)hs);
     for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        int r1 = att_block_end(r0, T);
         gemm_bf16(0, 1, r1 - r0, r1, hs, q + (int64_t)r0 * 3 * C, 3 * C, k, 3 * C,
                   scores + (int64_t)r0 * T, T, 0, 0, NULL);
     }
@@ -327,13 +333,13 @@ static void head_forward_bf16(bf16 *out, bf16 *a, float *scores, const bf16 *q, 
         bf16 *ar = a + (int64_t)t * T;
         float inv = causal_softmax_row(row, t, scale);
         /* zeros up to the end of the row's block: all the products read */
-        int end = (t / ATT_BLOCK + 1) * ATT_BLOCK < T ? (t / ATT_BLOCK + 1) * ATT_BLOCK : T;
+        int end = att_block_end(t, T);
 #pragma omp simd
         for (int j = 0; j <= t; j++) ar[j] = bf16_round(row[j] * inv);
         for (int j = t + 1; j < end; j++) ar[j] = 0;
     }
     for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        int r1 = att_block_end(r0, T);
         gemm_bf16(0, 0, r1 - r0, hs, r1, a + (int64_t)r0 * T, T, v, 3 * C,
                   out + (int64_t)r0 * C, C, 1, 0, NULL);
     }
@@ -362,7 +368,7 @@ static void head_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const b
     memset(dv_acc, 0, sizeof(float) * (size_t)T * hs);
     memset(dk_acc, 0, sizeof(float) * (size_t)T * hs);
     for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        int r1 = att_block_end(r0, T);
         gemm_bf16(0, 1, r1 - r0, r1, hs, dy + (int64_t)r0 * C, C, v, 3 * C, da + (int64_t)r0 * T,
                   T, 0, 0, NULL);
         gemm_bf16(1, 0, r1, hs, r1 - r0, a + (int64_t)r0 * T, T, dy + (int64_t)r0 * C, C, dv_acc,
@@ -373,7 +379,7 @@ static void head_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const b
         const bf16 *ar = a + (int64_t)t * T;
         const float *dr = da + (int64_t)t * T;
         bf16 *ds = ds_all + (int64_t)t * T;
-        int end = (t / ATT_BLOCK + 1) * ATT_BLOCK < T ? (t / ATT_BLOCK + 1) * ATT_BLOCK : T;
+        int end = att_block_end(t, T);
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int j = 0; j <= t; j++) dot += bf16_float(ar[j]) * dr[j];
@@ -383,7 +389,7 @@ static void head_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const b
     }
     /* dq = dscores . k (rows of a block read columns up to it); dk = dscores^T . q */
     for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-        int r1 = r0 + ATT_BLOCK < T ? r0 + ATT_BLOCK : T;
+        int r1 = att_block_end(r0, T);
         gemm_bf16(0, 0, r1 - r0, hs, r1, ds_all + (int64_t)r0 * T, T, k, 3 * C,
                   dq + (int64_t)r0 * 3 * C, 3 * C, 1, 0, NULL);
         gemm_bf16(1, 0, r1, hs, r1 - r0, ds_all + (int64_t)r0 * T, T, q + (int64_t)r0 * 3 * C,
