@@ -45,11 +45,12 @@ int main(int argc, char **argv) {
     model_build(&g, &cfg, 0, NULL);
     double bytes = 0;
     for (int t = 0; t < g.tensors.n; t++) bytes += 12.0 * (double)g.tensors.t[t].numel;
-    if (mkdir_p(argv[2]) != 0) infmoe_die("cannot create %s", argv[2]);
+    run_dir dir;
+    rundir_open(&dir, argv[2], &d);
 
     MPI_CHECK(MPI_Barrier(d.world));
     double t0 = wall_time();
-    ckpt_save(argv[2], &m, &cfg, &d, (ckpt_position){1, 1}, 1);
+    ckpt_save(&dir, &m, &cfg, &d, (ckpt_position){1, 1}, 1);
     double t_save = wall_time() - t0;
     char path[2048];
     ckpt_resolve("auto", argv[2], path, sizeof path);
@@ -88,6 +89,7 @@ int main(int argc, char **argv) {
     model_free(&g);
     config_free(&cfg);
     gemm_shutdown();
+    rundir_close(&dir);
     dist_finalize(&d);
     return 0;
 }

@@ -40,6 +40,12 @@ void dist_init(dist_ctx *d, int *argc, char ***argv) {
      */
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, INT_MAX);
+    /*
+     * Open MPI's "lockedfile" shared-file-pointer component overflows a fixed
+     * buffer (and aborts) on file paths over about 220 characters; infmoe uses
+     * no shared file pointers, so leave it out unless the user chose otherwise.
+     */
+    setenv("OMPI_MCA_sharedfp", "^lockedfile", 0);
     int provided;
     MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
     /* Errors come back as codes so MPI_CHECK can say where they happened. */
@@ -77,6 +83,14 @@ void dist_finalize(dist_ctx *d) {
     MPI_CHECK(MPI_Finalize());
 }
 
+void dist_exit_if_error(const dist_ctx *d, const char *err) {
+    int mine = err[0] ? d->rank : d->size, first = mine;
+    MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, d->world));
+    if (first == d->size) return;
+    if (d->rank == first) fprintf(stderr, "infmoe: %s\n", err);
+    infmoe_exit(1);
+}
+
 void dist_allreduce_mean(float *buf, size_t n, MPI_Comm comm) {
     int size;
     MPI_CHECK(MPI_Comm_size(comm, &size));
@@ -98,11 +112,7 @@ void dist_allreduce_max_d(double *buf, int n, MPI_Comm comm) {
     MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_MAX, comm));
 }
 
-void dist_log_open(const char *path) {
-    if (g_rank != 0) return;
-    g_log = fopen(path, "a");
-    if (!g_log) infmoe_die("cannot open the log file %s for appending", path);
-}
+void dist_log_open(FILE *f) { g_log = f; }
 
 void dist_log(const char *fmt, ...) {
     if (g_rank != 0) return;

@@ -2,7 +2,6 @@
 #define _POSIX_C_SOURCE 200809L
 #include "infmoe/train.h"
 
-#include <errno.h>
 #include <math.h>
 #include <omp.h>
 #include <signal.h>
@@ -18,6 +17,7 @@
 #include "infmoe/model.h"
 #include "infmoe/optim.h"
 #include "infmoe/peak.h"
+#include "infmoe/rundir.h"
 #include "infmoe/stats.h"
 #include "infmoe/util.h"
 
@@ -31,8 +31,8 @@ static void train_usage(FILE *f) {
             "\n"
             "options:\n"
             "  --set section.key=value   override one config key (repeatable)\n"
-            "  --resume auto             continue from the newest complete checkpoint in\n"
-            "                            output.dir (start fresh when there is none)\n"
+            "  --resume auto             continue from the checkpoint output.dir/latest names\n"
+            "                            (start fresh when there is none)\n"
             "  --resume PATH             continue from checkpoint PATH (any rank count and ep)\n"
             "  --help                    this text\n"
             "\n"
@@ -121,9 +121,8 @@ int train_main(int argc, char **argv) {
     const int B = cfg.batch_size / d.size, T = cfg.seq_len;
     const int threads = omp_get_max_threads();
 
-    if (d.rank == 0 && mkdir_p(cfg.output_dir) != 0)
-        infmoe_die("cannot create the run directory %s: %s", cfg.output_dir, strerror(errno));
-    MPI_CHECK(MPI_Barrier(d.world));
+    run_dir dir;
+    rundir_open(&dir, cfg.output_dir, &d); /* locked for this run before anything is written */
 
     token_dataset train, val;
     data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed);
@@ -142,16 +141,21 @@ int train_main(int argc, char **argv) {
             dist_log("no checkpoint in %s: starting from step 0\n", cfg.output_dir);
     }
     /* Only now, with the data and any checkpoint loaded, write into the run directory. */
-    char path[1200];
-    snprintf(path, sizeof path, "%s/train.log", cfg.output_dir);
-    dist_log_open(path);
-    if (d.rank == 0) { /* the effective config: file, overrides and defaults */
-        snprintf(path, sizeof path, "%s/config.yaml", cfg.output_dir);
-        FILE *f = fopen(path, "w");
-        if (!f) infmoe_die("cannot write %s: %s", path, strerror(errno));
+    char err[2048] = "";
+    if (d.rank == 0) { /* the effective config (file, overrides and defaults), and the log */
+        char *text = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&text, &len);
+        if (!f) infmoe_die("out of memory printing the config");
         config_print(&cfg, f);
-        if (fclose(f) != 0) infmoe_die("cannot write %s: %s", path, strerror(errno));
+        fclose(f);
+        FILE *log = rundir_replace(&dir, "config.yaml", text, err, sizeof err) == 0
+                        ? rundir_append(&dir, "train.log", err, sizeof err)
+                        : NULL;
+        dist_log_open(log);
+        free(text);
     }
+    dist_exit_if_error(&d, err);
     int32_t *inputs = xcalloc((size_t)B * T, sizeof(int32_t));
     int32_t *targets = xcalloc((size_t)B * T, sizeof(int32_t));
 
@@ -228,7 +232,7 @@ int train_main(int argc, char **argv) {
         if (stop || step + 1 == cfg.steps || (cfg.ckpt_every > 0 && (step + 1) % cfg.ckpt_every == 0)) {
             ckpt_position pos = {step + 1, seen + cfg.batch_size};
             double ts = wall_time();
-            ckpt_save(cfg.output_dir, &m, &cfg, &d, pos, cfg.keep_last);
+            ckpt_save(&dir, &m, &cfg, &d, pos, cfg.keep_last);
             dist_log("checkpoint %s/step_%06d | %.2f s\n", cfg.output_dir, step + 1, wall_time() - ts);
         }
         if (stop) {
@@ -251,6 +255,7 @@ int train_main(int argc, char **argv) {
     if (have_val) data_close(&val);
     config_free(&cfg);
     free(sets);
+    rundir_close(&dir);
     dist_finalize(&d);
     return stop ? EXIT_SAVED_ON_SIGNAL : 0;
 }

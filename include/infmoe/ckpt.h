@@ -9,7 +9,8 @@
  *       tokens_seen, config (YAML text), ranks, ep, seed, rng
  * The directory is written as step_NNNNNN.tmp and renamed when complete, then
  * <run dir>/latest (a one-line file naming it) is replaced atomically, then
- * checkpoints beyond keep_last are removed. A crash leaves at most a .tmp
+ * checkpoints beyond keep_last are removed. Everything in the run directory is
+ * created through rundir (never through links). A crash leaves at most a .tmp
  * directory, which resume ignores and the next save of that step replaces.
  * Loading: every rank reads its own hyperslabs, so any rank count and ep can
  * resume any checkpoint. Format: docs/formats.md.
@@ -22,6 +23,7 @@
 #include "infmoe/config.h"
 #include "infmoe/dist.h"
 #include "infmoe/model.h"
+#include "infmoe/rundir.h"
 
 #define CKPT_FORMAT_VERSION 1
 /* Exit status of `infmoe train` after a save requested by SIGTERM or SIGUSR1. */
@@ -33,15 +35,20 @@ typedef struct {
 } ckpt_position;
 
 /*
- * Save the model, AdamW state and position as <run_dir>/step_NNNNNN (collective:
- * every rank calls it). Keeps the newest keep_last checkpoints (0: all).
+ * Save the model, AdamW state and position as <dir>/step_NNNNNN (collective:
+ * every rank calls it) and point latest at it. keep_last (0: all) counts the
+ * checkpoints at or below this step; those above it, left by a run this one
+ * branched from, are kept. A failure (no space, quota, permission, a link
+ * where the checkpoint goes) is one line naming the path; every rank exits
+ * with status 1, the partial .tmp removed and latest unchanged.
  */
-void ckpt_save(const char *run_dir, gpt_model *m, const run_config *cfg, const dist_ctx *d,
+void ckpt_save(const run_dir *dir, gpt_model *m, const run_config *cfg, const dist_ctx *d,
                ckpt_position pos, int keep_last);
 
 /*
- * Resolve `arg` to a checkpoint directory: "auto" is the newest complete one in
- * run_dir (returns 0 and leaves path empty when there is none); anything else
+ * Resolve `arg` to a checkpoint directory: "auto" is the one run_dir/latest
+ * names (without latest, the newest complete one; returns 0 and leaves path
+ * empty when there is none); anything else
  * must be a complete checkpoint directory (or its model.h5). Dies with a
  * message for incomplete (.tmp) or missing checkpoints.
  */

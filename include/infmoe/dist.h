@@ -29,6 +29,14 @@ void dist_finalize(dist_ctx *d);
 void mpi_check_at(int rc, const char *call, const char *file, int line);
 #define MPI_CHECK(call) mpi_check_at((call), #call, __FILE__, __LINE__)
 
+/*
+ * An error some ranks may meet and others not (a file only rank 0 writes, a
+ * part of a checkpoint only one rank reads): every rank passes its message
+ * ("" for none); if any has one, the lowest such rank prints it and every rank
+ * finalises MPI and exits with status 1 (no abort banner). Collective.
+ */
+void dist_exit_if_error(const dist_ctx *d, const char *err);
+
 /* In-place mean of a float buffer over the ranks of `comm`. */
 void dist_allreduce_mean(float *buf, size_t n, MPI_Comm comm);
 /* Sum of doubles over `comm`, in place. */
@@ -37,10 +45,11 @@ void dist_allreduce_sum_d(double *buf, int n, MPI_Comm comm);
 void dist_allreduce_max_d(double *buf, int n, MPI_Comm comm);
 
 /*
- * Logging: printf-like, rank 0 only, to stdout and (once dist_log_open has been
- * called) to a copy of the log in the run directory. Flushed on every line.
+ * Logging: printf-like, rank 0 only, to stdout and (once dist_log_open has
+ * been given rank 0's open train.log) to that copy of the log, which
+ * dist_log_close closes. Flushed on every line.
  */
-void dist_log_open(const char *path);
+void dist_log_open(FILE *f);
 void dist_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void dist_log_close(void);
 
