@@ -201,8 +201,8 @@ int train_main(int argc, char **argv) {
         MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &non_finite, 1, MPI_INT, MPI_MAX, d.world));
         if (non_finite)
             infmoe_die_all("step %d: loss %g, grad_norm %g: not finite, so the step is not applied "
-                           "and nothing is saved; lower train.lr or check the data (the last "
-                           "checkpoint in %s is intact)", step + 1, loss, norm, cfg.output_dir);
+                           "and nothing is saved (checkpoints already in %s are untouched); lower "
+                           "train.lr or check the data", step + 1, loss, norm, cfg.output_dir);
         float lr = optim_lr(&cfg, step);
         model_update(&m, &cfg, lr, step, optim_clip_scale(cfg.grad_clip, norm));
         model_end_step(&m);
