@@ -56,7 +56,7 @@ int main(int argc, char **argv) {
     ckpt_resolve("auto", argv[2], path, sizeof path);
     MPI_CHECK(MPI_Barrier(d.world));
     t0 = wall_time();
-    ckpt_load(path, &m, &d);
+    ckpt_load(path, &m, &cfg, &d);
     MPI_CHECK(MPI_Barrier(d.world));
     double t_load = wall_time() - t0;
 

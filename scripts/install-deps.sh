@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages infmoe needs (compiler, Open MPI, oneDNN, parallel
-# HDF5, libyaml, and the fortunes text of the demo corpus). Installs only what
+# HDF5, libyaml, zlib, and the fortunes text of the demo corpus). Installs only what
 # is missing, so it is cheap to run again. Needs root or sudo.
 set -euo pipefail
 
@@ -9,7 +9,7 @@ PACKAGES=(
     openmpi-bin libopenmpi-dev
     libdnnl-dev
     libhdf5-openmpi-dev hdf5-tools
-    libyaml-dev
+    libyaml-dev zlib1g-dev
     fortunes fortunes-min
     slurm-wlm munge
 )

@@ -5,12 +5,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "infmoe/ffn.h"
 #include "infmoe/h5util.h"
@@ -26,6 +28,122 @@ static float *model_buffer(gpt_model *m, int g) { return g == 0 ? m->params : g 
 /* ---- attributes: a failed write is an internal error ---- */
 
 #define ATTR_WRITE(call) h5_check((call) < 0 ? -1 : 0)
+
+/* ---- metadata: the root attributes and their checksum ---- */
+
+/* Integer and text attributes, in the order the metadata checksum covers them. */
+static const char *const META_INT[] = {"format_version", "step", "data_position", "tokens_seen",
+                                       "ranks", "ep", "seed"};
+enum { META_VERSION, META_STEP, META_POSITION, META_TOKENS, META_RANKS, META_EP, META_SEED, N_META_INT };
+static const char *const META_TEXT[] = {"config", "config_resolved", "rng"};
+enum { META_CONFIG, META_RESOLVED, META_RNG, N_META_TEXT };
+#define META_CHECKSUM "metadata_crc32"
+
+typedef struct {
+    int64_t v[N_META_INT];
+    char *text[N_META_TEXT]; /* malloc'd; config_resolved is NULL in format 1 */
+} ckpt_meta;
+
+static void meta_free(ckpt_meta *meta) {
+    for (int i = 0; i < N_META_TEXT; i++) free(meta->text[i]);
+}
+
+/* CRC-32 of every metadata attribute as "name=value" lines and NUL-ended texts. */
+static int64_t meta_checksum(const ckpt_meta *meta) {
+    uLong crc = crc32(0L, Z_NULL, 0);
+    char line[96];
+    for (int i = 0; i < N_META_INT; i++) {
+        int n = snprintf(line, sizeof line, "%s=%lld\n", META_INT[i], (long long)meta->v[i]);
+        crc = crc32(crc, (const Bytef *)line, (uInt)n);
+    }
+    for (int i = 0; i < N_META_TEXT; i++) {
+        crc = crc32(crc, (const Bytef *)META_TEXT[i], (uInt)strlen(META_TEXT[i]) + 1);
+        crc = crc32(crc, (const Bytef *)meta->text[i], (uInt)strlen(meta->text[i]) + 1);
+    }
+    return (int64_t)crc;
+}
+
+/* Why attribute name of f could not be read: absent, or present in damaged metadata. */
+static const char *attr_problem(hid_t f, const char *name) {
+    return H5Aexists(f, name) == 0 ? "missing attribute" : "unreadable (damaged) attribute";
+}
+
+/*
+ * Read the metadata of checkpoint file f (path names it in messages) and check
+ * its checksum: 0, or -1 with one line in err. Format 1 has neither the
+ * resolved config nor a checksum.
+ */
+static int meta_read(hid_t f, const char *path, ckpt_meta *meta, char *err, size_t cap) {
+    memset(meta, 0, sizeof *meta);
+    if (h5_attr_get_i64(f, "format_version", &meta->v[META_VERSION]) != 0) {
+        int absent = H5Aexists(f, "format_version") == 0;
+        snprintf(err, cap, "%s: %s 'format_version': %s", path, attr_problem(f, "format_version"),
+                 absent ? "not an infmoe checkpoint" : "the checkpoint's metadata is damaged");
+        return -1;
+    }
+    int64_t version = meta->v[META_VERSION];
+    if (version != 1 && version != CKPT_FORMAT_VERSION) {
+        snprintf(err, cap, "%s: checkpoint format version %lld, this infmoe reads versions 1 and %d",
+                 path, (long long)version, CKPT_FORMAT_VERSION);
+        return -1;
+    }
+    const char *missing = NULL;
+    for (int i = 1; i < N_META_INT && !missing; i++)
+        if (h5_attr_get_i64(f, META_INT[i], &meta->v[i]) != 0) missing = META_INT[i];
+    for (int i = 0; i < N_META_TEXT && !missing; i++)
+        if (!(meta->text[i] = h5_attr_get_str(f, META_TEXT[i])) && (version > 1 || i != META_RESOLVED))
+            missing = META_TEXT[i];
+    int64_t stored = 0;
+    if (!missing && version > 1 && h5_attr_get_i64(f, META_CHECKSUM, &stored) != 0) missing = META_CHECKSUM;
+    if (missing) {
+        snprintf(err, cap, "%s: %s '%s'", path, attr_problem(f, missing), missing);
+        meta_free(meta);
+        return -1;
+    }
+    if (version > 1 && stored != meta_checksum(meta)) {
+        snprintf(err, cap, "%s: metadata checksum mismatch (stored %08llx, computed %08llx): step, "
+                 "data position, seed or config were altered or damaged", path,
+                 (unsigned long long)stored, (unsigned long long)meta_checksum(meta));
+        meta_free(meta);
+        return -1;
+    }
+    return 0;
+}
+
+/* The config a checkpoint was trained with: resolved (format 2), else the text as given. */
+static const char *meta_config(const ckpt_meta *meta) {
+    return meta->text[META_RESOLVED] ? meta->text[META_RESOLVED] : meta->text[META_CONFIG];
+}
+
+/*
+ * The counters agree with each other and with the config saved: every step
+ * consumes at least one sequence and tokens_seen = data_position x seq_len
+ * (step x batch_size holds only while the batch never changed across resumes,
+ * so it is not required). 0, or -1 with one line in err.
+ */
+static int meta_consistent(const ckpt_meta *meta, const run_config *saved, const char *path,
+                           char *err, size_t cap) {
+    long long step = meta->v[META_STEP], pos = meta->v[META_POSITION], tokens = meta->v[META_TOKENS];
+    long long want;
+    if (step < 0 || pos < step) {
+        snprintf(err, cap, "%s: data_position %lld is below step %lld (each step consumes at least "
+                 "one sequence)", path, pos, step);
+        return -1;
+    }
+    if (__builtin_mul_overflow(pos, (long long)saved->seq_len, &want) || tokens != want) {
+        snprintf(err, cap, "%s: tokens_seen %lld is not data_position x model.seq_len (%lld x %d)",
+                 path, tokens, pos, saved->seq_len);
+        return -1;
+    }
+    return 0;
+}
+
+/* Values in x[0, n) that are nan or inf. */
+static size_t count_non_finite(const float *x, size_t n) {
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad += !isfinite(x[i]);
+    return bad;
+}
 
 /* ---- layout of a tensor in the file ---- */
 
@@ -188,9 +306,29 @@ static int save_begin(const ckpt_saving *s, const gpt_model *m, char *err, size_
     return -1;
 }
 
+/*
+ * A checkpoint never holds a nan or inf: when any rank's params, m or v has
+ * one, every rank stops before writing, and latest keeps naming the last
+ * finite checkpoint.
+ */
+static void refuse_non_finite(gpt_model *m, const dist_ctx *d, int64_t step) {
+    char err[512] = "";
+    for (int g = 0; g < 3 && !err[0]; g++)
+        for (int t = 0; t < m->tensors.n && !err[0]; t++) {
+            const tensor_spec *s = &m->tensors.t[t];
+            size_t bad = count_non_finite(model_buffer(m, g) + s->offset, s->numel);
+            if (bad)
+                snprintf(err, sizeof err, "step %lld: tensor %s/%s holds %zu non-finite values (nan "
+                         "or inf): not saving it, so latest still names the last finite checkpoint; "
+                         "lower train.lr", (long long)step, GROUPS[g], s->name, bad);
+        }
+    dist_exit_if_error(d, err);
+}
+
 void ckpt_save(const run_dir *dir, gpt_model *m, const run_config *cfg, const dist_ctx *d,
                ckpt_position pos, int keep_last) {
     h5_quiet();
+    refuse_non_finite(m, d, pos.step);
     ckpt_saving s = {.dir = dir, .d = d};
     snprintf(s.final, sizeof s.final, "step_%06lld", (long long)pos.step);
     snprintf(s.tmp, sizeof s.tmp, "%s.tmp", s.final);
@@ -200,19 +338,18 @@ void ckpt_save(const run_dir *dir, gpt_model *m, const run_config *cfg, const di
     dist_exit_if_error(d, err);
     hid_t fapl = h5_check(H5Pcreate(H5P_FILE_ACCESS));
     h5_check(H5Pset_fapl_mpio(fapl, d->world, MPI_INFO_NULL));
+    /* the 1.8 file format: the first with dense attribute storage, so a config of any size fits */
+    h5_check(H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST));
     hid_t f = SAVE_CALL(&s, H5Fcreate(s.file, H5F_ACC_EXCL, H5P_DEFAULT, fapl));
-    int64_t version = CKPT_FORMAT_VERSION, ranks = d->size, ep = d->ep, seed = cfg->seed;
-    int64_t tokens = pos.data_position * cfg->seq_len;
-    ATTR_WRITE(h5_attr_put_i64(f, "format_version", version));
-    ATTR_WRITE(h5_attr_put_i64(f, "step", pos.step));
-    ATTR_WRITE(h5_attr_put_i64(f, "data_position", pos.data_position));
-    ATTR_WRITE(h5_attr_put_i64(f, "tokens_seen", tokens));
-    ATTR_WRITE(h5_attr_put_i64(f, "ranks", ranks));
-    ATTR_WRITE(h5_attr_put_i64(f, "ep", ep));
-    ATTR_WRITE(h5_attr_put_i64(f, "seed", seed));
-    ATTR_WRITE(h5_attr_put_str(f, "config", cfg->text));
-    ATTR_WRITE(h5_attr_put_str(f, "rng", "counter-based: every draw is a function of (seed, layer, "
-                                         "step, global token), so no generator state is stored"));
+    ckpt_meta meta = {{CKPT_FORMAT_VERSION, pos.step, pos.data_position,
+                       pos.data_position * cfg->seq_len, d->size, d->ep, cfg->seed},
+                      {cfg->text, config_resolved_text(cfg),
+                       "counter-based: every draw is a function of (seed, layer, step, global "
+                       "token), so no generator state is stored"}};
+    for (int i = 0; i < N_META_INT; i++) ATTR_WRITE(h5_attr_put_i64(f, META_INT[i], meta.v[i]));
+    for (int i = 0; i < N_META_TEXT; i++) ATTR_WRITE(h5_attr_put_str(f, META_TEXT[i], meta.text[i]));
+    ATTR_WRITE(h5_attr_put_i64(f, META_CHECKSUM, meta_checksum(&meta)));
+    free(meta.text[META_RESOLVED]);
     hid_t dxpl = h5_check(H5Pcreate(H5P_DATASET_XFER));
     h5_check(H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE));
     for (int g = 0; g < 3; g++) {
@@ -331,11 +468,20 @@ static hid_t open_checkpoint(const char *path, int all) {
     return f;
 }
 
-char *ckpt_config_text(const char *path) {
+/* Open checkpoint path and read its metadata; any problem ends the job with one line. */
+static hid_t open_with_meta(const char *path, ckpt_meta *meta) {
     hid_t f = open_checkpoint(path, 1);
-    char *text = h5_attr_get_str(f, "config");
+    char err[1024];
+    if (meta_read(f, path, meta, err, sizeof err) != 0) infmoe_die_all("%s", err);
+    return f;
+}
+
+char *ckpt_config_text(const char *path) {
+    ckpt_meta meta;
+    hid_t f = open_with_meta(path, &meta);
     H5Fclose(f);
-    if (!text) infmoe_die_all("%s: the checkpoint has no 'config' attribute", path);
+    char *text = xstrdup(meta_config(&meta));
+    meta_free(&meta);
     return text;
 }
 
@@ -384,9 +530,14 @@ static int read_tensor(hid_t group, const char *gname, const tensor_spec *s, flo
     h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, NULL));
     hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
     int rc = 0;
+    size_t bad = 0;
     if (H5Dread(ds, H5T_NATIVE_FLOAT, msp, fsp, H5P_DEFAULT, buf + s->offset) < 0) {
         snprintf(err, cap, "%s: cannot read tensor %s/%s: checksum mismatch or damaged data",
                  path, gname, s->name);
+        rc = -1;
+    } else if ((bad = count_non_finite(buf + s->offset, s->numel)) > 0) {
+        snprintf(err, cap, "%s: tensor %s/%s holds %zu non-finite values (nan or inf): resume from "
+                 "an earlier checkpoint", path, gname, s->name, bad);
         rc = -1;
     }
     H5Sclose(msp);
@@ -395,20 +546,23 @@ static int read_tensor(hid_t group, const char *gname, const tensor_spec *s, flo
     return rc;
 }
 
-ckpt_position ckpt_load(const char *path, gpt_model *m, const dist_ctx *d) {
-    hid_t f = open_checkpoint(path, 1);
-    int64_t version = 0;
-    ckpt_position pos = {0, 0};
-    if (h5_attr_get_i64(f, "format_version", &version) != 0)
-        infmoe_die_all("%s: missing attribute 'format_version': not an infmoe checkpoint", path);
-    if (version != CKPT_FORMAT_VERSION)
-        infmoe_die_all("%s: checkpoint format version %lld, this infmoe reads version %d", path,
-                       (long long)version, CKPT_FORMAT_VERSION);
-    if (h5_attr_get_i64(f, "step", &pos.step) != 0)
-        infmoe_die_all("%s: missing attribute 'step'", path);
-    if (h5_attr_get_i64(f, "data_position", &pos.data_position) != 0)
-        infmoe_die_all("%s: missing attribute 'data_position'", path);
+ckpt_position ckpt_load(const char *path, gpt_model *m, const run_config *cfg, const dist_ctx *d) {
+    ckpt_meta meta;
+    hid_t f = open_with_meta(path, &meta);
+    ckpt_position pos = {meta.v[META_STEP], meta.v[META_POSITION]};
     char err[1024] = "";
+    if (meta.text[META_RESOLVED]) {
+        run_config saved;
+        config_load_text(&saved, path, meta.text[META_RESOLVED], 0, NULL, d->rank != 0);
+        if (meta_consistent(&meta, &saved, path, err, sizeof err) != 0) infmoe_die_all("%s", err);
+        char key[1100], was[1100], now[1100];
+        if (config_arch_mismatch(&saved, cfg, key, was, now, sizeof was))
+            infmoe_die_all("%s: %.100s is %.200s in the checkpoint but %.200s in this run's config: "
+                           "a resumed run keeps the architecture (train into a new output.dir to "
+                           "change it)", path, key, was, now);
+        config_free(&saved);
+    }
+    meta_free(&meta);
     for (int g = 0; g < 3 && !err[0]; g++) {
         hid_t grp = H5Gopen2(f, GROUPS[g], H5P_DEFAULT);
         if (grp < 0) {
@@ -446,30 +600,32 @@ static void ckpt_usage(FILE *f) {
                "PATH: a checkpoint directory (checkpoints/<run>/step_NNNNNN), its model.h5,\n"
                "or a run's 'latest' pointer.\n"
                "  info    step, position, layout it was saved with, config, tensors and shapes\n"
-               "  verify  read every tensor (Fletcher32 checksums) and check every shape against\n"
-               "          the checkpoint's config; names the first damaged tensor; exit 1 if any\n");
+               "  verify  check the metadata checksum and counters, read every tensor (Fletcher32\n"
+               "          checksums), check every shape against the checkpoint's config and\n"
+               "          every value for nan and inf; names the first problem; exit 1 if any\n");
 }
 
 static int ckpt_info_or_verify(const char *arg, int verify) {
-    char path[2048];
+    char path[2048], err[1024];
     ckpt_resolve(arg, ".", path, sizeof path);
     hid_t f = open_checkpoint(path, 1);
-    const char *needed[] = {"format_version", "step", "data_position", "tokens_seen", "ranks", "ep"};
-    int64_t v[6];
-    for (int i = 0; i < 6; i++)
-        if (h5_attr_get_i64(f, needed[i], &v[i]) != 0)
-            infmoe_die_all("%s: missing attribute '%s'", path, needed[i]);
-    char *text = h5_attr_get_str(f, "config");
-    if (!text) infmoe_die_all("%s: missing attribute 'config'", path);
+    ckpt_meta meta;
+    if (meta_read(f, path, &meta, err, sizeof err) != 0) {
+        if (!verify) infmoe_die_all("%s", err);
+        printf("%s\n", err);
+        H5Fclose(f);
+        return 1;
+    }
+    const int64_t *v = meta.v;
     run_config cfg;
-    config_load_text(&cfg, "config of the checkpoint", text, 0, NULL, 0);
+    config_load_text(&cfg, path, meta_config(&meta), 0, NULL, 0);
     gpt_model m;
     model_build(&m, &cfg, 0, NULL); /* global shapes */
     if (!verify) {
         printf("checkpoint %s\n  format version %lld | step %lld | sequences %lld | tokens %lld\n"
                "  saved by %lld ranks, ep %lld (loads on any rank count and ep)\n",
-               path, (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3],
-               (long long)v[4], (long long)v[5]);
+               path, (long long)v[META_VERSION], (long long)v[META_STEP], (long long)v[META_POSITION],
+               (long long)v[META_TOKENS], (long long)v[META_RANKS], (long long)v[META_EP]);
         printf("  model: %d layers, C %d, %d heads, T %d, vocab %d, ffn %s\n", cfg.n_layer,
                cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
                ffn_kind_name(cfg.ffn_kind));
@@ -485,10 +641,16 @@ static int ckpt_info_or_verify(const char *arg, int verify) {
             total += n;
             printf("    %-32s [%s]%s\n", s->name, shape, s->sharded ? "  (expert-sharded)" : "");
         }
-        printf("  %zu parameters, %.1f MB with AdamW state\n  config:\n", total, total * 12.0 / 1e6);
-        for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) printf("    %s\n", line);
+        printf("  %zu parameters, %.1f MB with AdamW state\n", total, total * 12.0 / 1e6);
+        for (int i = META_CONFIG; i <= META_RESOLVED && meta.text[i]; i++) {
+            printf(i == META_CONFIG ? "  config as given (--set overrides as comments):\n"
+                                    : "  effective config (what it was trained with):\n");
+            for (char *line = strtok(meta.text[i], "\n"); line; line = strtok(NULL, "\n"))
+                printf("    %s\n", line);
+        }
     } else {
-        int bad = 0;
+        int bad = v[META_VERSION] > 1 && meta_consistent(&meta, &cfg, path, err, sizeof err) != 0;
+        if (bad) printf("%s\n", err);
         for (int g = 0; g < 3 && !bad; g++) {
             hid_t grp = H5Gopen2(f, GROUPS[g], H5P_DEFAULT);
             if (grp < 0) {
@@ -508,6 +670,7 @@ static int ckpt_info_or_verify(const char *arg, int verify) {
                 int same = shape_matches(ds, s, got, want, sizeof got);
                 size_t n = s->numel / (size_t)s->shape[0] * (size_t)s->global_dim0;
                 float *buf = same ? xmalloc(n * sizeof(float)) : NULL;
+                size_t non_finite = 0;
                 if (!same) {
                     printf("%s: tensor %s/%s is [%s] but the checkpoint's config makes it [%s]\n",
                            path, GROUPS[g], s->name, got, want);
@@ -515,22 +678,30 @@ static int ckpt_info_or_verify(const char *arg, int verify) {
                 } else if (H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
                     printf("%s: tensor %s/%s is damaged (checksum mismatch or unreadable)\n", path, GROUPS[g], s->name);
                     bad = 1;
+                } else if ((non_finite = count_non_finite(buf, n)) > 0) {
+                    printf("%s: tensor %s/%s holds %zu non-finite values (nan or inf)\n", path,
+                           GROUPS[g], s->name, non_finite);
+                    bad = 1;
                 }
                 free(buf);
                 H5Dclose(ds);
             }
             H5Gclose(grp);
         }
-        if (!bad) printf("%s: ok: %d tensors x 3 checked (checksums and shapes), step %lld\n", path, m.tensors.n, (long long)v[1]);
+        if (!bad)
+            printf("%s: ok: %d tensors x 3 checked (checksums, shapes, finite values), step %lld, %s\n",
+                   path, m.tensors.n, (long long)v[META_STEP],
+                   v[META_VERSION] > 1 ? "metadata checksum and counters"
+                                       : "format 1: no metadata checksum to check");
         model_free(&m);
         config_free(&cfg);
-        free(text);
+        meta_free(&meta);
         H5Fclose(f);
         return bad;
     }
     model_free(&m);
     config_free(&cfg);
-    free(text);
+    meta_free(&meta);
     H5Fclose(f);
     return 0;
 }

@@ -516,23 +516,135 @@ void config_free(run_config *cfg) {
     cfg->text = NULL;
 }
 
-void config_print(const run_config *cfg, FILE *f) {
-    const char *section = "";
+/*
+ * The value of key spec in cfg as the config text spells it. Floats get the
+ * fewest digits (6 to 9) that parse back to the same float, as set_value parses.
+ */
+static void format_value(const run_config *cfg, const key_spec *spec, char *out, size_t cap) {
+    const char *field = (const char *)cfg + spec->offset;
+    switch (spec->type) {
+    case KEY_INT: snprintf(out, cap, "%d", *(const int32_t *)field); break;
+    case KEY_INT64: snprintf(out, cap, "%lld", (long long)*(const int64_t *)field); break;
+    case KEY_FLOAT: {
+        float v = *(const float *)field;
+        for (int digits = 6; digits <= 9; digits++) {
+            snprintf(out, cap, "%.*g", digits, (double)v);
+            if ((float)strtod(out, NULL) == v) break;
+        }
+        break;
+    }
+    case KEY_STRING: snprintf(out, cap, "%s", field); break;
+    case KEY_ENUM: snprintf(out, cap, "%s", spec->names[*(const int *)field]); break;
+    }
+}
+
+/* libyaml's emitter writes into this growing buffer. */
+typedef struct {
+    char *text;
+    size_t len, cap;
+} text_sink;
+
+static int sink_write(void *data, unsigned char *bytes, size_t size) {
+    text_sink *s = data;
+    if (s->len + size + 1 > s->cap) {
+        while (s->len + size + 1 > s->cap) s->cap = s->cap ? 2 * s->cap : 4096;
+        s->text = xrealloc(s->text, s->cap);
+    }
+    memcpy(s->text + s->len, bytes, size);
+    s->len += size;
+    s->text[s->len] = '\0';
+    return 1;
+}
+
+static void emit(yaml_emitter_t *e, yaml_event_t *ev, int made) {
+    if (!made || !yaml_emitter_emit(e, ev))
+        INFMOE_FAIL("libyaml: cannot emit the config: %s", e->problem ? e->problem : "?");
+}
+
+static void emit_scalar(yaml_emitter_t *e, const char *value, yaml_scalar_style_t style) {
+    yaml_event_t ev;
+    emit(e, &ev, yaml_scalar_event_initialize(&ev, NULL, NULL, (yaml_char_t *)value,
+                                              (int)strlen(value), 1, 1, style));
+}
+
+static void emit_mapping_start(yaml_emitter_t *e) {
+    yaml_event_t ev;
+    emit(e, &ev, yaml_mapping_start_event_initialize(&ev, NULL, NULL, 1, YAML_BLOCK_MAPPING_STYLE));
+}
+
+static void emit_mapping_end(yaml_emitter_t *e) {
+    yaml_event_t ev;
+    emit(e, &ev, yaml_mapping_end_event_initialize(&ev));
+}
+
+char *config_resolved_text(const run_config *cfg) {
+    yaml_emitter_t e;
+    yaml_event_t ev;
+    text_sink sink = {NULL, 0, 0};
+    if (!yaml_emitter_initialize(&e)) INFMOE_FAIL("libyaml: cannot initialise the emitter");
+    yaml_emitter_set_output(&e, sink_write, &sink);
+    yaml_emitter_set_unicode(&e, 1);
+    yaml_emitter_set_width(&e, -1); /* long paths stay on one line */
+    emit(&e, &ev, yaml_stream_start_event_initialize(&ev, YAML_UTF8_ENCODING));
+    emit(&e, &ev, yaml_document_start_event_initialize(&ev, NULL, NULL, NULL, 1));
+    emit_mapping_start(&e);
+    const char *section = NULL;
     for (int i = 0; i < N_KEYS; i++) {
         const key_spec *s = &schema[i];
-        const char *field = (const char *)cfg + s->offset;
-        if (strcmp(section, s->section) != 0) {
-            fprintf(f, "%s:\n", s->section);
+        char value[1100];
+        format_value(cfg, s, value, sizeof value);
+        if (s->type == KEY_STRING && value[0] == '\0') continue; /* unset: "" would not load */
+        if (!section || strcmp(section, s->section) != 0) {
+            if (section) emit_mapping_end(&e);
+            emit_scalar(&e, s->section, YAML_PLAIN_SCALAR_STYLE);
+            emit_mapping_start(&e);
             section = s->section;
         }
-        switch (s->type) {
-        case KEY_INT: fprintf(f, "  %s: %d\n", s->key, *(const int32_t *)field); break;
-        case KEY_INT64:
-            fprintf(f, "  %s: %lld\n", s->key, (long long)*(const int64_t *)field);
-            break;
-        case KEY_FLOAT: fprintf(f, "  %s: %g\n", s->key, (double)*(const float *)field); break;
-        case KEY_STRING: fprintf(f, "  %s: \"%s\"\n", s->key, field); break;
-        case KEY_ENUM: fprintf(f, "  %s: %s\n", s->key, s->names[*(const int *)field]); break;
-        }
+        emit_scalar(&e, s->key, YAML_PLAIN_SCALAR_STYLE);
+        /* paths in double quotes: libyaml escapes what would otherwise end or change them */
+        emit_scalar(&e, value, s->type == KEY_STRING ? YAML_DOUBLE_QUOTED_SCALAR_STYLE
+                                                     : YAML_PLAIN_SCALAR_STYLE);
     }
+    emit_mapping_end(&e);
+    emit_mapping_end(&e);
+    emit(&e, &ev, yaml_document_end_event_initialize(&ev, 1));
+    emit(&e, &ev, yaml_stream_end_event_initialize(&ev));
+    yaml_emitter_delete(&e);
+    return sink.text;
+}
+
+void config_print(const run_config *cfg, FILE *f) {
+    char *text = config_resolved_text(cfg);
+    fputs(text, f);
+    free(text);
+}
+
+/* Keys that fix what a model's parameters are, for every FFN kind and per kind. */
+static const char *const arch_all[] = {"model.n_layer", "model.n_embd", "model.n_head",
+                                       "model.seq_len", "model.vocab_size", "ffn.kind",
+                                       "ffn.hidden", NULL};
+static const char *const arch_moe[] = {"ffn.every", "ffn.experts", "ffn.k", "ffn.expert_hidden",
+                                       "ffn.gate", NULL};
+static const char *const arch_infinite[] = {"ffn.every", "ffn.units", "ffn.mask", "ffn.mask_block",
+                                            "ffn.latent_dim", "ffn.router_hidden", NULL};
+
+static int listed(const char *const *list, const char *name) {
+    for (int i = 0; list[i]; i++)
+        if (strcmp(list[i], name) == 0) return 1;
+    return 0;
+}
+
+int config_arch_mismatch(const run_config *a, const run_config *b, char *key, char *va, char *vb,
+                         size_t cap) {
+    const char *const *kind = a->ffn_kind == FFN_INFINITE ? arch_infinite
+                              : a->ffn_kind == FFN_DENSE  ? NULL
+                                                          : arch_moe;
+    for (int i = 0; i < N_KEYS; i++) {
+        snprintf(key, cap, "%s.%s", schema[i].section, schema[i].key);
+        if (!listed(arch_all, key) && !(kind && listed(kind, key))) continue;
+        format_value(a, &schema[i], va, cap);
+        format_value(b, &schema[i], vb, cap);
+        if (strcmp(va, vb) != 0) return 1;
+    }
+    return 0;
 }

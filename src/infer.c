@@ -66,7 +66,7 @@ static void load_model(const char *arg, int B, int ep, dist_ctx *d, run_config *
     config_check_ep(cfg, d->size, d->rank != 0);
     dist_set_layout(d, cfg->ep);
     model_build(m, cfg, B, d);
-    *pos = ckpt_load(path, m, d);
+    *pos = ckpt_load(path, m, cfg, d);
 }
 
 int infer_eval_main(int argc, char **argv) {

@@ -136,7 +136,7 @@ int train_main(int argc, char **argv) {
     char ckpt_path[2048] = "";
     if (resume) {
         if (ckpt_resolve(resume, cfg.output_dir, ckpt_path, sizeof ckpt_path))
-            start = ckpt_load(ckpt_path, &m, &d);
+            start = ckpt_load(ckpt_path, &m, &cfg, &d);
         else
             dist_log("no checkpoint in %s: starting from step 0\n", cfg.output_dir);
     }
@@ -198,6 +198,15 @@ int train_main(int argc, char **argv) {
         double norm = model_reduce_gradients(&m, &d);
         dist_allreduce_sum_d(&local_loss, 1, d.world);
         loss = (float)(local_loss / d.size);
+        /* A nan or inf stops the run before the update: with fp32 master weights and no loss
+         * scaler it means divergence, not a transient overflow worth skipping. Every rank
+         * takes part, so a value only one rank sees stops them all. */
+        int non_finite = !isfinite(loss) || !isfinite(norm);
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &non_finite, 1, MPI_INT, MPI_MAX, d.world));
+        if (non_finite)
+            infmoe_die_all("step %d: loss %g, grad_norm %g: not finite, so the step is not applied "
+                           "and nothing is saved (checkpoints already in %s are untouched); lower "
+                           "train.lr or check the data", step + 1, loss, norm, cfg.output_dir);
         float lr = optim_lr(&cfg, step);
         model_update(&m, &cfg, lr, step, optim_clip_scale(cfg.grad_clip, norm));
         model_end_step(&m);
@@ -210,9 +219,6 @@ int train_main(int argc, char **argv) {
             mfu_sum += mfu;
             timed_steps++;
         }
-        if (!isfinite(loss))
-            infmoe_die("loss became %f at step %d: lower train.lr or check the data", loss,
-                       step + 1);
         if ((step + 1) % cfg.log_every == 0 || step == 0 || step + 1 == cfg.steps) {
             char moe[160];
             ffn_log_fields(m.ffn, m.L, m.aux_loss, moe, sizeof moe);

@@ -6,7 +6,8 @@
  *       chunked, Fletcher32 checksums; each shard written by its first owner
  *   /state/<layer>.guard_totals                              MoE collapse-guard totals
  *   root attributes: format_version, step, data_position (sequences consumed),
- *       tokens_seen, config (YAML text), ranks, ep, seed, rng
+ *       tokens_seen, ranks, ep, seed, config (the YAML text as given),
+ *       config_resolved (every key as it ran), rng, metadata_crc32 (of all of them)
  * The directory is written as step_NNNNNN.tmp and renamed when complete, then
  * <run dir>/latest (a one-line file naming it) is replaced atomically, then
  * checkpoints beyond keep_last are removed. Everything in the run directory is
@@ -25,7 +26,8 @@
 #include "infmoe/model.h"
 #include "infmoe/rundir.h"
 
-#define CKPT_FORMAT_VERSION 1
+/* Version 2 added config_resolved and metadata_crc32; version 1 still loads. */
+#define CKPT_FORMAT_VERSION 2
 /* Exit status of `infmoe train` after a save requested by SIGTERM or SIGUSR1. */
 #define EXIT_SAVED_ON_SIGNAL 75
 
@@ -38,7 +40,8 @@ typedef struct {
  * Save the model, AdamW state and position as <dir>/step_NNNNNN (collective:
  * every rank calls it) and point latest at it. keep_last (0: all) counts the
  * checkpoints at or below this step; those above it, left by a run this one
- * branched from, are kept. A failure (no space, quota, permission, a link
+ * branched from, are kept. Ends the job without writing when any rank's params,
+ * m or v holds a nan or inf. A failure (no space, quota, permission, a link
  * where the checkpoint goes) is one line naming the path; every rank exits
  * with status 1, the partial .tmp removed and latest unchanged.
  */
@@ -54,10 +57,18 @@ void ckpt_save(const run_dir *dir, gpt_model *m, const run_config *cfg, const di
  */
 int ckpt_resolve(const char *arg, const char *run_dir, char *path, size_t cap);
 
-/* Load params, AdamW m and v and layer state into m (any layout); returns the position. */
-ckpt_position ckpt_load(const char *path, gpt_model *m, const dist_ctx *d);
+/*
+ * Load params, AdamW m and v and layer state into m, built from cfg on any
+ * layout; returns the position. Ends the job with one line when the metadata
+ * fails its checksum or counter checks, an architecture key of cfg differs from
+ * the checkpoint's, or a tensor is missing, damaged, of another shape or not finite.
+ */
+ckpt_position ckpt_load(const char *path, gpt_model *m, const run_config *cfg, const dist_ctx *d);
 
-/* The config text stored in a checkpoint (malloc'd). */
+/*
+ * The config a checkpoint was trained with, as YAML text (malloc'd): the
+ * resolved config, or for format 1 the text as given. Checks the metadata.
+ */
 char *ckpt_config_text(const char *path);
 
 /* infmoe ckpt info|verify PATH */

@@ -98,7 +98,23 @@ void config_check_ep(const run_config *cfg, int nranks, int quiet);
 /* Free what config_load allocated. */
 void config_free(run_config *cfg);
 
-/* Print every key and its value as YAML (the effective config). */
+/*
+ * The effective config as YAML (malloc'd): every key with the value it runs
+ * with, derived defaults filled in; unset paths are left out. Loading the text
+ * gives the same config bit for bit: paths are quoted and escaped by libyaml,
+ * floats keep the digits that parse back to the same float.
+ */
+char *config_resolved_text(const run_config *cfg);
+/* Write config_resolved_text(cfg) to f. */
 void config_print(const run_config *cfg, FILE *f);
+
+/*
+ * Whether an architecture key (model shape, FFN kind and the kind's shape keys)
+ * differs between a and b: 1 with the first such key ("section.key") in key and
+ * both values as text in va and vb, or 0. Keys of FFN kinds other than a's are
+ * not compared. Each buffer holds cap bytes.
+ */
+int config_arch_mismatch(const run_config *a, const run_config *b, char *key, char *va, char *vb,
+                         size_t cap);
 
 #endif
