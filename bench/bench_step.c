@@ -21,6 +21,7 @@
 
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
+#include "infmoe/infinite.h"
 #include "infmoe/model.h"
 #include "infmoe/optim.h"
 #include "infmoe/peak.h"
@@ -34,6 +35,17 @@ static double phase_time(const gpt_model *m, int i) {
         t += p[i];
     }
     return t;
+}
+
+/* Cumulative seconds of the ∞-MoE layers in router MLP, masks, unit GEMMs, all-to-all. */
+static void inf_detail(const gpt_model *m, double t[4]) {
+    double p[4];
+    memset(t, 0, 4 * sizeof(double));
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind == FFN_INFINITE) {
+            inf_phase_detail(m->ffn[l].inf, p);
+            for (int i = 0; i < 4; i++) t[i] += p[i];
+        }
 }
 
 static int arg_int(int argc, char **argv, const char *name, int def) {
@@ -158,6 +170,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 4; i++)
         moe_t[i] = phase_time(&m, i) - moe0[i];
     dist_allreduce_max_d(moe_t, 4, d.world);
+    double inf_t[4];
+    inf_detail(&m, inf_t);
+    dist_allreduce_max_d(inf_t, 4, d.world);
     double expert_flops = rows * 12.0 * cfg.n_embd * cfg.expert_hidden; /* fwd 2 + bwd 4 GEMMs */
     double rank_peak = peak / d.size;
     double ms = t_total / steps * 1e3;
@@ -198,6 +213,10 @@ int main(int argc, char **argv) {
                    cfg.inf_units, 100 * cfg.keep, cfg.samples, cfg.mask_block, cfg.ep,
                    100 * phase_time(&m, 0) / all, 100 * phase_time(&m, 3) / all,
                    100 * phase_time(&m, 2) / all, st.active_units);
+            printf("  ∞-MoE detail (slowest rank) | router MLP %.1f%% | masks %.1f%% | units %.1f%% | "
+                   "all-to-all %.1f%%\n",
+                   100 * inf_t[0] / all, 100 * inf_t[1] / all, 100 * inf_t[2] / all,
+                   100 * inf_t[3] / all);
         }
     }
     free(tok);

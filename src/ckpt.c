@@ -126,12 +126,12 @@ static int meta_consistent(const ckpt_meta *meta, const run_config *saved, const
     long long step = meta->v[META_STEP], pos = meta->v[META_POSITION], tokens = meta->v[META_TOKENS];
     long long want;
     if (step < 0 || pos < step) {
-        snprintf(err, cap, "%s: data_position %lld is below step %lld (each step consumes at least "
+        snprintf(err, cap, "%.900s: data_position %lld is below step %lld (each step consumes at least "
                  "one sequence)", path, pos, step);
         return -1;
     }
     if (__builtin_mul_overflow(pos, (long long)saved->seq_len, &want) || tokens != want) {
-        snprintf(err, cap, "%s: tokens_seen %lld is not data_position x model.seq_len (%lld x %d)",
+        snprintf(err, cap, "%.900s: tokens_seen %lld is not data_position x model.seq_len (%lld x %d)",
                  path, tokens, pos, saved->seq_len);
         return -1;
     }
@@ -154,12 +154,26 @@ static int global_dims(const tensor_spec *s, hsize_t *dims) {
     return s->ndim;
 }
 
-/* Chunks: one shard per chunk for sharded tensors; about 16 MiB otherwise. */
+/* Select in the file space fsp the rows tensor s holds (its shard's blocks). */
+static void select_rows(hid_t fsp, const tensor_spec *s) {
+    hsize_t start[4] = {0}, stride[4], count[4], block[4];
+    for (int i = 0; i < s->ndim; i++) {
+        stride[i] = count[i] = 1;
+        block[i] = (hsize_t)s->shape[i];
+    }
+    start[0] = (hsize_t)s->shard_first;
+    stride[0] = (hsize_t)s->shard_stride;
+    count[0] = (hsize_t)(s->shape[0] / s->shard_block);
+    block[0] = (hsize_t)s->shard_block;
+    h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, stride, count, block));
+}
+
+/* Chunks: one shard block per chunk for sharded tensors; about 16 MiB otherwise. */
 static void chunk_dims(const tensor_spec *s, const hsize_t *dims, hsize_t *chunk) {
     size_t row = s->numel / (size_t)s->shape[0];
     for (int i = 0; i < s->ndim; i++) chunk[i] = dims[i];
     if (s->sharded) {
-        chunk[0] = (hsize_t)s->shape[0];
+        chunk[0] = (hsize_t)s->shard_block;
     } else {
         hsize_t rows = (hsize_t)((4u << 20) / (row ? row : 1));
         if (rows < 1) rows = 1;
@@ -225,12 +239,11 @@ static void write_tensor(const ckpt_saving *save, hid_t group, const tensor_spec
     hid_t ds = SAVE_CALL(save, H5Dcreate2(group, s->name, H5T_NATIVE_FLOAT, fsp, H5P_DEFAULT, dcpl, H5P_DEFAULT));
     /* Replicated tensors: rank 0 writes; shards: the first expert group writes. */
     int writer = s->sharded ? d->edp_rank == 0 : d->rank == 0;
-    hsize_t start[4] = {0}, count[4];
+    hsize_t count[4];
     for (int i = 0; i < nd; i++) count[i] = (hsize_t)s->shape[i];
-    start[0] = (hsize_t)s->shard_first;
     hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
     if (writer) {
-        h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, NULL));
+        select_rows(fsp, s);
     } else {
         h5_check(H5Sselect_none(fsp));
         h5_check(H5Sselect_none(msp));
@@ -524,10 +537,9 @@ static int read_tensor(hid_t group, const char *gname, const tensor_spec *s, flo
     }
     hid_t fsp = h5_check(H5Dget_space(ds));
     int nd = s->ndim;
-    hsize_t start[4] = {0}, count[4];
+    hsize_t count[4];
     for (int i = 0; i < nd; i++) count[i] = (hsize_t)s->shape[i];
-    start[0] = (hsize_t)s->shard_first;
-    h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, NULL));
+    select_rows(fsp, s);
     hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
     int rc = 0;
     size_t bad = 0;

@@ -125,8 +125,10 @@ int infer_eval_main(int argc, char **argv) {
     int32_t *tg = xcalloc((size_t)B * cfg.seq_len, sizeof(int32_t));
     double sum = 0.0, t0 = wall_time();
     for (int b = 0; b < batches; b++) {
-        data_eval_batch(&ds, (uint64_t)b * batch + (uint64_t)d.rank * B, B, in, tg);
-        model_set_step(&m, (int)pos.step, 0, 0);
+        uint64_t first = (uint64_t)b * batch + (uint64_t)d.rank * B;
+        data_eval_batch(&ds, first, B, in, tg);
+        /* routing draws keyed by the global token, so any rank count samples alike */
+        model_set_step(&m, (int)pos.step, (int64_t)first * cfg.seq_len, 0);
         sum += model_forward(&m, in, tg);
     }
     dist_allreduce_sum_d(&sum, 1, d.world);

@@ -53,10 +53,11 @@ typedef struct {
 
 struct inf_layer {
     int layer, C, H, b, nb, kb, n_keep, K, K_train, deterministic, dz, R, ep;
-    int H_local, nb_local, blk0;
+    int H_local, nb_local, ep_rank;
     int bf16; /* bf16 precision: unit GEMMs on bf16 operands; vectors and their gradients
                * travel in bf16, z and the masks' sums in fp32 beside them */
-    int cu, nc_local;       /* compute chunks: cu units (whole blocks) each, nc_local per shard */
+    int cu, per, nc_local;  /* compute chunks: cu units (per whole blocks) each, nc_local per
+                             * shard; shard r holds the chunks r, r + ep, r + 2 ep, ... */
     mask_rule mask;
     float tau, kl;
     size_t A, a, Wm, bm, Ws, bs, P, q, b2; /* replicated */
@@ -138,15 +139,18 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->bf16 = ctx && ctx->bf16;
     f->H_local = f->H / ep;
     f->nb_local = f->nb / ep;
-    f->blk0 = ep_rank * f->nb_local;
+    f->ep_rank = ep_rank;
     /* Compute in chunks of consecutive blocks: a chunk is computed for every row
      * that keeps any of its blocks (units it did not keep get weight 0). Chunks of
      * about 256 units make GEMMs and row gathers efficient; the window rule's kept
      * blocks are an arc, so only the arc's ends waste work. The learned rule's
-     * blocks are scattered: one block per chunk. */
+     * blocks are scattered: one block per chunk. The chunks go round the shards in
+     * turn, so any arc's work spreads over all of them (contiguous shards would give
+     * the shard holding a crowded part of the ring all the work while the others wait). */
     int per = f->mask == MASK_WINDOW ? (256 + f->b - 1) / f->b : 1;
     if (per > f->nb_local) per = f->nb_local;
     while (f->nb_local % per) per--;
+    f->per = per;
     f->cu = per * f->b;
     f->nc_local = f->nb_local / per;
     f->max_tokens = max_tokens;
@@ -202,15 +206,15 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
 }
 
 void inf_register_units(inf_layer *f, tensor_table *tab) {
-    int64_t Hl = f->H_local, C = f->C, first = (int64_t)f->blk0 * f->b;
+    int64_t Hl = f->H_local, C = f->C, cu = f->cu, first = (int64_t)f->ep_rank * cu, stride = f->ep * cu;
     int64_t s1[2] = {Hl, C}, sb[1] = {Hl};
     float proj_std = 0.02f / sqrtf(2.0f * 12.0f);
-    f->W1 = tensor_add_layer_sharded(tab, "h.%d.inf.ffn.fc.w", f->layer, 2, s1, 1, INIT_NORMAL, 0.02f,
-                                     f->H, first);
-    f->b1 = tensor_add_layer_sharded(tab, "h.%d.inf.ffn.fc.b", f->layer, 1, sb, 0, INIT_ZERO, 0, f->H,
-                                     first);
-    f->W2 = tensor_add_layer_sharded(tab, "h.%d.inf.ffn.proj.w", f->layer, 2, s1, 1, INIT_NORMAL,
-                                     proj_std, f->H, first);
+    f->W1 = tensor_add_layer_strided(tab, "h.%d.inf.ffn.fc.w", f->layer, 2, s1, 1, INIT_NORMAL, 0.02f,
+                                     f->H, first, cu, stride);
+    f->b1 = tensor_add_layer_strided(tab, "h.%d.inf.ffn.fc.b", f->layer, 1, sb, 0, INIT_ZERO, 0, f->H,
+                                     first, cu, stride);
+    f->W2 = tensor_add_layer_strided(tab, "h.%d.inf.ffn.proj.w", f->layer, 2, s1, 1, INIT_NORMAL,
+                                     proj_std, f->H, first, cu, stride);
 }
 
 void inf_free(inf_layer *f) {
@@ -260,6 +264,15 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
     }
 }
 
+/* The shard holding global block g. */
+static int shard_of_block(const inf_layer *f, int g) { return g / f->per % f->ep; }
+
+/* This shard's index of global block g, or -1 when another shard holds it. */
+static int local_block(const inf_layer *f, int g) {
+    const int ch = g / f->per;
+    return ch % f->ep == f->ep_rank ? ch / f->ep * f->per + g % f->per : -1;
+}
+
 /* Elements of a sent row: the vector, then the K samples z (fp32; in bf16 rows each
  * takes two bf16 slots, so the receiver's masks are the owner's bit for bit). */
 static int send_width(const inf_layer *f) {
@@ -276,7 +289,7 @@ static const float *recv_z(const inf_layer *f, int64_t i, float *buf) {
 
 /* Receiver: per-unit weights of every received row, and the rows of each local chunk. */
 static void build_block_lists(inf_layer *f, const float *params) {
-    const int K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, nbl = f->nb_local;
+    const int K = f->K, dz = f->dz, b = f->b, Hl = f->H_local;
     const int ncl = f->nc_local, cu = f->cu;
     const int64_t M = f->n_recv;
     memset(f->used, 0, (size_t)(M * ncl));
@@ -290,8 +303,8 @@ static void build_block_lists(inf_layer *f, const float *params) {
         for (int k = 0; k < K; k++) {
             inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++) {
-                int lb = s->blocks[bi] - f->blk0;
-                if (lb < 0 || lb >= nbl) continue;
+                int lb = local_block(f, s->blocks[bi]);
+                if (lb < 0) continue;
                 const int c = lb * b / cu;
                 if (!f->used[i * ncl + c]) {
                     f->used[i * ncl + c] = 1;
@@ -420,7 +433,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
             inf_mask_sample(&f->mk, params, f->z + (t * K + k) * dz, s, INF_MASK_BLOCKS);
             memcpy(f->blocks_of + (t * K + k) * kb, s->blocks, sizeof(int32_t) * kb);
             for (int i = 0; i < kb; i++) {
-                int shard = s->blocks[i] / f->nb_local;
+                int shard = shard_of_block(f, s->blocks[i]);
                 need[t * ep + shard] = shard;
             }
         }
@@ -564,8 +577,8 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
         for (int k = 0; k < K; k++) {
             inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_DEDZ);
             for (int bi = 0; bi < f->kb; bi++) {
-                int lb = s->blocks[bi] - f->blk0;
-                if (lb < 0 || lb >= f->nb_local) continue;
+                int lb = local_block(f, s->blocks[bi]);
+                if (lb < 0) continue;
                 if (f->mask == MASK_WINDOW) { /* dz = 1: vectorised */
                     const float *p = s->p + bi * b, *de = s->dedz + bi * b, *g = f->wrow + i * Hl + lb * b;
                     float sa = 0.0f, ss = 0.0f;

@@ -28,21 +28,33 @@ size_t tensor_add(tensor_table *tab, const char *name, int ndim, const int64_t *
     s->init = init;
     s->std = std;
     s->offset = (tab->total + 15) / 16 * 16;
-    s->global_dim0 = shape[0];
+    s->global_dim0 = s->shard_block = s->shard_stride = shape[0];
     tab->total = s->offset + s->numel;
     return s->offset;
 }
 
-size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const int64_t *shape,
+/* Rows of a global tensor of global_dim0 rows: blocks of `block` rows, block i at
+ * global row first + i stride. */
+static size_t add_strided(tensor_table *tab, const char *name, int ndim, const int64_t *shape,
                           int decay, tensor_init init, float std, int64_t global_dim0,
-                          int64_t first) {
-    ALWAYS(first >= 0 && first + shape[0] <= global_dim0);
+                          int64_t first, int64_t block, int64_t stride) {
+    ALWAYS(block > 0 && shape[0] % block == 0 && stride >= block);
+    ALWAYS(first >= 0 && first + (shape[0] / block - 1) * stride + block <= global_dim0);
     size_t off = tensor_add(tab, name, ndim, shape, decay, init, std);
     tensor_spec *s = &tab->t[tab->n - 1];
     s->sharded = 1;
     s->global_dim0 = global_dim0;
     s->shard_first = first;
+    s->shard_block = block;
+    s->shard_stride = stride;
     return off;
+}
+
+size_t tensor_add_sharded(tensor_table *tab, const char *name, int ndim, const int64_t *shape,
+                          int decay, tensor_init init, float std, int64_t global_dim0,
+                          int64_t first) {
+    return add_strided(tab, name, ndim, shape, decay, init, std, global_dim0, first, shape[0],
+                       shape[0]);
 }
 
 /* fmt holds at most one %d, for the layer (every caller passes a literal). */
@@ -64,6 +76,18 @@ size_t tensor_add_layer_sharded(tensor_table *tab, const char *fmt, int layer, i
     char name[sizeof tab->t[0].name];
     layer_name(name, sizeof name, fmt, layer);
     return tensor_add_sharded(tab, name, ndim, shape, decay, init, std, global_dim0, first);
+}
+
+size_t tensor_add_layer_strided(tensor_table *tab, const char *fmt, int layer, int ndim,
+                                const int64_t *shape, int decay, tensor_init init, float std,
+                                int64_t global_dim0, int64_t first, int64_t block, int64_t stride) {
+    char name[sizeof tab->t[0].name];
+    layer_name(name, sizeof name, fmt, layer);
+    return add_strided(tab, name, ndim, shape, decay, init, std, global_dim0, first, block, stride);
+}
+
+int64_t tensor_global_row(const tensor_spec *s, int64_t j) {
+    return s->shard_first + j / s->shard_block * s->shard_stride + j % s->shard_block;
 }
 
 static uint64_t name_hash(const char *name) {
@@ -91,7 +115,7 @@ void tensor_init_values(const tensor_table *tab, float *buf, uint64_t seed) {
         uint64_t h = name_hash(s->name) ^ (seed * 0x9e3779b97f4a7c15ULL);
         for (int64_t j = 0; j < s->shape[0]; j++) {
             rng_state r;
-            rng_seed(&r, h + (uint64_t)(s->shard_first + j) * 0xd1342543de82ef95ULL);
+            rng_seed(&r, h + (uint64_t)tensor_global_row(s, j) * 0xd1342543de82ef95ULL);
             for (size_t k = 0; k < row; k++) p[(size_t)j * row + k] = s->std * rng_normal(&r);
         }
     }

@@ -62,7 +62,8 @@ static float evaluate(gpt_model *m, token_dataset *val, const run_config *cfg,
     for (int b = 0; b < cfg->eval_batches; b++) {
         uint64_t first = (uint64_t)b * cfg->batch_size + (uint64_t)d->rank * m->B;
         data_eval_batch(val, first, m->B, inputs, targets);
-        model_set_step(m, 0, 0, 0);
+        /* routing draws keyed by the global token, so any rank count samples alike */
+        model_set_step(m, 0, (int64_t)first * cfg->seq_len, 0);
         sum += model_forward(m, inputs, targets);
     }
     dist_allreduce_sum_d(&sum, 1, d->world);

@@ -385,6 +385,24 @@ if [ $inf_ok -eq 1 ]; then
 else
     fail "eval: ∞-MoE at inference K" "$inf_out"
 fi
+# ∞-MoE unit chunks go round the shards (shard r holds chunks r, r + ep, ...): 1024
+# units in chunks of 256 and blocks of 16 (window) or chunks of one block (learned),
+# saved at P=2 ep=2, evaluate to the same loss at P=1, P=2 ep=2 and P=4 ep=4
+for rule in tiny-infinite tiny-infinite-learned; do
+    train_to "$CK/cyclic-$rule.log" 2 tests/configs/$rule.yaml --set ffn.units=1024 --set train.steps=10 --set train.precision=fp32 \
+        --set train.warmup=2 --set parallel.ep=2 --set output.dir="$CK/cyclic-$rule"
+    cyc=()
+    for layout in 1:1 2:2 4:4; do
+        cyc+=("$("${MPIRUN[@]}" -np "${layout%:*}" $INFMOE eval "$CK/cyclic-$rule/latest" --ep "${layout#*:}" \
+            --batch 4 2>&1 | sed -n 's/.*val_loss \([0-9.]*\).*/\1/p')")
+    done
+    worst=$(max_rel_diff "${cyc[0]}"$'\n'"${cyc[0]}" "${cyc[1]}"$'\n'"${cyc[2]}")
+    if [ -n "${cyc[0]}" ] && [ -n "${cyc[1]}" ] && [ -n "${cyc[2]}" ] && awk -v w="$worst" 'BEGIN{exit !(w <= 1e-5)}'; then
+        pass "ckpt: $rule with 1024 units saved at ep 2 (chunks round the shards) evaluates alike at P=1, P=2 ep 2, P=4 ep 4 (${cyc[*]})"
+    else
+        fail "ckpt: $rule with 1024 units, eval at P=1, P=2 ep 2, P=4 ep 4 (${cyc[*]})" "$(tail -3 "$CK/cyclic-$rule.log")"
+    fi
+done
 # --ep at eval: the config's own checks, with the ∞-MoE rule for an ∞-MoE model
 out=$("${MPIRUN[@]}" -np 3 $INFMOE eval "$inf_ck" --ep 3 --batch 6 2>&1)
 if [ $? -ne 0 ] && printf '%s\n' "$out" | grep -qF "ffn.units (256) must be divisible by parallel.ep x ffn.mask_block (3 x 16)"; then

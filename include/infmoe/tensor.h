@@ -6,9 +6,11 @@
  * buffers of table.total floats with identical layouts. Offsets are aligned to
  * 16 floats (64 bytes); the gaps are zero and stay zero.
  *
- * Expert-sharded tensors hold rows [shard_first, shard_first + shape[0]) of a
- * global tensor whose first dimension is global_dim0 (experts split over the
- * ranks of an expert group). Initial values are drawn per slice along the first
+ * Expert-sharded tensors hold rows of a global tensor whose first dimension is
+ * global_dim0 (experts or ∞-MoE units split over the ranks of an expert group):
+ * blocks of shard_block rows, block i starting at global row shard_first + i
+ * shard_stride (one block, rows [shard_first, shard_first + shape[0]), unless
+ * registered strided). Initial values are drawn per slice along the first
  * dimension from a stream seeded by (seed, name, global index), so a slice has
  * the same values whichever rank holds it.
  */
@@ -29,7 +31,7 @@ typedef struct {
     tensor_init init;
     float std;         /* INIT_NORMAL: the standard deviation; INIT_CONST: the value */
     int sharded;       /* expert-parallel: rows of a larger global tensor */
-    int64_t global_dim0, shard_first;
+    int64_t global_dim0, shard_first, shard_block, shard_stride;
 } tensor_spec;
 
 typedef struct {
@@ -54,6 +56,13 @@ size_t tensor_add_layer(tensor_table *tab, const char *fmt, int layer, int ndim,
 size_t tensor_add_layer_sharded(tensor_table *tab, const char *fmt, int layer, int ndim,
                                 const int64_t *shape, int decay, tensor_init init, float std,
                                 int64_t global_dim0, int64_t first);
+/* Register blocks of `block` rows, block i at global rows first + i stride (shape[0] a
+ * multiple of block): a cyclic shard. */
+size_t tensor_add_layer_strided(tensor_table *tab, const char *fmt, int layer, int ndim,
+                                const int64_t *shape, int decay, tensor_init init, float std,
+                                int64_t global_dim0, int64_t first, int64_t block, int64_t stride);
+/* The global row of local row j of tensor s. */
+int64_t tensor_global_row(const tensor_spec *s, int64_t j);
 /* The tensor called `name`, or NULL. */
 const tensor_spec *tensor_find(const tensor_table *tab, const char *name);
 /* Fill `buf` with every tensor's initial values, drawn in table order from `seed`. */
