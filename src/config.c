@@ -321,24 +321,81 @@ static void apply_document(run_config *cfg, load_ctx *ctx, yaml_document_t *doc)
     }
 }
 
-static void parse_yaml(run_config *cfg, load_ctx *ctx, const char *text) {
+/* libyaml's error in `parser` as one config_error line. */
+static void yaml_fail(const load_ctx *ctx, yaml_parser_t *parser) __attribute__((noreturn));
+static void yaml_fail(const load_ctx *ctx, yaml_parser_t *parser) {
+    const char *problem = parser->problem ? parser->problem : "malformed YAML";
+    int line = (int)parser->problem_mark.line + 1, col = (int)parser->problem_mark.column + 1;
+    char msg[512];
+    if (parser->context)
+        snprintf(msg, sizeof msg, "malformed YAML: %s %s started at line %d, column %d", problem,
+                 parser->context, (int)parser->context_mark.line + 1,
+                 (int)parser->context_mark.column + 1);
+    else
+        snprintf(msg, sizeof msg, "malformed YAML: %s", problem);
+    yaml_parser_delete(parser);
+    config_error(ctx, line, col, "%s", msg);
+}
+
+/* Sections hold keys: a config is two levels deep, and the limit stops a deeply
+ * nested file at its first levels, before libyaml's scanner (quadratic in the
+ * depth) walks the rest. */
+enum { MAX_YAML_DEPTH = 64 };
+
+/*
+ * Walk the events of `text`: refuse a second document (libyaml's loader would read
+ * the first alone) and nesting deeper than MAX_YAML_DEPTH, and report malformed
+ * YAML wherever it is.
+ */
+static void check_yaml_shape(const load_ctx *ctx, const char *text, size_t len) {
+    yaml_parser_t parser;
+    if (!yaml_parser_initialize(&parser)) INFMOE_FAIL("libyaml: cannot initialise the parser");
+    yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
+    int depth = 0, documents = 0, first_line = 0;
+    for (;;) {
+        yaml_event_t ev;
+        if (!yaml_parser_parse(&parser, &ev)) yaml_fail(ctx, &parser);
+        yaml_event_type_t type = ev.type;
+        int line = (int)ev.start_mark.line + 1, col = (int)ev.start_mark.column + 1;
+        yaml_event_delete(&ev);
+        if (type == YAML_STREAM_END_EVENT) break;
+        if (type == YAML_DOCUMENT_START_EVENT && ++documents == 1) first_line = line;
+        if (type == YAML_DOCUMENT_START_EVENT && documents == 2) {
+            yaml_parser_delete(&parser);
+            config_error(ctx, line, col,
+                         "a second YAML document (the first starts at line %d): a config "
+                         "file holds one document",
+                         first_line);
+        }
+        if (type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT) depth++;
+        if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) depth--;
+        if (depth > MAX_YAML_DEPTH) {
+            yaml_parser_delete(&parser);
+            config_error(ctx, line, col,
+                         "nested deeper than %d levels: a config is sections of keys",
+                         MAX_YAML_DEPTH);
+        }
+    }
+    yaml_parser_delete(&parser);
+}
+
+static void parse_yaml(run_config *cfg, load_ctx *ctx, const char *text, size_t len) {
+    const char *nul = memchr(text, '\0', len);
+    if (nul) {
+        int line = 1, col = 1;
+        for (const char *c = text; c < nul; c++, col++)
+            if (*c == '\n') {
+                line++;
+                col = 0;
+            }
+        config_error(ctx, line, col, "a NUL byte: a config file is text");
+    }
+    check_yaml_shape(ctx, text, len);
     yaml_parser_t parser;
     yaml_document_t doc;
     if (!yaml_parser_initialize(&parser)) INFMOE_FAIL("libyaml: cannot initialise the parser");
-    yaml_parser_set_input_string(&parser, (const unsigned char *)text, strlen(text));
-    if (!yaml_parser_load(&parser, &doc)) {
-        const char *problem = parser.problem ? parser.problem : "malformed YAML";
-        int line = (int)parser.problem_mark.line + 1, col = (int)parser.problem_mark.column + 1;
-        char msg[512];
-        if (parser.context)
-            snprintf(msg, sizeof msg, "malformed YAML: %s %s started at line %d, column %d",
-                     problem, parser.context, (int)parser.context_mark.line + 1,
-                     (int)parser.context_mark.column + 1);
-        else
-            snprintf(msg, sizeof msg, "malformed YAML: %s", problem);
-        yaml_parser_delete(&parser);
-        config_error(ctx, line, col, "%s", msg);
-    }
+    yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
+    if (!yaml_parser_load(&parser, &doc)) yaml_fail(ctx, &parser);
     apply_document(cfg, ctx, &doc);
     yaml_document_delete(&doc);
     yaml_parser_delete(&parser);
@@ -376,7 +433,7 @@ static void apply_sets(run_config *cfg, load_ctx *ctx, int n_sets, char **sets) 
 /* Error at the position of `section.key` if the file set it, else without one. */
 #define KEY_ERROR(ctx, section, key, ...)                                                     \
     do {                                                                                     \
-        int i_;                                                                              \
+        int i_ = 0;                                                                          \
         find_key(section, key, &i_);                                                         \
         config_error(ctx, (ctx)->line[i_], (ctx)->col[i_], __VA_ARGS__);                      \
     } while (0)
@@ -387,6 +444,12 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                   "model.n_embd (%d) must be divisible by model.n_head (%d)", cfg->n_embd,
                   cfg->n_head);
     if (cfg->ffn_hidden == 0) cfg->ffn_hidden = 4 * cfg->n_embd;
+    if (cfg->ffn_kind != FFN_DENSE && cfg->ffn_every > cfg->n_layer)
+        KEY_ERROR(ctx, "ffn", "every",
+                  "ffn.every (%d) exceeds model.n_layer (%d): no layer would get the %s FFN "
+                  "(it goes in layers every-1, 2 every-1, ...); for a dense model use "
+                  "ffn.kind: dense",
+                  cfg->ffn_every, cfg->n_layer, ffn_kind_name(cfg->ffn_kind));
     if (cfg->ffn_kind == FFN_INFINITE) {
         if (cfg->inf_units == 0) cfg->inf_units = 2 * cfg->ffn_hidden;
         if (!(cfg->keep > 0.0f && cfg->keep <= 1.0f))
@@ -452,15 +515,15 @@ static void validate(run_config *cfg, load_ctx *ctx) {
     }
 }
 
-static void load(run_config *cfg, const char *name, const char *text, int n_sets, char **sets,
-                 int quiet) {
+static void load(run_config *cfg, const char *name, const char *text, size_t text_len,
+                 int n_sets, char **sets, int quiet) {
     load_ctx ctx;
     memset(&ctx, 0, sizeof ctx);
     ctx.name = name;
     ctx.quiet = quiet;
     config_defaults(cfg);
     snprintf(cfg->path, sizeof cfg->path, "%s", name);
-    parse_yaml(cfg, &ctx, text);
+    parse_yaml(cfg, &ctx, text, text_len);
     apply_sets(cfg, &ctx, n_sets, sets);
     validate(cfg, &ctx);
     /* Keep the text that produced this config: the file plus its overrides. */
@@ -476,16 +539,18 @@ static void load(run_config *cfg, const char *name, const char *text, int n_sets
 
 void config_load_text(run_config *cfg, const char *name, const char *text, int n_sets,
                       char **sets, int quiet) {
-    load(cfg, name, text, n_sets, sets, quiet);
+    load(cfg, name, text, strlen(text), n_sets, sets, quiet);
 }
 
 void config_load(run_config *cfg, const char *path, int n_sets, char **sets, int quiet) {
-    char *text = read_text_file(path, NULL);
+    size_t len;
+    const char *why;
+    char *text = read_text_file(path, &len, &why);
     if (!text) {
-        if (!quiet) fprintf(stderr, "%s: cannot read config file: %s\n", path, strerror(errno));
+        if (!quiet) fprintf(stderr, "%s: cannot read config file: %s\n", path, why);
         infmoe_exit(1);
     }
-    load(cfg, path, text, n_sets, sets, quiet);
+    load(cfg, path, text, len, n_sets, sets, quiet);
     free(text);
 }
 

@@ -8,16 +8,30 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "infmoe/util.h"
 
+/* Read `bytes` at `offset` of fd in full: 0, or -1 (an error or a file that ends sooner). */
+static int read_at(int fd, void *buf, size_t bytes, off_t offset) {
+    char *p = buf;
+    while (bytes > 0) {
+        ssize_t got = pread(fd, p, bytes, offset);
+        if (got < 0 && errno == EINTR) continue;
+        if (got == 0) errno = 0; /* the file ends sooner */
+        if (got <= 0) return -1;
+        p += got;
+        bytes -= (size_t)got;
+        offset += got;
+    }
+    return 0;
+}
+
 static void open_shard(token_dataset *ds, int i, int vocab_size) {
-    const char *path = ds->paths[i];
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) infmoe_die_all("%s: cannot open token shard: %s", path, strerror(errno));
+    const char *path = ds->paths[i], *why;
+    int fd = open_regular_file(path, &why);
+    if (fd < 0) infmoe_die_all("%s: cannot open token shard: %s", path, why);
     struct stat st;
     if (fstat(fd, &st) != 0) infmoe_die_all("%s: cannot stat: %s", path, strerror(errno));
     size_t header_bytes = SHARD_HEADER_INTS * sizeof(int32_t);
@@ -25,10 +39,9 @@ static void open_shard(token_dataset *ds, int i, int vocab_size) {
         infmoe_die_all("%s: not a token shard: %lld bytes, shorter than the %zu-byte header "
                    "(write shards with 'infmoe prep')",
                    path, (long long)st.st_size, header_bytes);
-    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) infmoe_die_all("%s: cannot map: %s", path, strerror(errno));
-    const int32_t *h = map;
+    int32_t h[SHARD_HEADER_INTS];
+    if (read_at(fd, h, header_bytes, 0) != 0)
+        infmoe_die_all("%s: cannot read the header: %s", path, errno ? strerror(errno) : "file shrank");
     if (h[0] != SHARD_MAGIC)
         infmoe_die_all("%s: not a token shard: magic %d, expected %d (write shards with "
                    "'infmoe prep')",
@@ -45,16 +58,20 @@ static void open_shard(token_dataset *ds, int i, int vocab_size) {
     if (n < (size_t)ds->seq_len + 1)
         infmoe_die_all("%s: %zu tokens, fewer than one sequence of seq_len + 1 = %d", path, n,
                    ds->seq_len + 1);
-    const uint16_t *tok = (const uint16_t *)((const char *)map + header_bytes);
-    uint16_t max = 0;
-    for (size_t k = 0; k < n; k++)
-        if (tok[k] > max) max = tok[k];
+    enum { CHUNK = 1 << 16 };
+    uint16_t *buf = xmalloc(CHUNK * sizeof(uint16_t)), max = 0;
+    for (size_t k = 0; k < n; k += CHUNK) {
+        size_t m = n - k < CHUNK ? n - k : CHUNK;
+        if (read_at(fd, buf, m * sizeof(uint16_t), (off_t)(header_bytes + k * sizeof(uint16_t))) != 0)
+            infmoe_die_all("%s: cannot read the tokens: %s", path, errno ? strerror(errno) : "file shrank");
+        for (size_t j = 0; j < m; j++)
+            if (buf[j] > max) max = buf[j];
+    }
+    free(buf);
     if (max >= vocab_size)
         infmoe_die_all("%s: token id %u is outside model.vocab_size %d", path, (unsigned)max,
                    vocab_size);
-    ds->maps[i] = map;
-    ds->map_len[i] = (size_t)st.st_size;
-    ds->tokens[i] = tok;
+    ds->fds[i] = fd;
     ds->n_tokens[i] = n;
 }
 
@@ -62,47 +79,72 @@ void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_si
                uint64_t seed) {
     memset(ds, 0, sizeof *ds);
     ds->seq_len = seq_len;
+    ds->vocab_size = vocab_size;
     ds->seed = seed;
     ds->perm_epoch = -1;
+    /* a path that exists is one shard even when its name has glob characters */
+    struct stat st;
     glob_t g;
-    int rc = glob(pattern, 0, NULL, &g);
-    if (rc == GLOB_NOMATCH) infmoe_die_all("%s: no such token shard (run 'make data' or 'infmoe prep')", pattern);
-    if (rc != 0) infmoe_die_all("%s: cannot list token shards", pattern);
+    memset(&g, 0, sizeof g);
+    char *literal[1] = {(char *)pattern};
+    if (stat(pattern, &st) == 0) {
+        g.gl_pathc = 1;
+        g.gl_pathv = literal;
+    } else {
+        int rc = glob(pattern, 0, NULL, &g);
+        if (rc == GLOB_NOMATCH) infmoe_die_all("%s: no such token shard (run 'make data' or 'infmoe prep')", pattern);
+        if (rc != 0) infmoe_die_all("%s: cannot list token shards", pattern);
+    }
     ds->n_shards = (int)g.gl_pathc;
     ds->paths = xcalloc((size_t)ds->n_shards, sizeof(char *));
-    ds->tokens = xcalloc((size_t)ds->n_shards, sizeof(uint16_t *));
+    ds->fds = xcalloc((size_t)ds->n_shards, sizeof(int));
     ds->n_tokens = xcalloc((size_t)ds->n_shards, sizeof(size_t));
-    ds->maps = xcalloc((size_t)ds->n_shards, sizeof(void *));
-    ds->map_len = xcalloc((size_t)ds->n_shards, sizeof(size_t));
     ds->window_start = xcalloc((size_t)ds->n_shards + 1, sizeof(uint64_t));
+    ds->window = xcalloc((size_t)seq_len + 1, sizeof(uint16_t));
     for (int i = 0; i < ds->n_shards; i++) {
         ds->paths[i] = xstrdup(g.gl_pathv[i]);
         open_shard(ds, i, vocab_size);
         ds->window_start[i + 1] = ds->window_start[i] + (ds->n_tokens[i] - 1) / (size_t)seq_len;
     }
-    globfree(&g);
+    if (g.gl_pathv != literal) globfree(&g);
     ds->n_windows = ds->window_start[ds->n_shards];
 }
 
 void data_close(token_dataset *ds) {
     for (int i = 0; i < ds->n_shards; i++) {
-        munmap(ds->maps[i], ds->map_len[i]);
+        close(ds->fds[i]);
         free(ds->paths[i]);
     }
     free(ds->paths);
-    free(ds->tokens);
+    free(ds->fds);
     free(ds->n_tokens);
-    free(ds->maps);
-    free(ds->map_len);
     free(ds->window_start);
+    free(ds->window);
     free(ds->perm);
     memset(ds, 0, sizeof *ds);
 }
 
-static void copy_window(const token_dataset *ds, uint64_t w, int32_t *in, int32_t *tg) {
+/* Window w's seq_len + 1 tokens as inputs and shifted targets. The shard is read,
+ * not mapped, so one cut short or rewritten while training ends the job with a
+ * message naming it instead of SIGBUS or tokens outside the vocabulary. */
+static void copy_window(token_dataset *ds, uint64_t w, int32_t *in, int32_t *tg) {
     int s = 0;
     while (w >= ds->window_start[s + 1]) s++;
-    const uint16_t *t = ds->tokens[s] + (w - ds->window_start[s]) * (uint64_t)ds->seq_len;
+    size_t header_bytes = SHARD_HEADER_INTS * sizeof(int32_t), bytes = ((size_t)ds->seq_len + 1) * sizeof(uint16_t);
+    off_t at = (off_t)(header_bytes + (w - ds->window_start[s]) * (uint64_t)ds->seq_len * sizeof(uint16_t));
+    const uint16_t *t = ds->window;
+    if (read_at(ds->fds[s], ds->window, bytes, at) != 0) {
+        struct stat st;
+        if (errno || fstat(ds->fds[s], &st) != 0)
+            infmoe_die("%s: cannot read token shard: %s", ds->paths[s], strerror(errno));
+        infmoe_die("%s: token shard changed while in use: %lld bytes now, %zu when opened",
+                   ds->paths[s], (long long)st.st_size, header_bytes + ds->n_tokens[s] * sizeof(uint16_t));
+    }
+    for (int j = 0; j <= ds->seq_len; j++)
+        if (t[j] >= ds->vocab_size)
+            infmoe_die("%s: token shard changed while in use: token id %u at byte %lld is outside "
+                       "model.vocab_size %d",
+                       ds->paths[s], (unsigned)t[j], (long long)(at + 2 * j), ds->vocab_size);
     for (int j = 0; j < ds->seq_len; j++) {
         in[j] = t[j];
         tg[j] = t[j + 1];
@@ -188,9 +230,9 @@ int data_prep_main(int argc, char **argv) {
         } else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
             out = argv[++i];
         } else if (strcmp(argv[i], "--val-fraction") == 0 && i + 1 < argc) {
-            char *end;
-            val_fraction = strtod(argv[++i], &end);
-            if (*end || !(val_fraction > 0 && val_fraction < 1)) {
+            char err[256];
+            if (parse_float_arg("--val-fraction", argv[++i], 0, 1, &val_fraction, err, sizeof err) < 0 ||
+                val_fraction == 0 || val_fraction == 1) {
                 fprintf(stderr, "infmoe prep: --val-fraction %s: expected a number in (0, 1)\n",
                         argv[i]);
                 return 1;
@@ -216,10 +258,10 @@ int data_prep_main(int argc, char **argv) {
     uint16_t *tok = xmalloc(cap * sizeof(uint16_t));
     for (int i = 0; i < n_text; i++) {
         size_t len;
-        char *text = read_text_file(argv[first_text + i], &len);
+        const char *why;
+        char *text = read_text_file(argv[first_text + i], &len, &why);
         if (!text) {
-            fprintf(stderr, "infmoe prep: %s: cannot read: %s\n", argv[first_text + i],
-                    strerror(errno));
+            fprintf(stderr, "infmoe prep: %s: cannot read: %s\n", argv[first_text + i], why);
             free(tok);
             return 1;
         }

@@ -2,6 +2,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "infmoe/infer.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,13 +24,16 @@ static const char *option(int argc, char **argv, const char *name) {
     return NULL;
 }
 
-static int option_int(int argc, char **argv, const char *name, int def, int min) {
+/* Option `name` of command `cmd` as an integer in [min, max] (def when absent); anything
+ * else ends the job with one line naming the flag and the range. */
+static int64_t option_int(int argc, char **argv, const char *cmd, const char *name, int64_t def,
+                          int64_t min, int64_t max) {
     const char *v = option(argc, argv, name);
-    if (!v) return def;
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*end || x < min) infmoe_die_all("%s %s: expected an integer of at least %d", name, v, min);
-    return (int)x;
+    int64_t x = def;
+    char err[256];
+    if (v && parse_int_arg(name, v, min, max, &x, err, sizeof err) < 0)
+        infmoe_die_all("%s: %s", cmd, err);
+    return x;
 }
 
 /* Check that every argument is a known option (with a value) or the one positional. */
@@ -104,9 +108,10 @@ int infer_eval_main(int argc, char **argv) {
     char *text = ckpt_config_text(probe);
     config_load_text(&cfg, probe, text, 0, NULL, d.rank != 0);
     free(text);
-    int batch = option_int(argc, argv, "--batch", cfg.batch_size, 1);
-    int batches = option_int(argc, argv, "--batches", cfg.eval_batches, 1);
-    int samples = option_int(argc, argv, "--samples", cfg.samples, 1);
+    /* the ranges of train.batch_size, train.eval_batches and ffn.samples */
+    int batch = (int)option_int(argc, argv, "eval", "--batch", cfg.batch_size, 1, 1 << 24);
+    int batches = (int)option_int(argc, argv, "eval", "--batches", cfg.eval_batches, 1, INT_MAX);
+    int samples = (int)option_int(argc, argv, "eval", "--samples", cfg.samples, 1, 1024);
     if ((deterministic || option(argc, argv, "--samples")) && !ffn_kind_has_samples(cfg.ffn_kind))
         infmoe_die_all("eval: --samples and --deterministic apply to ∞-MoE models (ffn.kind: infinite)");
     const char *data = option(argc, argv, "--data");
@@ -117,7 +122,8 @@ int infer_eval_main(int argc, char **argv) {
     snprintf(data_path, sizeof data_path, "%s", data);
     config_free(&cfg);
     int B = batch / d.size;
-    load_model(arg, B, option_int(argc, argv, "--ep", 1, 1), &d, &cfg, &m, path, sizeof path, &pos);
+    load_model(arg, B, (int)option_int(argc, argv, "eval", "--ep", 1, 1, 1 << 20), &d, &cfg, &m, path,
+               sizeof path, &pos);
     model_set_samples(&m, samples, deterministic);
     token_dataset ds;
     data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed);
@@ -166,16 +172,19 @@ int infer_sample_main(int argc, char **argv) {
     const char *arg = positional(argc, argv, known, "sample");
     const char *prompt = option(argc, argv, "--prompt");
     if (!prompt || !prompt[0]) infmoe_die_all("sample: give a non-empty --prompt TEXT");
-    int n_new = option_int(argc, argv, "--tokens", 200, 0);
+    int n_new = (int)option_int(argc, argv, "sample", "--tokens", 200, 0, 1 << 24);
     const char *tv = option(argc, argv, "--temperature");
-    double temperature = tv ? atof(tv) : 0.8;
-    if (temperature < 0) infmoe_die_all("sample: --temperature must be >= 0");
-    uint64_t seed = (uint64_t)option_int(argc, argv, "--seed", 1, 0);
+    double temperature = 0.8;
+    char err[256];
+    if (tv && parse_float_arg("--temperature", tv, 0, 1000, &temperature, err, sizeof err) < 0)
+        infmoe_die_all("sample: %s", err);
+    uint64_t seed = (uint64_t)option_int(argc, argv, "sample", "--seed", 1, 0, INT64_MAX);
     run_config cfg;
     gpt_model m;
     char path[2048];
     ckpt_position pos;
-    load_model(arg, 1, option_int(argc, argv, "--ep", 1, 1), &d, &cfg, &m, path, sizeof path, &pos);
+    load_model(arg, 1, (int)option_int(argc, argv, "sample", "--ep", 1, 1, 1 << 20), &d, &cfg, &m,
+               path, sizeof path, &pos);
     const int T = cfg.seq_len, V = cfg.vocab_size, bytes = V <= 256;
     size_t len = strlen(prompt), cap = len + (size_t)n_new + 1;
     int32_t *seq = xcalloc(cap, sizeof(int32_t)), *window = xcalloc((size_t)T, sizeof(int32_t));

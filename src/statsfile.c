@@ -453,6 +453,39 @@ static int cmp_layer(const void *a, const void *b) {
     return ((const stats_layer_data *)a)->layer - ((const stats_layer_data *)b)->layer;
 }
 
+/*
+ * A SWMR reader retries a metadata read whose checksum fails, since a writer may be
+ * halfway through a flush, with waits that double from 1 ns; HDF5's default of 100
+ * tries never ends on a damaged file. 30 tries wait about a second in all (2^30 ns),
+ * far more than a flush takes.
+ */
+enum { SWMR_READ_ATTEMPTS = 30 };
+
+/* What HDF5 reported while this reader read: a checksum mismatch, a truncation, or
+ * "". HDF5 calls note_failure at each failing call, before a later call clears
+ * its error stack, so damage found deep in a read is not lost. */
+static const char *g_damage = "";
+static const char STATS_TRUNCATED[] = "truncated";
+
+static herr_t note_damage(unsigned n, const H5E_error2_t *e, void *data) {
+    (void)n;
+    (void)data;
+    if (e->desc && strstr(e->desc, "checksum")) g_damage = "a checksum does not match";
+    else if (e->min_num == H5E_TRUNCATED && !g_damage[0]) g_damage = STATS_TRUNCATED;
+    return 0;
+}
+
+static herr_t note_failure(hid_t stack, void *data) {
+    (void)data;
+    return H5Ewalk2(stack, H5E_WALK_DOWNWARD, note_damage, NULL);
+}
+
+/* err = "PATH: damaged stats file (PART[: DAMAGE])": a read of PART failed. */
+static void damaged(char *err, size_t cap, const char *path, const char *part) {
+    snprintf(err, cap, "%s: damaged stats file (%s%s%s)", path, part, g_damage[0] ? ": " : "",
+             g_damage);
+}
+
 /* Open path as a stats file of this format version: the file, or -1 with a status and err. */
 static hid_t open_stats_file(const char *path, stats_read_status *rc, char *err, size_t cap) {
     struct stat st;
@@ -467,15 +500,32 @@ static hid_t open_stats_file(const char *path, stats_read_status *rc, char *err,
         *rc = STATS_READ_NOT_HDF5;
         return -1;
     }
-    h5_quiet();
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(err, cap, "%s: not a regular file (a FIFO or device), not a stats file", path);
+        *rc = STATS_READ_NOT_HDF5;
+        return -1;
+    }
+    if (st.st_size == 0) { /* a run creating it has not flushed yet */
+        snprintf(err, cap, "%s: an empty file, not a stats file yet", path);
+        *rc = STATS_READ_MISSING;
+        return -1;
+    }
+    g_damage = "";
+    H5Eset_auto2(H5E_DEFAULT, note_failure, NULL);
     hid_t fapl = h5_fapl_latest(0);
+    h5_check(H5Pset_metadata_read_attempts(fapl, SWMR_READ_ATTEMPTS));
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, fapl);
-    if (f < 0) f = H5Fopen(path, H5F_ACC_RDONLY, fapl); /* files of older formats */
+    if (f < 0 && !g_damage[0]) f = H5Fopen(path, H5F_ACC_RDONLY, fapl); /* files of older formats */
     H5Pclose(fapl);
     if (f < 0) {
         htri_t is = H5Fis_hdf5(path);
         if (is <= 0)
             snprintf(err, cap, "%s: not an HDF5 file (%lld bytes)", path, (long long)st.st_size);
+        else if (g_damage == STATS_TRUNCATED)
+            snprintf(err, cap, "%s: truncated stats file: %lld bytes, fewer than its superblock "
+                     "records (damaged, or still being copied)", path, (long long)st.st_size);
+        else if (g_damage[0])
+            damaged(err, cap, path, "its superblock");
         else
             snprintf(err, cap, "%s: an HDF5 file that cannot be opened now (a run setting it up?)", path);
         *rc = is <= 0 ? STATS_READ_NOT_HDF5 : STATS_READ_BROKEN;
@@ -483,7 +533,11 @@ static hid_t open_stats_file(const char *path, stats_read_status *rc, char *err,
     }
     char fmt[64] = "";
     int64_t version = 0;
-    if (attr_get_str(f, "format", fmt, sizeof fmt) < 0 || strcmp(fmt, STATS_FORMAT) != 0) {
+    int no_format = attr_get_str(f, "format", fmt, sizeof fmt) < 0;
+    if (no_format && g_damage[0]) {
+        damaged(err, cap, path, "its root attributes");
+        *rc = STATS_READ_BROKEN;
+    } else if (no_format || strcmp(fmt, STATS_FORMAT) != 0) {
         snprintf(err, cap, "%s: an HDF5 file but not an infmoe stats file (no format attribute '%s')",
                  path, STATS_FORMAT);
         *rc = STATS_READ_FOREIGN;
@@ -595,12 +649,15 @@ stats_read_status stats_read(const char *path, stats_data *r, char *err, size_t 
     memset(r, 0, sizeof *r);
     stats_read_status rc;
     hid_t f = open_stats_file(path, &rc, err, cap);
-    if (f < 0) return rc;
+    if (f < 0) {
+        h5_quiet();
+        return rc;
+    }
     hid_t sd = H5Lexists(f, "step", H5P_DEFAULT) > 0 ? H5Dopen2(f, "step", H5P_DEFAULT) : -1;
     hid_t lg = H5Lexists(f, "layers", H5P_DEFAULT) > 0 ? H5Gopen2(f, "layers", H5P_DEFAULT) : -1;
     hid_t *rd = NULL;
     if (sd < 0 || lg < 0) {
-        snprintf(err, cap, "%s: damaged stats file (no /step or /layers)", path);
+        damaged(err, cap, path, "no /step or /layers");
         rc = STATS_READ_BROKEN;
         goto done;
     }
@@ -613,7 +670,9 @@ stats_read_status stats_read(const char *path, stats_data *r, char *err, size_t 
     for (int l = 0; l < r->n; l++) {
         rd[l] = open_layer(lg, &r->L[l]);
         if (rd[l] < 0) {
-            snprintf(err, cap, "%s: damaged stats file (layer %s)", path, r->L[l].name);
+            char part[64];
+            snprintf(part, sizeof part, "layer %s", r->L[l].name);
+            damaged(err, cap, path, part);
             rc = STATS_READ_BROKEN;
             goto done;
         }
@@ -624,7 +683,7 @@ stats_read_status stats_read(const char *path, stats_data *r, char *err, size_t 
     int bad = h5_ds_read_rows(sd, r->rows, 1, H5T_NATIVE_INT64, r->step) < 0;
     for (int l = 0; l < r->n && !bad; l++) bad = read_layer_rows(rd[l], &r->L[l], r->rows) < 0;
     if (bad) {
-        snprintf(err, cap, "%s: cannot read the rows (damaged or another layout?)", path);
+        damaged(err, cap, path, "its rows cannot be read");
         rc = STATS_READ_BROKEN;
     }
 done:
@@ -634,6 +693,11 @@ done:
     if (lg >= 0) H5Gclose(lg);
     if (sd >= 0) H5Dclose(sd);
     H5Fclose(f);
+    if (rc == STATS_READ_OK && g_damage[0]) { /* a part read around the damage, e.g. an attribute */
+        damaged(err, cap, path, "its metadata");
+        rc = STATS_READ_BROKEN;
+    }
+    h5_quiet();
     if (rc != STATS_READ_OK) stats_data_free(r);
     return rc;
 }

@@ -43,12 +43,12 @@ static void stats_usage(FILE *f) {
             "The file can be read while the job writes it (HDF5 SWMR).\n");
 }
 
-static int parse_i64(const char *s, int64_t *out) {
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end) return -1;
-    *out = v;
+/* One layer number of --layers: a whole integer below model.n_layer's limit. */
+static int parse_layer(const char *s, int *out) {
+    int64_t v;
+    char err[128];
+    if (parse_int_arg("--layers", s, 0, 1023, &v, err, sizeof err) < 0) return -1;
+    *out = (int)v;
     return 0;
 }
 
@@ -58,11 +58,14 @@ static int parse_layers(const char *list, stats_opts *o) {
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         if (strncmp(tok, "h.", 2) == 0) tok += 2;
         int a, b;
-        char tail;
-        if (sscanf(tok, "%d-%d%c", &a, &b, &tail) == 2 && a >= 0 && b >= a) {
-        } else if (sscanf(tok, "%d%c", &a, &tail) == 1 && a >= 0) {
-            b = a;
-        } else {
+        char *dash = strchr(tok, '-');
+        if (dash) *dash = '\0';
+        if (parse_layer(tok, &a) < 0) {
+            rc = -1;
+            break;
+        }
+        b = a;
+        if (dash && (parse_layer(dash + 1, &b) < 0 || b < a)) {
             rc = -1;
             break;
         }
@@ -82,8 +85,9 @@ static int parse_steps(const char *s, stats_opts *o) {
     snprintf(b, sizeof b, "%s", colon + 1);
     o->from = 0;
     o->to = INT64_MAX;
-    if (a[0] && parse_i64(a, &o->from) < 0) return -1;
-    if (b[0] && parse_i64(b, &o->to) < 0) return -1;
+    char err[192];
+    if (a[0] && parse_int_arg("--steps", a, 0, INT64_MAX, &o->from, err, sizeof err) < 0) return -1;
+    if (b[0] && parse_int_arg("--steps", b, 0, INT64_MAX, &o->to, err, sizeof err) < 0) return -1;
     return o->from <= o->to ? 0 : -1;
 }
 
@@ -262,12 +266,15 @@ static void print_rows(const stats_data *r, const stats_opts *o, int64_t i0, int
 
 static int follow(const stats_opts *o) {
     int64_t last = -1; /* the last step printed */
-    int started = 0, header = 0;
+    int started = 0, header = 0, unreadable = 0;
     char err[1500];
     for (;;) {
         stats_data r;
         stats_read_status rc = stats_read(o->path, &r, err, sizeof err);
-        if (rc == STATS_READ_FOREIGN) { /* waiting will not help */
+        /* waiting will not help a foreign file, nor one still unreadable a second later: a
+         * starting run makes its file readable within a flush */
+        unreadable = rc == STATS_READ_NOT_HDF5 || rc == STATS_READ_BROKEN ? unreadable + 1 : 0;
+        if (rc == STATS_READ_FOREIGN || unreadable == 2) {
             fprintf(stderr, "infmoe stats: %s\n", err);
             return 1;
         }

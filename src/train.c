@@ -141,6 +141,9 @@ int train_main(int argc, char **argv) {
         else
             dist_log("no checkpoint in %s: starting from step 0\n", cfg.output_dir);
     }
+    if (start.step > cfg.steps)
+        infmoe_die_all("%s is at step %lld, beyond train.steps (%d): raise train.steps to train on",
+                       ckpt_path, (long long)start.step, cfg.steps);
     /* Only now, with the data and any checkpoint loaded, write into the run directory. */
     char err[2048] = "";
     if (d.rank == 0) { /* the effective config (file, overrides and defaults), and the log */

@@ -2,13 +2,16 @@
 #define _POSIX_C_SOURCE 200809L
 #include "infmoe/util.h"
 
+#include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 int infmoe_rank_for_messages = -1;
 void (*infmoe_abort_hook)(int status) = NULL;
@@ -105,26 +108,73 @@ double wall_time(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-char *read_text_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
+int open_regular_file(const char *path, const char **why) {
+    /* O_NONBLOCK: opening a FIFO for reading must not wait for a writer; it has no
+     * effect on the reads of a regular file */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        *why = strerror(errno);
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) *why = strerror(errno);
+    else if (S_ISDIR(st.st_mode)) *why = "it is a directory";
+    else if (S_ISFIFO(st.st_mode)) *why = "it is a FIFO, not a regular file";
+    else if (!S_ISREG(st.st_mode)) *why = "it is a device or socket, not a regular file";
+    else return fd;
+    close(fd);
+    return -1;
+}
+
+char *read_text_file(const char *path, size_t *len, const char **why) {
+    int fd = open_regular_file(path, why);
+    if (fd < 0) return NULL;
     size_t cap = 4096, n = 0;
     char *buf = xrealloc(NULL, cap);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
+    for (;;) {
+        ssize_t got = read(fd, buf + n, cap - n - 1);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            *why = strerror(errno);
+            close(fd);
+            free(buf);
+            return NULL;
+        }
+        if (got == 0) break;
+        n += (size_t)got;
         if (n + 1 >= cap) buf = xrealloc(buf, cap *= 2);
     }
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(buf);
-        errno = EIO;
-        return NULL;
-    }
+    close(fd);
     buf[n] = '\0';
     if (len) *len = n;
     return buf;
+}
+
+int parse_int_arg(const char *name, const char *s, int64_t min, int64_t max, int64_t *out,
+                  char *err, size_t cap) {
+    char *end;
+    errno = 0;
+    long long v = *s && !isspace((unsigned char)*s) ? strtoll(s, &end, 10) : 0;
+    if (!*s || isspace((unsigned char)*s) || errno || *end || v < min || v > max) {
+        snprintf(err, cap, "%s %s: expected an integer in [%lld, %lld]", name, s, (long long)min,
+                 (long long)max);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int parse_float_arg(const char *name, const char *s, double min, double max, double *out,
+                    char *err, size_t cap) {
+    char *end;
+    errno = 0;
+    double v = *s && !isspace((unsigned char)*s) ? strtod(s, &end) : NAN;
+    if (!*s || isspace((unsigned char)*s) || errno || *end || !isfinite(v) || v < min || v > max) {
+        snprintf(err, cap, "%s %s: expected a number in [%g, %g]", name, s, min, max);
+        return -1;
+    }
+    *out = v;
+    return 0;
 }
 
 uint64_t rng_mix64(uint64_t z) {

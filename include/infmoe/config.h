@@ -3,8 +3,9 @@
  *
  * Every key has a default (docs/config.md lists them); the file and then any
  * `--set section.key=value` overrides change them. Anything wrong (unknown key,
- * wrong type, value out of range, inconsistent values, malformed YAML) ends the
- * run with one line `file:line:col: message`. Checks that need the rank count
+ * wrong type, value out of range, inconsistent values, malformed YAML, a second
+ * document, a NUL byte, nesting deeper than 64 levels) ends the run with one line
+ * `file:line:col: message`. Checks that need the rank count
  * (batch split, ep) run later, in config_check_layout().
  */
 #ifndef INFMOE_CONFIG_H

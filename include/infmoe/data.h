@@ -2,8 +2,9 @@
  * data: token shards in the llm.c format and the distributed sampler.
  *
  * A shard is a 256 x int32 header (magic 20240520, version 1, token count)
- * followed by that many uint16 tokens. Shards are memory-mapped and validated
- * on open. A dataset is one file or a glob of files; it is cut into windows of
+ * followed by that many uint16 tokens. Shards are validated on open and read
+ * with pread, window by window. A dataset is one file or a glob of files (a path
+ * that exists is taken as it is, glob characters and all); it is cut into windows of
  * seq_len + 1 tokens (inputs and shifted targets) starting every seq_len tokens.
  *
  * Sampling: global sequence g (= step * batch_size + i) lives in epoch
@@ -24,11 +25,10 @@
 typedef struct {
     int n_shards;
     char **paths;
-    const uint16_t **tokens; /* mapped token arrays */
+    int *fds; /* open shards */
     size_t *n_tokens;
-    void **maps;
-    size_t *map_len;
-    int seq_len;
+    int seq_len, vocab_size;
+    uint16_t *window; /* seq_len + 1 tokens: the window being read */
     uint64_t n_windows;
     uint64_t *window_start; /* first global window of each shard (prefix sums) */
     /* shuffled order of the current epoch */
@@ -38,9 +38,10 @@ typedef struct {
 } token_dataset;
 
 /*
- * Open `pattern` (a file or a glob), validate every shard (size, magic, version,
- * tokens below vocab_size) and index windows of seq_len + 1 tokens. Any problem
- * is fatal with a message naming the file.
+ * Open `pattern` (a file, or else a glob), validate every shard (a regular file;
+ * size, magic, version, tokens below vocab_size) and index windows of seq_len + 1
+ * tokens. Any problem is fatal with a message naming the file, and so is a shard
+ * that shrinks or changes while batches are read from it.
  */
 void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_size,
                uint64_t seed);

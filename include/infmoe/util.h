@@ -52,8 +52,26 @@ char *xstrdup(const char *s);
 /* Seconds on a monotonic clock. */
 double wall_time(void);
 
-/* Read a whole file into a NUL-terminated buffer; NULL and errno on failure. */
-char *read_text_file(const char *path, size_t *len);
+/*
+ * Open `path` read-only if it is a regular file: the descriptor, or -1 with *why
+ * saying why not ("it is a directory", "it is a FIFO, not a regular file", or
+ * strerror). A FIFO is refused at once instead of blocking until a writer comes.
+ */
+int open_regular_file(const char *path, const char **why);
+
+/* Read a whole regular file into a NUL-terminated buffer (*len: its bytes, NULs
+ * included); NULL with *why set as open_regular_file does on failure. */
+char *read_text_file(const char *path, size_t *len, const char **why);
+
+/*
+ * Strict numbers for command-line flags: all of `s` is one decimal integer (or
+ * one finite number) within [min, max]. 0, or -1 with err set to
+ * "NAME S: expected an integer in [MIN, MAX]" (or "a number in").
+ */
+int parse_int_arg(const char *name, const char *s, int64_t min, int64_t max, int64_t *out,
+                  char *err, size_t cap);
+int parse_float_arg(const char *name, const char *s, double min, double max, double *out,
+                    char *err, size_t cap);
 
 /* mkdir -p: 0, or -1 with errno set. */
 int mkdir_p(const char *path);
