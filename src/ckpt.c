@@ -205,8 +205,11 @@ static hid_t save_call(const ckpt_saving *s, hid_t rc) {
     char removing[1400] = "";
     if (s->d->rank == 0 && rundir_remove(s->dir, s->tmp, 1, removing, sizeof removing) != 0)
         fprintf(stderr, "infmoe: %s\n", removing);
+    /* errno is named only when it is a resource error: HDF5 leaves stale values behind */
+    int resource = errno_after == ENOSPC || errno_after == EDQUOT || errno_after == EFBIG ||
+                   errno_after == EIO || errno_after == EACCES || errno_after == EROFS;
     infmoe_die("cannot write the checkpoint %s: %s", s->file,
-               errno_after ? strerror(errno_after) : "the HDF5 library reported a failure");
+               resource ? strerror(errno_after) : "the HDF5 library reported a failure");
 }
 #define SAVE_CALL(s, call) (errno = 0, save_call((s), (hid_t)(call)))
 
@@ -268,8 +271,8 @@ static int publish(const ckpt_saving *s, int64_t step, int keep_last, char *err,
     rundir_sync(s->dir, name);
     rundir_sync(s->dir, s->tmp);
     snprintf(pointer, sizeof pointer, "%s\n", s->final);
-    if (rundir_remove(s->dir, s->final, 1, err, cap) != 0 || /* an older save of the same step */
-        rundir_rename(s->dir, s->tmp, s->final, err, cap) != 0 ||
+    if (rundir_check_written(s->dir, s->tmp, "model.h5", err, cap) != 0 ||
+        rundir_publish_dir(s->dir, s->tmp, s->final, err, cap) != 0 ||
         rundir_replace(s->dir, "latest", pointer, err, cap) != 0)
         return -1;
     int64_t *steps;
@@ -439,15 +442,23 @@ int ckpt_resolve(const char *arg, const char *run_dir, char *path, size_t cap) {
     while (len > 1 && p[len - 1] == '/') p[--len] = '\0';
     if (len > 9 && strcmp(p + len - 9, "/model.h5") == 0) p[len - 9] = '\0';
     if (strcmp(p + (strlen(p) >= 6 ? strlen(p) - 6 : 0), "latest") == 0 && !is_dir(p)) {
-        /* the pointer file: its one line names the checkpoint beside it */
-        FILE *f = fopen(p, "r");
-        char name[256] = "";
-        if (!f || !fgets(name, sizeof name, f)) infmoe_die_all("%s: cannot read the checkpoint pointer", p);
-        fclose(f);
-        name[strcspn(name, "\r\n")] = '\0';
-        char *slash = strrchr(p, '/');
-        if (slash) snprintf(slash + 1, sizeof p - (size_t)(slash + 1 - p), "%s", name);
-        else snprintf(p, sizeof p, "%s", name);
+        /* the pointer file: its one line names the checkpoint beside it (read as
+         * --resume auto reads it: no links followed, only a step_NNNNNN name) */
+        char *slash = strrchr(p, '/'), name[256];
+        if (slash) *slash = '\0';
+        const char *parent = slash ? (slash == p ? "/" : p) : ".";
+        int dfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        int found = dfd < 0 ? -1 : rundir_latest(dfd, name, sizeof name);
+        if (dfd >= 0) close(dfd);
+        if (found <= 0)
+            infmoe_die_all("%s/latest: %s", parent, found == 0 ? "no such checkpoint pointer" :
+                           dfd < 0 ? strerror(errno) : name);
+        if (slash) {
+            *slash = '/';
+            snprintf(slash + 1, sizeof p - (size_t)(slash + 1 - p), "%s", name);
+        } else {
+            snprintf(p, sizeof p, "%s", name);
+        }
     }
     len = strlen(p);
     if (len > 4 && strcmp(p + len - 4, ".tmp") == 0)

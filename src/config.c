@@ -82,7 +82,7 @@ static const key_spec schema[] = {
     {"train", "weight_decay", KEY_FLOAT, OFF(weight_decay), 0, 10, NULL, "0.1"},
     {"train", "grad_clip", KEY_FLOAT, OFF(grad_clip), 0, 1e30, NULL, "1.0"},
     {"train", "beta1", KEY_FLOAT, OFF(beta1), 0, 0.999999, NULL, "0.9"},
-    {"train", "beta2", KEY_FLOAT, OFF(beta2), 0, 0.999999999, NULL, "0.95"},
+    {"train", "beta2", KEY_FLOAT, OFF(beta2), 0, 0.9999999, NULL, "0.95"},
     {"train", "eps", KEY_FLOAT, OFF(adam_eps), 1e-30, 1, NULL, "1e-8"},
     {"train", "seed", KEY_INT64, OFF(seed), 0, 9.2e18, NULL, "1337"},
     {"train", "precision", KEY_ENUM, OFF(precision), 0, 0, precision_names, "fp32"},

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -96,6 +97,14 @@ void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_si
         if (rc != 0) infmoe_die_all("%s: cannot list token shards", pattern);
     }
     ds->n_shards = (int)g.gl_pathc;
+    /* every shard stays open (read with pread): room for thousands of them */
+    struct rlimit lim;
+    if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
+        lim.rlim_cur < (rlim_t)ds->n_shards + 256) {
+        lim.rlim_cur = lim.rlim_max == RLIM_INFINITY || lim.rlim_max > (rlim_t)ds->n_shards + 256
+                           ? (rlim_t)ds->n_shards + 256 : lim.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &lim);
+    }
     ds->paths = xcalloc((size_t)ds->n_shards, sizeof(char *));
     ds->fds = xcalloc((size_t)ds->n_shards, sizeof(int));
     ds->n_tokens = xcalloc((size_t)ds->n_shards, sizeof(size_t));

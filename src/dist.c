@@ -5,6 +5,7 @@
 #include <malloc.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,6 +48,9 @@ void dist_init(dist_ctx *d, int *argc, char ***argv) {
      */
     setenv("OMPI_MCA_sharedfp", "^lockedfile", 0);
     int provided;
+    /* past a file-size limit (ulimit -f) writes fail with EFBIG, reported in one line,
+     * instead of the default SIGXFSZ killing the process */
+    signal(SIGXFSZ, SIG_IGN);
     MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
     /* Errors come back as codes so MPI_CHECK can say where they happened. */
     MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));

@@ -45,6 +45,12 @@ int rundir_check(const run_dir *r, const char *name, int want_dir, char *err, si
                  r->path, name, want_dir ? "directory" : "file");
         return -1;
     }
+    if (!want_dir && S_ISREG(st.st_mode) && st.st_nlink > 1) {
+        snprintf(err, cap, "%s/%s has %lu hard links, but infmoe writes its own file there (writing "
+                 "would change the other names too): remove it", r->path, name,
+                 (unsigned long)st.st_nlink);
+        return -1;
+    }
     if (want_dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) {
         snprintf(err, cap, "%s/%s is not a %s, but infmoe writes its own %s there: move it away",
                  r->path, name, want_dir ? "directory" : "regular file",
@@ -91,9 +97,8 @@ int rundir_remove(const run_dir *r, const char *name, int want_dir, char *err, s
     return 0;
 }
 
-int rundir_mkdir(const run_dir *r, const char *name, char *err, size_t cap) {
-    if (mkdirat(r->fd, name, 0755) != 0) return fail_errno(err, cap, "cannot create", r, name);
-    /* HDF5 opens files by path: the path must lead to the directory just made here. */
+/* HDF5 opens files by path: path/name must lead to the directory `name` here. */
+static int leads_here(const run_dir *r, const char *name, char *err, size_t cap) {
     struct stat here, by_path;
     char path[2100];
     snprintf(path, sizeof path, "%s/%s", r->path, name);
@@ -104,6 +109,38 @@ int rundir_mkdir(const run_dir *r, const char *name, char *err, size_t cap) {
         return -1;
     }
     return 0;
+}
+
+int rundir_mkdir(const run_dir *r, const char *name, char *err, size_t cap) {
+    if (mkdirat(r->fd, name, 0755) != 0) return fail_errno(err, cap, "cannot create", r, name);
+    return leads_here(r, name, err, cap);
+}
+
+int rundir_check_written(const run_dir *r, const char *name, const char *file, char *err, size_t cap) {
+    if (leads_here(r, name, err, cap) != 0) return -1;
+    int dfd = openat(r->fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) return fail_errno(err, cap, "cannot open", r, name);
+    struct stat st;
+    int ok = fstatat(dfd, file, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1;
+    close(dfd);
+    if (!ok) {
+        snprintf(err, cap, "%s/%s/%s is not the file infmoe wrote (a link, or not a regular file): "
+                 "not publishing it", r->path, name, file);
+        return -1;
+    }
+    return 0;
+}
+
+int rundir_publish_dir(const run_dir *r, const char *from, const char *to, char *err, size_t cap) {
+    if (rundir_check(r, to, 1, err, cap) != 0) return -1;
+    if (renameat2(r->fd, from, r->fd, to, RENAME_EXCHANGE) == 0) {
+        rundir_sync(r, NULL);
+        return rundir_remove(r, from, 1, err, cap); /* now the older save */
+    }
+    if (errno != ENOENT && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+        return fail_errno(err, cap, "cannot replace", r, to);
+    if (errno != ENOENT && rundir_remove(r, to, 1, err, cap) != 0) return -1;
+    return rundir_rename(r, from, to, err, cap);
 }
 
 int rundir_reserve(const run_dir *r, const char *name, uint64_t bytes, char *err, size_t cap) {

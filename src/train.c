@@ -203,11 +203,10 @@ int train_main(int argc, char **argv) {
         dist_allreduce_sum_d(&local_loss, 1, d.world);
         loss = (float)(local_loss / d.size);
         /* A nan or inf stops the run before the update: with fp32 master weights and no loss
-         * scaler it means divergence, not a transient overflow worth skipping. Every rank
-         * takes part, so a value only one rank sees stops them all. */
-        int non_finite = !isfinite(loss) || !isfinite(norm);
-        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &non_finite, 1, MPI_INT, MPI_MAX, d.world));
-        if (non_finite)
+         * scaler it means divergence, not a transient overflow worth skipping. The loss and
+         * the norm are sums over every rank already (a nan or inf anywhere makes them nan or
+         * inf everywhere), so all ranks take this branch together. */
+        if (!isfinite(loss) || !isfinite(norm))
             infmoe_die_all("step %d: loss %g, grad_norm %g: not finite, so the step is not applied "
                            "and nothing is saved (checkpoints already in %s are untouched); lower "
                            "train.lr or check the data", step + 1, loss, norm, cfg.output_dir);
@@ -251,11 +250,13 @@ int train_main(int argc, char **argv) {
         }
     }
     double tok_s = timed_steps ? tokens_per_step * timed_steps / t_train : 0.0;
-    if (!stop)
-        dist_log("done %d steps | train_loss %.6f | val_loss %.6f | tok/s %.0f | mfu %.1f%% | "
-                 "ranks %d x threads %d\n",
-                 cfg.steps, loss, val_loss, tok_s, timed_steps ? mfu_sum / timed_steps : 0.0,
-                 d.size, threads);
+    if (!stop) {
+        char val[48] = ""; /* no validation configured (train.eval_every 0): no val_loss field */
+        if (!isnan(val_loss)) snprintf(val, sizeof val, " | val_loss %.6f", val_loss);
+        dist_log("done %d steps | train_loss %.6f%s | tok/s %.0f | mfu %.1f%% | ranks %d x threads %d\n",
+                 cfg.steps, loss, val, tok_s, timed_steps ? mfu_sum / timed_steps : 0.0, d.size,
+                 threads);
+    }
 
     stats_close(stats);
     free(inputs);

@@ -17,7 +17,7 @@ fail() {
     echo "FAIL $1"
     [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
 }
-train() { $INFMOE train "$T" --set train.warmup=0 --set train.warmup=0 "$@"; }
+train() { $INFMOE train "$T" --set train.warmup=0 "$@"; }
 
 # ---- a link where infmoe writes: refused with one line, nothing outside touched ----
 # step_000002.tmp and step_000002 are written by the save at step 2, step_000001
@@ -41,6 +41,35 @@ for name in step_000002.tmp step_000002 step_000001 latest latest.tmp config.yam
         fail "rundir: a link at $name (exit $rc)" "$out"$'\n'"outside: $(ls -l "$out_dir")"
     fi
 done
+
+# ---- a hard link at a file infmoe writes: refused, the other name untouched ----
+R="$TMP/hard"
+mkdir -p "$R"
+echo keep > "$TMP/hard-other"
+ln "$TMP/hard-other" "$R/train.log"
+out=$(train --set train.steps=2 --set output.dir="$R" 2>&1)
+rc=$?
+if [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] &&
+    printf '%s\n' "$out" | grep -qF "$R/train.log has 2 hard links" && [ "$(cat "$TMP/hard-other")" = keep ]; then
+    pass "rundir: a hard link at train.log is refused with one line; the other name is untouched"
+else
+    fail "rundir: a hard link at train.log (exit $rc)" "$out"
+fi
+
+# ---- a step saved again (a branch from an earlier step) replaces the old one in place ----
+R="$TMP/resave"
+train --set train.steps=2 --set train.ckpt_every=1 --set train.keep_last=0 --set output.dir="$R" > "$TMP/r1.log" 2>&1
+first=$(h5dump -a /step "$R/step_000002/model.h5" 2>/dev/null | grep -c "(0): 2")
+train --set train.steps=2 --set train.ckpt_every=1 --set train.keep_last=0 --set output.dir="$R" \
+    --resume "$R/step_000001" > "$TMP/r2.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && [ "$first" -eq 1 ] && [ "$(cat "$R/latest")" = step_000002 ] &&
+    [ "$(ls "$R" | tr '\n' ' ')" = "config.yaml latest step_000001 step_000002 train.log " ] &&
+    $INFMOE ckpt verify "$R/latest" > /dev/null 2>&1; then
+    pass "rundir: saving a step that exists swaps the new checkpoint in; latest names it and it verifies"
+else
+    fail "rundir: saving a step that exists (exit $rc)" "$(ls -a "$R"; tail -2 "$TMP/r2.log")"
+fi
 
 # ---- latest is the truth: a branch resumed into the same directory is not pruned ----
 R="$TMP/branch"

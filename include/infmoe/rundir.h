@@ -4,7 +4,8 @@
  * Rank 0 opens output.dir once and creates, renames and removes everything it
  * writes there relative to that descriptor (openat, mkdirat, renameat,
  * unlinkat; O_NOFOLLOW and O_EXCL where a file is created), so nothing outside
- * the directory is ever touched. What infmoe writes there (step_NNNNNN and
+ * the directory is touched through a link. (HDF5 opens model.h5 and stats.h5 by
+ * path: model.h5's directory is checked before it is published.) What infmoe writes there (step_NNNNNN and
  * step_NNNNNN.tmp directories, latest, config.yaml, train.log, stats.h5, .lock
  * and their .tmp names) must be what infmoe would have put there: a symbolic link, or a
  * file where a directory belongs (or the reverse), is refused with one line
@@ -51,6 +52,19 @@ int rundir_check(const run_dir *r, const char *name, int want_dir, char *err, si
 int rundir_remove(const run_dir *r, const char *name, int want_dir, char *err, size_t cap);
 /* Create directory `name` (which must not exist) and make sure path/name leads to it. */
 int rundir_mkdir(const run_dir *r, const char *name, char *err, size_t cap);
+/*
+ * Before publishing directory `name`: it is still the real directory path/name
+ * leads to, and `file` in it (written by path, by HDF5) is a regular file with
+ * one link.
+ */
+int rundir_check_written(const run_dir *r, const char *name, const char *file, char *err, size_t cap);
+/*
+ * Directory `from` becomes `to`. An existing `to` (an older save of the same
+ * step) is swapped out atomically (renameat2 RENAME_EXCHANGE) and then removed,
+ * so `to` exists at every moment; where the file system cannot exchange, it is
+ * removed first.
+ */
+int rundir_publish_dir(const run_dir *r, const char *from, const char *to, char *err, size_t cap);
 /* Rename `from` to `to` (renameat: a file replaces the file of that name) and sync the run directory. */
 int rundir_rename(const run_dir *r, const char *from, const char *to, char *err, size_t cap);
 /*
