@@ -60,6 +60,7 @@ run:
 	$(MAKE) all data
 	OMP_NUM_THREADS=1 $(MPIRUN) -np 2 build/infmoe train configs/tiny-topk.yaml
 	build/infmoe stats checkpoints/tiny-topk/stats.h5
+	/usr/bin/python3 tools/plot_train.py checkpoints/tiny-topk/train.log -o checkpoints/tiny-topk/train.png
 
 test: all data
 	@bash tests/run.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages infmoe needs (compiler, Open MPI, oneDNN, parallel
-# HDF5, libyaml, zlib, and the fortunes text of the demo corpus). Installs only what
-# is missing, so it is cheap to run again. Needs root or sudo.
+# HDF5, libyaml, zlib, the fortunes text of the demo corpus, and matplotlib and
+# h5py for the plotting tools). Installs only what is missing, so it is cheap to
+# run again. Needs root or sudo.
 set -euo pipefail
 
 PACKAGES=(
@@ -11,6 +12,7 @@ PACKAGES=(
     libhdf5-openmpi-dev hdf5-tools
     libyaml-dev zlib1g-dev
     fortunes fortunes-min
+    python3-matplotlib python3-h5py
     slurm-wlm munge
 )
 

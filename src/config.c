@@ -496,9 +496,10 @@ static void validate(run_config *cfg, load_ctx *ctx) {
     if (cfg->min_lr > cfg->lr)
         KEY_ERROR(ctx, "train", "min_lr", "train.min_lr (%g) must not exceed train.lr (%g)",
                   cfg->min_lr, cfg->lr);
-    if (cfg->warmup > cfg->steps)
-        KEY_ERROR(ctx, "train", "warmup", "train.warmup (%d) must not exceed train.steps (%d)",
-                  cfg->warmup, cfg->steps);
+    if (cfg->warmup > cfg->steps) { /* a short run (--set train.steps=10) warms up throughout */
+        cfg->warmup_clamped_from = cfg->warmup;
+        cfg->warmup = cfg->steps;
+    }
     if (cfg->eval_every > 0 && cfg->data_val[0] == '\0')
         KEY_ERROR(ctx, "train", "eval_every",
                   "train.eval_every is %d but data.val is not set: give a validation shard",

@@ -170,6 +170,9 @@ int train_main(int argc, char **argv) {
     const double flops_per_token = model_flops_per_token(&m);
     const double tokens_per_step = (double)cfg.batch_size * T;
 
+    if (cfg.warmup_clamped_from)
+        dist_log("train.warmup %d is above train.steps %d: warming up over all %d steps\n",
+                 cfg.warmup_clamped_from, cfg.steps, cfg.warmup);
     dist_log("infmoe train %s | ranks %d x threads %d | ep %d | params %.2fM | "
              "batch %d x %d tokens | data %llu sequences | precision %s%s | peak %.0f GFLOP/s %s\n",
              config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,

@@ -121,6 +121,27 @@ else
     fail "prep: byte tokens and the train/val split"
 fi
 
+# ---- a short override run: warmup above steps clamps (said once); no val_loss without validation ----
+out=$($INFMOE train tests/configs/tiny.yaml --set train.steps=3 --set train.warmup=5 --set train.eval_every=0 \
+    --set train.log_every=1 --set output.dir="$TMP/short" 2>&1)
+rc=$?
+if [ $rc -eq 0 ] && [ "$(printf '%s\n' "$out" | grep -c 'train.warmup 5 is above train.steps 3: warming up over all 3 steps')" -eq 1 ] &&
+    printf '%s\n' "$out" | grep -q '^done 3 steps | train_loss [0-9.]* | tok/s' && ! printf '%s\n' "$out" | grep -q 'nan'; then
+    pass "train: warmup 5 > steps 3 trains, warming up over the 3 steps (said once); the summary has no val_loss without validation"
+else
+    fail "train: warmup above steps (exit $rc)" "$out"
+fi
+# tools/plot_train.py: a PNG of that run's curves; a file that is not a train.log is one line
+out=$(/usr/bin/python3 tools/plot_train.py "$TMP/short/train.log" -o "$TMP/short.png" 2>&1)
+rc=$?
+bad=$(/usr/bin/python3 tools/plot_train.py README.md -o "$TMP/bad.png" 2>&1)
+if [ $rc -eq 0 ] && [ -s "$TMP/short.png" ] && [ "$(head -c 8 "$TMP/short.png" | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ] &&
+    [ "$bad" = "plot_train: README.md: no 'step N/M | loss ...' lines: not an infmoe train.log" ] && [ ! -e "$TMP/bad.png" ]; then
+    pass "plot: tools/plot_train.py writes a PNG of a real run's train.log; a file that is not one is one line"
+else
+    fail "plot: tools/plot_train.py (exit $rc; needs python3-matplotlib: make deps)" "$out"$'\n'"$bad"
+fi
+
 # ---- training and MPI equivalence: same losses at every layout (global batch fixed) ----
 losses() { grep '^step ' "$1" | sed 's/.*| loss \([0-9.]*\) |.*/\1/'; }
 # largest relative difference between two loss columns (1 if their lengths differ)

@@ -61,6 +61,7 @@ typedef struct {
     mask_rule mask;
     /* train */
     int32_t steps, batch_size, warmup;
+    int32_t warmup_clamped_from; /* the warmup asked for when above steps (then warmup = steps), else 0 */
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;
     int64_t seed;
     precision_kind precision; /* as written; precision_resolve() says what runs */
