@@ -58,6 +58,8 @@ struct inf_layer {
                * travel in bf16, z and the masks' sums in fp32 beside them */
     int cu, per, nc_local;  /* compute chunks: cu units (per whole blocks) each, nc_local per
                              * shard; shard r holds the chunks r, r + ep, r + 2 ep, ... */
+    int32_t *local_of;      /* (nb) this shard's index of each block, -1 where another holds it */
+    int extra;              /* floats after u in a sent row: K z's, then (window) K norms */
     mask_rule mask;
     float tau, kl;
     size_t A, a, Wm, bm, Ws, bs, P, q, b2; /* replicated */
@@ -75,6 +77,7 @@ struct inf_layer {
     int32_t *need;                                   /* (n*ep) shard r at t*ep + r if token t needs it, else -1 */
     uint8_t *seen;                                   /* (nb) diagnostics: blocks a token uses */
     float *Atot, *Stot;                              /* (n,K,dz), (n,K) backward sums over shards */
+    float *norm;                                     /* (n,K,NORM) window: each sample's softmax max, 1/sum, Q */
     bf16 *out_h, *back_h;                            /* bf16: rows_out and rows_back packed to send */
     float *send, *back;                              /* (n*ep, C+K*dz), (n*ep, C+K*dz+K) */
     float *dy_send;                                  /* (n*ep, C) */
@@ -95,19 +98,24 @@ struct inf_layer {
     void *mem, *sample_mem; /* the buffers above, in two allocations (mem_carve) */
 };
 
+/* Window rule: what the owner sends with each sample, so that a shard computes only its
+ * own units of the arc: the softmax's max and 1 / sum, and Q = sum p de/dz (infmask.h). */
+#define NORM 3
+
 /* ---- construction ---- */
 
 /* (Re)allocate the buffers whose size grows with the number of samples K. */
 static void alloc_sample_buffers(inf_layer *f, int K) {
     int64_t n = f->max_tokens, M = f->max_recv, ep = f->ep, C = f->C, dz = f->dz;
+    const int64_t nn = f->mask == MASK_WINDOW ? NORM : 0, X = K * dz + K * nn;
     free(f->sample_mem);
     const mem_part parts[] = {
         MEM_PART(f->Atot, n * K * dz),  MEM_PART(f->Stot, n * K),
         MEM_PART(f->eps, n * K * dz),   MEM_PART(f->z, n * K * dz),
-        MEM_PART(f->blocks_of, n * K * f->kb),
-        MEM_PART(f->send, n * ep * (C + K * dz)),
+        MEM_PART(f->blocks_of, n * K * f->kb), MEM_PART(f->norm, n * K * nn),
+        MEM_PART(f->send, n * ep * (C + X)),
         MEM_PART(f->back, n * ep * (C + K * dz + K)),
-        MEM_PART(f->recv, M * (C + K * dz)),
+        MEM_PART(f->recv, M * (C + X)),
         MEM_PART(f->rows_back, M * (C + K * dz + K)),
         MEM_PART(f->out_h, M * C),
         MEM_PART(f->back_h, M * (C + 2 * (K * dz + K))),
@@ -115,6 +123,7 @@ static void alloc_sample_buffers(inf_layer *f, int K) {
     f->sample_mem = mem_carve(parts, sizeof parts / sizeof parts[0] - (f->bf16 ? 0 : 2));
     if (!f->bf16) f->out_h = f->back_h = NULL;
     f->K_alloc = K;
+    f->extra = (int)X;
 }
 
 inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64_t max_tokens,
@@ -153,6 +162,11 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->per = per;
     f->cu = per * f->b;
     f->nc_local = f->nb_local / per;
+    f->local_of = xcalloc((size_t)f->nb, sizeof(int32_t));
+    for (int g = 0; g < f->nb; g++) {
+        const int ch = g / per;
+        f->local_of[g] = ch % ep == ep_rank ? ch / ep * per + g % per : -1;
+    }
     f->max_tokens = max_tokens;
     f->max_recv = (int64_t)ep * max_tokens;
     const int C = f->C, R = f->R, dz = f->dz, H = f->H;
@@ -223,6 +237,7 @@ void inf_free(inf_layer *f) {
     free(f->scratch);
     dispatch_groups_free(&f->by_chunk);
     dispatch_free(&f->plan);
+    free(f->local_of);
     free(f->sample_mem);
     free(f->mem);
     free(f);
@@ -267,23 +282,17 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
 /* The shard holding global block g. */
 static int shard_of_block(const inf_layer *f, int g) { return g / f->per % f->ep; }
 
-/* This shard's index of global block g, or -1 when another shard holds it. */
-static int local_block(const inf_layer *f, int g) {
-    const int ch = g / f->per;
-    return ch % f->ep == f->ep_rank ? ch / f->ep * f->per + g % f->per : -1;
-}
+/* Elements of a sent row: the vector, then the K samples z and (window) their norms
+ * (fp32; in bf16 rows each takes two bf16 slots, so the receiver's masks are the
+ * owner's bit for bit). */
+static int send_width(const inf_layer *f) { return f->bf16 ? f->C + 2 * f->extra : f->C + f->extra; }
 
-/* Elements of a sent row: the vector, then the K samples z (fp32; in bf16 rows each
- * takes two bf16 slots, so the receiver's masks are the owner's bit for bit). */
-static int send_width(const inf_layer *f) {
-    return f->bf16 ? f->C + 2 * f->K * f->dz : f->C + f->K * f->dz;
-}
-
-/* Received row i's samples z (K*dz floats); buf holds them for a bf16 row. */
-static const float *recv_z(const inf_layer *f, int64_t i, float *buf) {
+/* Received row i's extras (f->extra floats: K*dz z's, then K*NORM norms); buf holds
+ * them for a bf16 row. */
+static const float *recv_extra(const inf_layer *f, int64_t i, float *buf) {
     const int W = send_width(f);
     if (!f->bf16) return f->recv + i * W + f->C;
-    memcpy(buf, (const bf16 *)f->recv + i * W + f->C, sizeof(float) * (size_t)(f->K * f->dz));
+    memcpy(buf, (const bf16 *)f->recv + i * W + f->C, sizeof(float) * (size_t)f->extra);
     return buf;
 }
 
@@ -298,12 +307,15 @@ static void build_block_lists(inf_layer *f, const float *params) {
 #pragma omp parallel for
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
-        float zbuf[K * dz];
-        const float *z = recv_z(f, i, zbuf);
+        float xbuf[f->extra];
+        const float *z = recv_extra(f, i, xbuf), *nrm = z + K * dz;
         for (int k = 0; k < K; k++) {
-            inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_WEIGHTS);
+            if (f->mask == MASK_WINDOW) /* only this shard's part of the arc */
+                inf_mask_window_part(&f->mk, z + k * dz, nrm[k * NORM], nrm[k * NORM + 1], f->local_of, s);
+            else
+                inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_WEIGHTS);
             for (int bi = 0; bi < f->kb; bi++) {
-                int lb = local_block(f, s->blocks[bi]);
+                int lb = f->local_of[s->blocks[bi]];
                 if (lb < 0) continue;
                 const int c = lb * b / cu;
                 if (!f->used[i * ncl + c]) {
@@ -416,6 +428,7 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
                    const ffn_context *ctx) {
     ALWAYS(n <= f->max_tokens);
     const int C = f->C, K = f->K, dz = f->dz, kb = f->kb, ep = f->ep, W = send_width(f);
+    const int nn = f->mask == MASK_WINDOW ? NORM : 0;
     const size_t es = f->bf16 ? sizeof(bf16) : sizeof(float);
     f->n = n;
     f->training = ctx->training;
@@ -430,15 +443,23 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
     for (int64_t t = 0; t < n; t++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         for (int k = 0; k < K; k++) {
-            inf_mask_sample(&f->mk, params, f->z + (t * K + k) * dz, s, INF_MASK_BLOCKS);
-            memcpy(f->blocks_of + (t * K + k) * kb, s->blocks, sizeof(int32_t) * kb);
+            const int64_t tk = t * K + k;
+            if (f->mask == MASK_WINDOW) { /* the whole arc's softmax once, for every shard */
+                inf_mask_sample(&f->mk, params, f->z + tk * dz, s, INF_MASK_WEIGHTS);
+                f->norm[tk * NORM] = s->max;
+                f->norm[tk * NORM + 1] = s->inv;
+                f->norm[tk * NORM + 2] = inf_mask_window_q(&f->mk, s);
+            } else {
+                inf_mask_sample(&f->mk, params, f->z + tk * dz, s, INF_MASK_BLOCKS);
+            }
+            memcpy(f->blocks_of + tk * kb, s->blocks, sizeof(int32_t) * kb);
             for (int i = 0; i < kb; i++) {
                 int shard = shard_of_block(f, s->blocks[i]);
                 need[t * ep + shard] = shard;
             }
         }
     }
-    /* one row per (token, shard), grouped by shard: [u | z_1 .. z_K] */
+    /* one row per (token, shard), grouped by shard: [u | z_1 .. z_K | norms (window)] */
     int64_t rows = dispatch_order(&f->plan, need, n * ep, ep, 1, NULL, f->row_token);
     for (int64_t i = 0; i < rows; i++) {
         int64_t t = f->row_token[i] / ep;
@@ -447,11 +468,13 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
             bf16 *row = (bf16 *)f->send + i * W;
             for (int c = 0; c < C; c++) row[c] = bf16_round(in[t * C + c]);
             memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
+            memcpy(row + C + 2 * K * dz, f->norm + t * K * nn, sizeof(float) * K * nn);
             continue;
         }
         float *row = f->send + i * W;
         memcpy(row, in + t * C, sizeof(float) * C);
         memcpy(row + C, f->z + t * K * dz, sizeof(float) * K * dz);
+        memcpy(row + C + K * dz, f->norm + t * K * nn, sizeof(float) * K * nn);
     }
     double t1 = wall_time();
     f->n_recv = dispatch_send(&f->plan, f->send, f->recv, W, es, f->max_recv);
@@ -571,13 +594,16 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
 #pragma omp parallel for
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
-        float zbuf[K * dz];
-        const float *z = recv_z(f, i, zbuf);
+        float xbuf[f->extra];
+        const float *z = recv_extra(f, i, xbuf), *nrm = z + K * dz;
         float *A = f->rows_back + i * WB + C, *S = A + K * dz;
         for (int k = 0; k < K; k++) {
-            inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_DEDZ);
+            if (f->mask == MASK_WINDOW)
+                inf_mask_window_part(&f->mk, z + k * dz, nrm[k * NORM], nrm[k * NORM + 1], f->local_of, s);
+            else
+                inf_mask_sample(&f->mk, params, z + k * dz, s, INF_MASK_DEDZ);
             for (int bi = 0; bi < f->kb; bi++) {
-                int lb = local_block(f, s->blocks[bi]);
+                int lb = f->local_of[s->blocks[bi]];
                 if (lb < 0) continue;
                 if (f->mask == MASK_WINDOW) { /* dz = 1: vectorised */
                     const float *p = s->p + bi * b, *de = s->dedz + bi * b, *g = f->wrow + i * Hl + lb * b;
@@ -605,13 +631,10 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
                 }
             }
             if (f->mask == MASK_WINDOW) {
-                /* the normaliser's share, Q = sum over all kept units of p de/dz, is the
-                 * same on every shard, so the shard subtracts n_keep S Q itself: the
-                 * owner then only sums A (and needs no softmax of its own) */
-                float Q = 0.0f;
-#pragma omp simd reduction(+ : Q)
-                for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[o];
-                A[k] -= f->n_keep * S[k] * Q;
+                /* the normaliser's share, Q = sum over all kept units of p de/dz (the
+                 * owner's, sent with z), is the same for every shard, so the shard
+                 * subtracts n_keep S Q itself: the owner then only sums A */
+                A[k] -= f->n_keep * S[k] * nrm[k * NORM + 2];
             }
         }
     }

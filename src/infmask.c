@@ -24,17 +24,47 @@ void inf_mask_scratch_free(mask_scratch *s) {
     memset(s, 0, sizeof *s);
 }
 
+/* Window rule: the kb block centres nearest z, the arc centred on z (block centre i
+ * sits at (i + 0.5) / nb, so z lies at centre index x = z nb - 0.5); returns z mod 1. */
+static float window_blocks(const inf_mask *f, const float *z, mask_scratch *s) {
+    const int nb = f->nb, kb = f->kb;
+    float zz = z[0] - floorf(z[0]);
+    int start = (int)floorf(zz * nb - 0.5f - (kb - 1) * 0.5f + 0.5f);
+    for (int j = 0; j < kb; j++) s->blocks[j] = ((start + j) % nb + nb) % nb;
+    return zz;
+}
+
+/* Window rule: logits e and d logit / d z of kept block i's units (vectorised). */
+static void window_logits(const inf_mask *f, float zz, int i, mask_scratch *s) {
+    const int b = f->b, H = f->H, j0 = s->blocks[i] * b;
+    const float scale = (float)H / f->n_keep, inv_tau2 = 1.0f / (f->tau * f->tau);
+    float *e = s->p + i * b, *de = s->dedz + i * b;
+#pragma omp simd
+    for (int u = 0; u < b; u++) {
+        float diff = zz - ((float)(j0 + u) + 0.5f) / H;
+        diff = diff >= 0.5f ? diff - 1.0f : diff < -0.5f ? diff + 1.0f : diff;
+        float d = fabsf(diff) * scale;
+        e[u] = -d * d * inv_tau2;
+        float sign = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
+        de[u] = -2.0f * d * inv_tau2 * sign * scale;
+    }
+}
+
+/* p[0..n) <- exp(p - max), then times inv: inf_mask_sample's elementwise softmax steps. */
+static void softmax_scale(float *p, int n, float max, float inv) {
+#pragma omp simd
+    for (int o = 0; o < n; o++) p[o] = exp_fast(p[o] - max);
+#pragma omp simd
+    for (int o = 0; o < n; o++) p[o] *= inv;
+}
+
 void inf_mask_sample(const inf_mask *f, const float *params, const float *z, mask_scratch *s,
                      int want) {
     const int want_dedz = want == INF_MASK_DEDZ;
     const int nb = f->nb, kb = f->kb, b = f->b, H = f->H, dz = f->dz;
     float zz = 0.0f;
     if (f->rule == MASK_WINDOW) {
-        /* the kb block centres nearest z: the arc centred on z (block centre i sits at
-         * (i + 0.5) / nb, so z lies at centre index x = z nb - 0.5) */
-        zz = z[0] - floorf(z[0]);
-        int start = (int)floorf(zz * nb - 0.5f - (kb - 1) * 0.5f + 0.5f);
-        for (int j = 0; j < kb; j++) s->blocks[j] = ((start + j) % nb + nb) % nb;
+        zz = window_blocks(f, z, s);
     } else {
         const float *P = params + f->P, *q = params + f->q;
         for (int j = 0; j < H; j++) {
@@ -67,25 +97,14 @@ void inf_mask_sample(const inf_mask *f, const float *params, const float *z, mas
         }
     if (want == INF_MASK_BLOCKS) return;
     /* unit logits (vectorised within each block), then the softmax over the kept units */
-    const float scale = (float)H / f->n_keep, inv_tau2 = 1.0f / (f->tau * f->tau);
     for (int i = 0; i < kb; i++) {
-        float *e = s->p + i * b;
-        const int j0 = s->blocks[i] * b;
         if (f->rule == MASK_WINDOW) {
-            float *de = s->dedz + i * b;
-#pragma omp simd
-            for (int u = 0; u < b; u++) {
-                float diff = zz - ((float)(j0 + u) + 0.5f) / H;
-                diff = diff >= 0.5f ? diff - 1.0f : diff < -0.5f ? diff + 1.0f : diff;
-                float d = fabsf(diff) * scale;
-                e[u] = -d * d * inv_tau2;
-                float sign = diff > 0 ? 1.0f : diff < 0 ? -1.0f : 0.0f;
-                de[u] = -2.0f * d * inv_tau2 * sign * scale;
-            }
-        } else {
-            memcpy(e, s->scores + j0, sizeof(float) * b);
-            if (want_dedz) memcpy(s->dedz + (size_t)i * b * dz, params + f->P + (size_t)j0 * dz, sizeof(float) * b * dz);
+            window_logits(f, zz, i, s);
+            continue;
         }
+        const int j0 = s->blocks[i] * b;
+        memcpy(s->p + i * b, s->scores + j0, sizeof(float) * b);
+        if (want_dedz) memcpy(s->dedz + (size_t)i * b * dz, params + f->P + (size_t)j0 * dz, sizeof(float) * b * dz);
     }
     const int n = f->n_keep;
     float *p = s->p, max = -INFINITY, sum = 0.0f;
@@ -97,6 +116,32 @@ void inf_mask_sample(const inf_mask *f, const float *params, const float *z, mas
         sum += p[o];
     }
     const float inv = 1.0f / sum;
+    s->max = max;
+    s->inv = inv;
 #pragma omp simd
     for (int o = 0; o < n; o++) p[o] *= inv;
+}
+
+void inf_mask_window_part(const inf_mask *f, const float *z, float max, float inv,
+                          const int32_t *local_of, mask_scratch *s) {
+    const float zz = window_blocks(f, z, s);
+    /* the arc's blocks are consecutive on the ring: ascending order as inf_mask_sample sorts */
+    for (int i = 1; i < f->kb; i++)
+        for (int j = i; j > 0 && s->blocks[j - 1] > s->blocks[j]; j--) {
+            int32_t t = s->blocks[j];
+            s->blocks[j] = s->blocks[j - 1];
+            s->blocks[j - 1] = t;
+        }
+    for (int i = 0; i < f->kb; i++) {
+        if (local_of[s->blocks[i]] < 0) continue;
+        window_logits(f, zz, i, s);
+        softmax_scale(s->p + i * f->b, f->b, max, inv);
+    }
+}
+
+float inf_mask_window_q(const inf_mask *f, const mask_scratch *s) {
+    float Q = 0.0f;
+#pragma omp simd reduction(+ : Q)
+    for (int o = 0; o < f->n_keep; o++) Q += s->p[o] * s->dedz[o];
+    return Q;
 }

@@ -32,6 +32,7 @@ typedef struct {
     float *dedz;     /* (kb*b*dz) d unit logit / d z */
     float *key;      /* (nb) selection keys */
     float *grad_pq;  /* (H*dz + H) learned rule: a thread's d/dP and d/dq (NULL for window) */
+    float max, inv;  /* the softmax's largest logit and 1 / its sum, from INF_MASK_WEIGHTS on */
     void *mem;
 } mask_scratch;
 
@@ -48,5 +49,17 @@ enum { INF_MASK_BLOCKS, INF_MASK_WEIGHTS, INF_MASK_DEDZ };
  */
 void inf_mask_sample(const inf_mask *m, const float *params, const float *z, mask_scratch *s,
                      int want);
+
+/*
+ * Window rule on a shard: the kept blocks as inf_mask_sample finds them, and p
+ * and d/dz of only the kept blocks j with local_of[j] >= 0, from the whole
+ * arc's max and inv (s->max, s->inv of the owner's inf_mask_sample): the same
+ * values inf_mask_sample gives those units, at the cost of the shard's part of
+ * the arc. The other blocks' p and dedz are left as they were.
+ */
+void inf_mask_window_part(const inf_mask *m, const float *z, float max, float inv,
+                          const int32_t *local_of, mask_scratch *s);
+/* Window rule: Q = sum over all kept units of p de/dz, after inf_mask_sample (INF_MASK_DEDZ). */
+float inf_mask_window_q(const inf_mask *m, const mask_scratch *s);
 
 #endif
