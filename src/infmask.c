@@ -24,6 +24,16 @@ void inf_mask_scratch_free(mask_scratch *s) {
     memset(s, 0, sizeof *s);
 }
 
+/* The kept blocks in ascending order (an arc may wrap round the ring). */
+static void sort_blocks(int32_t *blocks, int kb) {
+    for (int i = 1; i < kb; i++)
+        for (int j = i; j > 0 && blocks[j - 1] > blocks[j]; j--) {
+            int32_t t = blocks[j];
+            blocks[j] = blocks[j - 1];
+            blocks[j - 1] = t;
+        }
+}
+
 /* Window rule: the kb block centres nearest z, the arc centred on z (block centre i
  * sits at (i + 0.5) / nb, so z lies at centre index x = z nb - 0.5); returns z mod 1. */
 static float window_blocks(const inf_mask *f, const float *z, mask_scratch *s) {
@@ -88,13 +98,7 @@ void inf_mask_sample(const inf_mask *f, const float *params, const float *z, mas
             s->key[best] = INFINITY;
         }
     }
-    /* ascending block order */
-    for (int i = 1; i < kb; i++)
-        for (int j = i; j > 0 && s->blocks[j - 1] > s->blocks[j]; j--) {
-            int32_t t = s->blocks[j];
-            s->blocks[j] = s->blocks[j - 1];
-            s->blocks[j - 1] = t;
-        }
+    sort_blocks(s->blocks, kb);
     if (want == INF_MASK_BLOCKS) return;
     /* unit logits (vectorised within each block), then the softmax over the kept units */
     for (int i = 0; i < kb; i++) {
@@ -125,13 +129,7 @@ void inf_mask_sample(const inf_mask *f, const float *params, const float *z, mas
 void inf_mask_window_part(const inf_mask *f, const float *z, float max, float inv,
                           const int32_t *local_of, mask_scratch *s) {
     const float zz = window_blocks(f, z, s);
-    /* the arc's blocks are consecutive on the ring: ascending order as inf_mask_sample sorts */
-    for (int i = 1; i < f->kb; i++)
-        for (int j = i; j > 0 && s->blocks[j - 1] > s->blocks[j]; j--) {
-            int32_t t = s->blocks[j];
-            s->blocks[j] = s->blocks[j - 1];
-            s->blocks[j - 1] = t;
-        }
+    sort_blocks(s->blocks, f->kb); /* in inf_mask_sample's order */
     for (int i = 0; i < f->kb; i++) {
         if (local_of[s->blocks[i]] < 0) continue;
         window_logits(f, zz, i, s);

@@ -3,6 +3,7 @@
 # "N passed, N failed"; exits non-zero if anything failed.
 set -u
 cd "$(dirname "$0")/.."
+. tests/lib.sh # the environment, MPIRUN, INFMOE, refused; pass and fail count here
 
 PASSED=0
 FAILED=0
@@ -13,12 +14,8 @@ fail() {
     FAILED=$((FAILED + 1))
 }
 
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-INFMOE=build/infmoe
 
 # ---- C test programs: kernels, gradients, golden, config and data units ----
 for t in build/tests/test_*; do
@@ -52,26 +49,13 @@ for f in tests/configs/bad/*.yaml; do
     fi
 done
 
-expect_error() { # name, expected text, command...
-    local name=$1 want=$2
-    shift 2
-    local out rc
-    out=$("$@" 2>&1)
-    rc=$?
-    if [ $rc -ne 0 ] && printf '%s\n' "$out" | grep -qF -- "$want" && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ]; then
-        pass "$name"
-    else
-        fail "$name (exit $rc, want one line: $want)" "$out"
-    fi
-}
-
-expect_error "config error: missing file" "tests/configs/none.yaml: cannot read config file: No such file or directory" \
+refused "config error: missing file" "tests/configs/none.yaml: cannot read config file: No such file or directory" \
     $INFMOE train tests/configs/none.yaml
-expect_error "config error: --set unknown key" "--set model.n_layers=3: unknown key 'model.n_layers'" \
+refused "config error: --set unknown key" "--set model.n_layers=3: unknown key 'model.n_layers'" \
     $INFMOE train tests/configs/tiny.yaml --set model.n_layers=3
-expect_error "config error: --set bad value" "--set: train.steps: expected an integer, got 'many'" \
+refused "config error: --set bad value" "--set: train.steps: expected an integer, got 'many'" \
     $INFMOE train tests/configs/tiny.yaml --set train.steps=many
-expect_error "config error: --set without '='" "--set train.steps: expected section.key=value" \
+refused "config error: --set without '='" "--set train.steps: expected section.key=value" \
     $INFMOE train tests/configs/tiny.yaml --set train.steps
 
 # ---- bad token shards ----
@@ -83,17 +67,17 @@ cp data/demo/val.bin "$TMP/version.bin"
 printf '\x07\x00\x00\x00' | dd of="$TMP/version.bin" bs=1 seek=4 conv=notrunc status=none
 cp data/demo/val.bin "$TMP/token.bin"
 printf '\xff\x01' | dd of="$TMP/token.bin" bs=1 seek=1100 conv=notrunc status=none
-expect_error "data error: empty file" "empty.bin: not a token shard: 0 bytes, shorter than the 1024-byte header" \
+refused "data error: empty file" "empty.bin: not a token shard: 0 bytes, shorter than the 1024-byte header" \
     $INFMOE train tests/configs/tiny.yaml --set data.train="$TMP/empty.bin"
-expect_error "data error: truncated file" "truncated.bin: truncated or padded token shard: header says" \
+refused "data error: truncated file" "truncated.bin: truncated or padded token shard: header says" \
     $INFMOE train tests/configs/tiny.yaml --set data.train="$TMP/truncated.bin"
-expect_error "data error: wrong magic" "magic.bin: not a token shard: magic 1, expected 20240520" \
+refused "data error: wrong magic" "magic.bin: not a token shard: magic 1, expected 20240520" \
     $INFMOE train tests/configs/tiny.yaml --set data.train="$TMP/magic.bin"
-expect_error "data error: wrong version" "version.bin: token shard version 7, expected 1" \
+refused "data error: wrong version" "version.bin: token shard version 7, expected 1" \
     $INFMOE train tests/configs/tiny.yaml --set data.train="$TMP/version.bin"
-expect_error "data error: token outside the vocabulary" "token.bin: token id 511 is outside model.vocab_size 256" \
+refused "data error: token outside the vocabulary" "token.bin: token id 511 is outside model.vocab_size 256" \
     $INFMOE train tests/configs/tiny.yaml --set data.train="$TMP/token.bin"
-expect_error "data error: missing shard" "no such token shard" \
+refused "data error: missing shard" "no such token shard" \
     $INFMOE train tests/configs/tiny.yaml --set data.train="$TMP/none*.bin"
 
 # ---- command line ----
@@ -106,9 +90,9 @@ cli_ok() { # name, expected text, command...
 cli_ok "cli: infmoe --help" "usage: infmoe COMMAND" $INFMOE --help
 cli_ok "cli: infmoe train --help" "usage: infmoe train CONFIG" $INFMOE train --help
 cli_ok "cli: infmoe prep --help" "usage: infmoe prep --text" $INFMOE prep --help
-expect_error "cli: unknown command" "infmoe: unknown command 'bogus'" sh -c "$INFMOE bogus 2>&1 | head -1; exit \${PIPESTATUS:-1}"
-expect_error "cli: unknown train option" "infmoe train: unknown option '--bogus'" $INFMOE train tests/configs/tiny.yaml --bogus
-expect_error "cli: prep without --out" "infmoe prep: need --text FILE... and --out DIR" sh -c "$INFMOE prep --text README.md 2>&1 | head -1; exit 1"
+refused "cli: unknown command" "infmoe: unknown command 'bogus'" sh -c "$INFMOE bogus 2>&1 | head -1; exit \${PIPESTATUS:-1}"
+refused "cli: unknown train option" "infmoe train: unknown option '--bogus'" $INFMOE train tests/configs/tiny.yaml --bogus
+refused "cli: prep without --out" "infmoe prep: need --text FILE... and --out DIR" sh -c "$INFMOE prep --text README.md 2>&1 | head -1; exit 1"
 
 # ---- prep round trip: bytes in, the same bytes out as tokens ----
 printf 'hello, infmoe\nsecond line of text for the validation split\n' > "$TMP/a.txt"

@@ -7,18 +7,9 @@
 # bf16 is refused in one line and auto falls back to fp32. The kernels and the
 # gradients are tests/test_gemm.c and tests/test_bf16.c. One rank on 2 threads (heads
 # and experts in parallel, one thread each) gives the 1-thread losses.
-set -u
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
-INFMOE=build/infmoe
+. tests/lib.sh
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-pass() { echo "PASS $1"; }
-fail() {
-    echo "FAIL $1"
-    [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
-}
 losses() { grep '^step ' "$1" | sed 's/.*| loss \([0-9.]*\) |.*/\1/'; }
 steps_from() { grep '^step ' "$1" | awk -v s="$2" '{split($2, a, "/"); if (a[1] + 0 >= s) print $2, $5}'; }
 max_rel_diff() {

@@ -3,33 +3,12 @@
 # effective config, architecture keys on resume, no nan or inf saved or loaded,
 # the metadata checksum, format 1 still read, configs past 64 KiB. Run by
 # tests/run.sh from the repo root; prints one PASS/FAIL line per test.
-set -u
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
-INFMOE=build/infmoe
+. tests/lib.sh
 TAMPER=build/tests/tool_tamper
 K=tests/configs/tiny-topk.yaml
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-pass() { echo "PASS $1"; }
-fail() {
-    echo "FAIL $1"
-    [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
-}
-# name, expected text, command...: exits non-zero with exactly one line holding the text
-refused() {
-    local name=$1 want=$2 out rc
-    shift 2
-    out=$("$@" 2>&1)
-    rc=$?
-    if [ $rc -ne 0 ] && printf '%s\n' "$out" | grep -qF -- "$want" && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ]; then
-        pass "$name"
-    else
-        fail "$name (exit $rc, want one line: $want)" "$out"
-    fi
-}
 val_loss() { "$INFMOE" eval "$@" 2>&1 | sed -n 's/.*val_loss \([0-9.]*\).*/\1/p'; }
 # a copy of checkpoint $1 at $2
 copy_ckpt() { rm -rf "$2" && cp -r "$1" "$2"; }

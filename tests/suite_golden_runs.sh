@@ -14,22 +14,13 @@
 #   bash tests/suite_golden_runs.sh            compare
 #   bash tests/suite_golden_runs.sh --record   write tests/golden/runs/ anew (after
 #                                              a change that is meant to alter results)
-set -u
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
-INFMOE=build/infmoe
+. tests/lib.sh
 GOLD=tests/golden/runs
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 record=0
 [ "${1:-}" = --record ] && record=1
 
-pass() { echo "PASS $1"; }
-fail() {
-    echo "FAIL $1"
-    [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
-}
 
 machine() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1; grep -o -w 'avx512_bf16\|avx512f\|avx2\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; }
 

@@ -2,21 +2,12 @@
 # The run directory (output.dir): no writing through links, latest as the truth
 # for --resume auto, one run at a time, long paths, a full disk. Run by
 # tests/run.sh from the repo root; prints one PASS/FAIL (or SKIP) line per test.
-set -u
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
-INFMOE=build/infmoe
+. tests/lib.sh
 T=tests/configs/tiny.yaml
 TMP=$(mktemp -d)
 MNT="" # the small file system of the full-disk tests, once mounted
 trap '[ -n "$MNT" ] && umount "$MNT"; rm -rf "$TMP"' EXIT
 
-pass() { echo "PASS $1"; }
-fail() {
-    echo "FAIL $1"
-    [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
-}
 train() { $INFMOE train "$T" --set train.warmup=0 "$@"; }
 
 # ---- a link where infmoe writes: refused with one line, nothing outside touched ----

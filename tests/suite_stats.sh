@@ -2,11 +2,7 @@
 # Routing statistics (stats.h5, infmoe stats), run by tests/run.sh from the repo
 # root: prints one PASS/FAIL line per test. The P=1 crafted-routing and the
 # writer-level SWMR/SIGKILL tests are C programs (tests/test_stats*.c).
-set -u
-export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
-INFMOE=build/infmoe
+. tests/lib.sh
 CFG=tests/configs/tiny-topk.yaml
 TMP=$(mktemp -d)
 PIDS=()
@@ -16,11 +12,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pass() { echo "PASS $1"; }
-fail() {
-    echo "FAIL $1"
-    [ $# -gt 1 ] && printf '%s\n' "$2" | head -20 | sed 's/^/    /'
-}
 # the steps of layer h.0's rows, one a line
 steps_of() { $INFMOE stats "$1" --csv --layers 0 2>/dev/null | awk -F, 'NR > 1 {print $1}'; }
 # token columns of h.0 for steps FROM..TO
@@ -171,23 +162,12 @@ fi
 
 # ---- clear messages: missing, empty, foreign, not HDF5 ----
 $INFMOE train $CFG --set train.steps=5 --set train.stats_every=10 --set output.dir="$TMP/empty" > /dev/null 2>&1
-expect_error() { # name, expected text, command...
-    local name=$1 want=$2 out rc
-    shift 2
-    out=$("$@" 2>&1)
-    rc=$?
-    if [ $rc -eq 1 ] && printf '%s\n' "$out" | grep -qF -- "$want" && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ]; then
-        pass "$name"
-    else
-        fail "$name (exit $rc, want one line: $want)" "$out"
-    fi
-}
-expect_error "stats: missing file: one line" "infmoe stats: $TMP/none.h5: no such file" $INFMOE stats "$TMP/none.h5"
-expect_error "stats: file without rows: one line" "no rows yet" $INFMOE stats "$TMP/empty/stats.h5"
-expect_error "stats: foreign HDF5 file (a checkpoint): one line" "not an infmoe stats file" \
+refused_with 1 "stats: missing file: one line" "infmoe stats: $TMP/none.h5: no such file" $INFMOE stats "$TMP/none.h5"
+refused_with 1 "stats: file without rows: one line" "no rows yet" $INFMOE stats "$TMP/empty/stats.h5"
+refused_with 1 "stats: foreign HDF5 file (a checkpoint): one line" "not an infmoe stats file" \
     $INFMOE stats "$r/step_000030/model.h5"
-expect_error "stats: not an HDF5 file: one line" "README.md: not an HDF5 file" $INFMOE stats README.md
-expect_error "stats: unknown layer: one line" "no MoE layer 7 in the file (layers: 0,1)" \
+refused_with 1 "stats: not an HDF5 file: one line" "README.md: not an HDF5 file" $INFMOE stats README.md
+refused_with 1 "stats: unknown layer: one line" "no MoE layer 7 in the file (layers: 0,1)" \
     $INFMOE stats "$r/stats.h5" --layers 7
 
 # ---- tools/plot_usage.py, where Debian's python3-h5py and python3-matplotlib are installed ----
