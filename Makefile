@@ -1,6 +1,6 @@
 # infmoe: build, test, run, bench, data, deps. `make help` lists the targets.
 CC      := gcc
-PKGS    := hdf5-openmpi yaml-0.1 ompi-c zlib
+PKGS    := hdf5-openmpi yaml-0.1 ompi-c zlib libpcre2-8 jansson
 CFLAGS  ?= -O3 -march=native
 CFLAGS  += -std=c11 -fno-math-errno -fopenmp -Wall -Wextra -Wno-unused-parameter -Iinclude \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)

@@ -38,6 +38,11 @@ const char *precision_name(precision_kind p) {
     ALWAYS(p >= PRECISION_FP32 && p <= PRECISION_AUTO);
     return precision_names[p];
 }
+static const char *const tokenizer_names[] = {"byte", "gpt2", NULL};
+const char *tokenizer_name(tokenizer_kind t) {
+    ALWAYS(t >= TOKENIZER_BYTE && t <= TOKENIZER_GPT2);
+    return tokenizer_names[t];
+}
 
 #define OFF(field) offsetof(run_config, field)
 static const key_spec schema[] = {
@@ -94,6 +99,8 @@ static const key_spec schema[] = {
     {"train", "keep_last", KEY_INT, OFF(keep_last), 0, INT_MAX, NULL, "3"},
     {"data", "train", KEY_STRING, OFF(data_train), 0, 0, NULL, NULL},
     {"data", "val", KEY_STRING, OFF(data_val), 0, 0, NULL, NULL},
+    {"data", "tokenizer", KEY_ENUM, OFF(tokenizer), 0, 0, tokenizer_names, "byte"},
+    {"data", "vocab", KEY_STRING, OFF(data_vocab), 0, 0, NULL, "data/gpt2"},
     {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL, "1"},
     {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL, NULL},
 };
@@ -493,6 +500,10 @@ static void validate(run_config *cfg, load_ctx *ctx) {
     if (cfg->data_train[0] == '\0')
         config_error(ctx, 0, 0, "data.train is required: the token shard(s) to train on, "
                                 "e.g. data/demo/train.bin (make data builds them)");
+    if (cfg->tokenizer == TOKENIZER_GPT2 && cfg->vocab_size < 50257)
+        KEY_ERROR(ctx, "data", "tokenizer",
+                  "data.tokenizer gpt2 needs model.vocab_size of at least 50257 (GPT-2's vocabulary), not %d",
+                  cfg->vocab_size);
     if (cfg->min_lr > cfg->lr)
         KEY_ERROR(ctx, "train", "min_lr", "train.min_lr (%g) must not exceed train.lr (%g)",
                   cfg->min_lr, cfg->lr);

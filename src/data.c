@@ -1,4 +1,4 @@
-/* data: llm.c token shards, the seeded distributed sampler, prep (see data.h). */
+/* data: llm.c token shards and the seeded distributed sampler (see data.h). */
 #define _POSIX_C_SOURCE 200809L
 #include "infmoe/data.h"
 
@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "infmoe/config.h"
 #include "infmoe/util.h"
 
 /* Read `bytes` at `offset` of fd in full: 0, or -1 (an error or a file that ends sooner). */
@@ -29,7 +30,7 @@ static int read_at(int fd, void *buf, size_t bytes, off_t offset) {
     return 0;
 }
 
-static void open_shard(token_dataset *ds, int i, int vocab_size) {
+static void open_shard(token_dataset *ds, int i, int vocab_size, int tokenizer) {
     const char *path = ds->paths[i], *why;
     int fd = open_regular_file(path, &why);
     if (fd < 0) infmoe_die_all("%s: cannot open token shard: %s", path, why);
@@ -50,6 +51,15 @@ static void open_shard(token_dataset *ds, int i, int vocab_size) {
     if (h[1] != SHARD_VERSION)
         infmoe_die_all("%s: token shard version %d, expected %d", path, h[1], SHARD_VERSION);
     if (h[2] < 0) infmoe_die_all("%s: negative token count %d in the header", path, h[2]);
+    int recorded = h[SHARD_HEADER_TOKENIZER] - 1;
+    if (recorded >= 0 && recorded != tokenizer) {
+        if (recorded > TOKENIZER_GPT2)
+            infmoe_die_all("%s: header[%d] = %d names no tokenizer infmoe knows", path, SHARD_HEADER_TOKENIZER,
+                           h[SHARD_HEADER_TOKENIZER]);
+        infmoe_die_all("%s: token shard written with the %s tokenizer, but data.tokenizer is %s (set "
+                       "data.tokenizer: %s)",
+                       path, tokenizer_name(recorded), tokenizer_name(tokenizer), tokenizer_name(recorded));
+    }
     size_t n = (size_t)(uint32_t)h[2];
     size_t expect = header_bytes + n * sizeof(uint16_t);
     if ((size_t)st.st_size != expect)
@@ -77,7 +87,7 @@ static void open_shard(token_dataset *ds, int i, int vocab_size) {
 }
 
 void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_size,
-               uint64_t seed) {
+               uint64_t seed, int tokenizer) {
     memset(ds, 0, sizeof *ds);
     ds->seq_len = seq_len;
     ds->vocab_size = vocab_size;
@@ -112,7 +122,7 @@ void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_si
     ds->window = xcalloc((size_t)seq_len + 1, sizeof(uint16_t));
     for (int i = 0; i < ds->n_shards; i++) {
         ds->paths[i] = xstrdup(g.gl_pathv[i]);
-        open_shard(ds, i, vocab_size);
+        open_shard(ds, i, vocab_size, tokenizer);
         ds->window_start[i + 1] = ds->window_start[i] + (ds->n_tokens[i] - 1) / (size_t)seq_len;
     }
     if (g.gl_pathv != literal) globfree(&g);
@@ -191,121 +201,4 @@ void data_eval_batch(token_dataset *ds, uint64_t first, int n_seq, int32_t *inpu
     for (int i = 0; i < n_seq; i++)
         copy_window(ds, (first + (uint64_t)i) % ds->n_windows, inputs + (size_t)i * ds->seq_len,
                     targets + (size_t)i * ds->seq_len);
-}
-
-int data_write_shard(const char *path, const uint16_t *tokens, size_t n) {
-    if (n > (size_t)INT32_MAX) {
-        errno = EFBIG;
-        return -1;
-    }
-    /* Written under a temporary name and renamed, so a crash never leaves half a shard. */
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return -1;
-    int32_t header[SHARD_HEADER_INTS] = {0};
-    header[0] = SHARD_MAGIC;
-    header[1] = SHARD_VERSION;
-    header[2] = (int32_t)n;
-    int ok = fwrite(header, sizeof header, 1, f) == 1 &&
-             (n == 0 || fwrite(tokens, sizeof(uint16_t), n, f) == n);
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        errno = e;
-        return -1;
-    }
-    return 0;
-}
-
-static void prep_usage(FILE *f) {
-    fprintf(f,
-            "usage: infmoe prep --text FILE [FILE ...] --out DIR [--val-fraction F]\n"
-            "\n"
-            "Tokenise text files byte by byte (vocabulary 256) into token shards:\n"
-            "DIR/train.bin and DIR/val.bin, the last F of the bytes (default 0.1).\n"
-            "Shards use the llm.c format (256 x int32 header, uint16 tokens).\n");
-}
-
-int data_prep_main(int argc, char **argv) {
-    const char *out = NULL;
-    double val_fraction = 0.1;
-    int first_text = -1, n_text = 0;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            prep_usage(stdout);
-            return 0;
-        } else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
-            out = argv[++i];
-        } else if (strcmp(argv[i], "--val-fraction") == 0 && i + 1 < argc) {
-            char err[256];
-            if (parse_float_arg("--val-fraction", argv[++i], 0, 1, &val_fraction, err, sizeof err) < 0 ||
-                val_fraction == 0 || val_fraction == 1) {
-                fprintf(stderr, "infmoe prep: --val-fraction %s: expected a number in (0, 1)\n",
-                        argv[i]);
-                return 1;
-            }
-        } else if (strcmp(argv[i], "--text") == 0) {
-            first_text = i + 1;
-            while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
-                i++;
-                n_text++;
-            }
-        } else {
-            fprintf(stderr, "infmoe prep: unknown argument '%s'\n", argv[i]);
-            prep_usage(stderr);
-            return 1;
-        }
-    }
-    if (!out || n_text == 0) {
-        fprintf(stderr, "infmoe prep: need --text FILE... and --out DIR\n");
-        prep_usage(stderr);
-        return 1;
-    }
-    size_t cap = 1 << 20, n = 0;
-    uint16_t *tok = xmalloc(cap * sizeof(uint16_t));
-    for (int i = 0; i < n_text; i++) {
-        size_t len;
-        const char *why;
-        char *text = read_text_file(argv[first_text + i], &len, &why);
-        if (!text) {
-            fprintf(stderr, "infmoe prep: %s: cannot read: %s\n", argv[first_text + i], why);
-            free(tok);
-            return 1;
-        }
-        if (n + len > cap) {
-            while (n + len > cap) cap *= 2;
-            tok = xrealloc(tok, cap * sizeof(uint16_t));
-        }
-        for (size_t k = 0; k < len; k++) tok[n++] = (unsigned char)text[k];
-        free(text);
-    }
-    size_t n_val = (size_t)((double)n * val_fraction);
-    if (n_val < 2 || n - n_val < 2) {
-        fprintf(stderr, "infmoe prep: only %zu bytes of text: too little for a train/val split\n",
-                n);
-        free(tok);
-        return 1;
-    }
-    if (mkdir_p(out) != 0) {
-        fprintf(stderr, "infmoe prep: cannot create %s: %s\n", out, strerror(errno));
-        free(tok);
-        return 1;
-    }
-    char path[4096];
-    const char *names[2] = {"train.bin", "val.bin"};
-    const uint16_t *parts[2] = {tok, tok + (n - n_val)};
-    size_t counts[2] = {n - n_val, n_val};
-    for (int p = 0; p < 2; p++) {
-        snprintf(path, sizeof path, "%s/%s", out, names[p]);
-        if (data_write_shard(path, parts[p], counts[p]) != 0) {
-            fprintf(stderr, "infmoe prep: cannot write %s: %s\n", path, strerror(errno));
-            free(tok);
-            return 1;
-        }
-        printf("wrote %s: %zu tokens\n", path, counts[p]);
-    }
-    free(tok);
-    return 0;
 }

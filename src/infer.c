@@ -126,7 +126,7 @@ int infer_eval_main(int argc, char **argv) {
                sizeof path, &pos);
     model_set_samples(&m, samples, deterministic);
     token_dataset ds;
-    data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed);
+    data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
     int32_t *in = xcalloc((size_t)B * cfg.seq_len, sizeof(int32_t));
     int32_t *tg = xcalloc((size_t)B * cfg.seq_len, sizeof(int32_t));
     double sum = 0.0, t0 = wall_time();

@@ -8,6 +8,7 @@
 #include "infmoe/ckpt.h"
 #include "infmoe/data.h"
 #include "infmoe/infer.h"
+#include "infmoe/prep.h"
 #include "infmoe/statsreport.h"
 #include "infmoe/train.h"
 
@@ -37,7 +38,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (strcmp(cmd, "train") == 0) return train_main(argc - 1, argv + 1);
-    if (strcmp(cmd, "prep") == 0) return data_prep_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "prep") == 0) return prep_main(argc - 1, argv + 1);
     if (strcmp(cmd, "ckpt") == 0) return ckpt_main(argc - 1, argv + 1);
     if (strcmp(cmd, "eval") == 0) return infer_eval_main(argc - 1, argv + 1);
     if (strcmp(cmd, "sample") == 0) return infer_sample_main(argc - 1, argv + 1);

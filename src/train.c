@@ -126,9 +126,9 @@ int train_main(int argc, char **argv) {
     rundir_open(&dir, cfg.output_dir, &d); /* locked for this run before anything is written */
 
     token_dataset train, val;
-    data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed);
+    data_open(&train, cfg.data_train, T, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
     int have_val = cfg.data_val[0] != '\0';
-    if (have_val) data_open(&val, cfg.data_val, T, cfg.vocab_size, (uint64_t)cfg.seed);
+    if (have_val) data_open(&val, cfg.data_val, T, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
 
     gpt_model m;
     model_build(&m, &cfg, B, &d);

@@ -188,7 +188,7 @@ static void load_as_train(const char *path) {
     printf("config accepted\n"); /* from here on errors name a shard */
     fflush(stdout);
     token_dataset ds;
-    data_open(&ds, cfg.data_train, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed);
+    data_open(&ds, cfg.data_train, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
     data_close(&ds);
     config_free(&cfg);
 }

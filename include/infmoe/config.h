@@ -40,6 +40,12 @@ typedef enum {
 } precision_kind;
 const char *precision_name(precision_kind p);
 
+typedef enum {
+    TOKENIZER_BYTE = 0, /* one token a byte (vocabulary 256) */
+    TOKENIZER_GPT2,     /* GPT-2's byte-level BPE (vocabulary 50257), see bpe.h */
+} tokenizer_kind;
+const char *tokenizer_name(tokenizer_kind t);
+
 typedef struct {
     /* model */
     int32_t n_layer, n_embd, n_head, seq_len, vocab_size;
@@ -68,6 +74,8 @@ typedef struct {
     int32_t log_every, eval_every, eval_batches, ckpt_every, stats_every, keep_last;
     /* data */
     char data_train[1024], data_val[1024];
+    tokenizer_kind tokenizer; /* what the shards hold; sample encodes and decodes with it */
+    char data_vocab[1024];    /* gpt2: the directory of encoder.json and vocab.bpe */
     /* parallel */
     int32_t ep;
     /* output */

@@ -21,6 +21,9 @@
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
 #define SHARD_HEADER_INTS 256
+/* header[3]: the tokenizer that wrote the shard, tokenizer_kind + 1 (infmoe's
+ * addition to the format; 0, as llm.c writes, means not recorded) */
+#define SHARD_HEADER_TOKENIZER 3
 
 typedef struct {
     int n_shards;
@@ -39,12 +42,13 @@ typedef struct {
 
 /*
  * Open `pattern` (a file, or else a glob), validate every shard (a regular file;
- * size, magic, version, tokens below vocab_size) and index windows of seq_len + 1
+ * size, magic, version, tokens below vocab_size, a recorded tokenizer equal to
+ * `tokenizer`, a tokenizer_kind) and index windows of seq_len + 1
  * tokens. Any problem is fatal with a message naming the file, and so is a shard
  * that shrinks or changes while batches are read from it.
  */
 void data_open(token_dataset *ds, const char *pattern, int seq_len, int vocab_size,
-               uint64_t seed);
+               uint64_t seed, int tokenizer);
 void data_close(token_dataset *ds);
 
 /*
@@ -56,14 +60,5 @@ void data_train_batch(token_dataset *ds, uint64_t first, int n_seq, int32_t *inp
 /* Same for the unshuffled stream, wrapping around (evaluation). */
 void data_eval_batch(token_dataset *ds, uint64_t first, int n_seq, int32_t *inputs,
                      int32_t *targets);
-
-/* Write tokens as one shard; returns 0 or -1 with errno set. */
-int data_write_shard(const char *path, const uint16_t *tokens, size_t n);
-
-/*
- * infmoe prep: byte-level tokenisation (vocabulary 256) of text files into
- * DIR/train.bin and DIR/val.bin (the last val_fraction of the bytes).
- */
-int data_prep_main(int argc, char **argv);
 
 #endif
