@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench: the benchmarks. Prints figures (not pass/fail): the fp32 and bf16
-# peaks, oneDNN GEMM efficiency at GPT-2 small shapes, GPT-2 small training steps
-# (B=4 T=1024) on 1 rank x 2 threads and 2 ranks x 1 thread in fp32 and bf16 with
+# peaks, oneDNN GEMM efficiency at GPT-2 small shapes, prep's tokenising rate,
+# GPT-2 small training steps (B=4 T=1024) on 1 rank x 2 threads and 2 ranks x 1 thread in fp32 and bf16 with
 # MFU against the peak of the precision measured in the same process, MoE (8
 # experts top-2, equal active FLOPs) and ∞-MoE against dense in bf16, peak RSS,
 # and the PyTorch peer (bf16 autocast) on the same model in the same run.
@@ -23,6 +23,9 @@ if [ "$CORES" -ge 2 ]; then
     echo
     OMP_NUM_THREADS=2 build/bench/bench_gemm
 fi
+echo
+echo "== prep throughput: MB/s of text, byte-level and GPT-2 BPE (bench/prep.sh) =="
+bash bench/prep.sh
 ms() { sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$1"; }
 rss() { sed -n 's/.*peak RSS \([0-9]*\) MiB.*/\1/p' "$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.3f", a / b}'; }

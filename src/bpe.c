@@ -317,7 +317,7 @@ const char *bpe_token_bytes(const bpe_vocab *v, int id, size_t *len) {
 /* ---- encoding ---- */
 
 /* Cache of pieces already encoded: bytes -> tokens; emptied when half full. */
-enum { CACHE_SLOTS = 1 << 18, CACHE_MAX_PIECE = 64 };
+enum { CACHE_SLOTS = 1 << 15, CACHE_MAX_PIECE = 64 };
 typedef struct {
     uint64_t hash;
     uint32_t key_off, tok_off;
@@ -346,7 +346,11 @@ struct bpe_encoder {
 };
 
 bpe_encoder *bpe_encoder_new(const bpe_vocab *v) {
-    bpe_encoder *e = xcalloc(1, sizeof *e);
+    /* whole cache lines: each thread's encoder is written on every piece */
+    size_t bytes = (sizeof(bpe_encoder) + 63) / 64 * 64;
+    bpe_encoder *e = aligned_alloc(64, bytes);
+    if (!e) INFMOE_FAIL("out of memory");
+    memset(e, 0, bytes);
     e->v = v;
     e->md = pcre2_match_data_create(1, NULL);
     e->mctx = pcre2_match_context_create(NULL);
@@ -477,7 +481,12 @@ static void encode_piece(bpe_encoder *e, const char *s, size_t n, bpe_tokens *ou
     for (; e->cache[i].key_len; i = (i + 1) & (CACHE_SLOTS - 1)) {
         cache_slot *c = &e->cache[i];
         if (c->hash == h && c->key_len == n && memcmp(e->keys + c->key_off, s, n) == 0) {
-            for (uint16_t k = 0; k < c->n_tok; k++) bpe_tokens_push(out, e->toks[c->tok_off + k]);
+            if (out->n + c->n_tok > out->cap) {
+                out->cap = 2 * (out->n + c->n_tok);
+                out->ids = xrealloc(out->ids, out->cap * sizeof(uint16_t));
+            }
+            memcpy(out->ids + out->n, e->toks + c->tok_off, c->n_tok * sizeof(uint16_t));
+            out->n += c->n_tok;
             return;
         }
     }

@@ -649,8 +649,8 @@ static int ckpt_info_or_verify(const char *arg, int verify) {
                "  saved by %lld ranks, ep %lld (loads on any rank count and ep)\n",
                path, (long long)v[META_VERSION], (long long)v[META_STEP], (long long)v[META_POSITION],
                (long long)v[META_TOKENS], (long long)v[META_RANKS], (long long)v[META_EP]);
-        printf("  model: %d layers, C %d, %d heads, T %d, vocab %d, ffn %s\n", cfg.n_layer,
-               cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size,
+        printf("  model: %d layers, C %d, %d heads, T %d, vocab %d (tokenizer %s), ffn %s\n", cfg.n_layer,
+               cfg.n_embd, cfg.n_head, cfg.seq_len, cfg.vocab_size, tokenizer_name(cfg.tokenizer),
                ffn_kind_name(cfg.ffn_kind));
         size_t total = 0;
         printf("  tensors (each in params, adam_m, adam_v):\n");

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "infmoe/bpe.h"
 #include "infmoe/ckpt.h"
 #include "infmoe/config.h"
 #include "infmoe/data.h"
@@ -159,16 +160,19 @@ int infer_eval_main(int argc, char **argv) {
 int infer_sample_main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "--help") == 0) {
         printf("usage: infmoe sample CKPT --prompt TEXT [--tokens N] [--temperature T]\n"
-               "                    [--seed S] [--ep EP]\n"
+               "                    [--seed S] [--ep EP] [--vocab DIR]\n"
                "\n"
                "Continue TEXT with N tokens (default 200) sampled from checkpoint CKPT at\n"
-               "temperature T (default 0.8; 0 = greedy). Byte-level models print text; other\n"
-               "vocabularies print token ids. Every rank runs the same sequence.\n");
+               "temperature T (default 0.8; 0 = greedy). The checkpoint's data.tokenizer says\n"
+               "how: byte-level models read and print bytes; gpt2 models encode the prompt and\n"
+               "decode tokens with GPT-2's BPE, from data.vocab or --vocab DIR. A byte-level\n"
+               "config with a larger vocabulary prints token ids. Every rank runs the same\n"
+               "sequence.\n");
         return 0;
     }
     dist_ctx d;
     dist_init(&d, &argc, &argv);
-    const char *known[] = {"--prompt", "--tokens", "--temperature", "--seed", "--ep", NULL};
+    const char *known[] = {"--prompt", "--tokens", "--temperature", "--seed", "--ep", "--vocab", NULL};
     const char *arg = positional(argc, argv, known, "sample");
     const char *prompt = option(argc, argv, "--prompt");
     if (!prompt || !prompt[0]) infmoe_die_all("sample: give a non-empty --prompt TEXT");
@@ -186,14 +190,28 @@ int infer_sample_main(int argc, char **argv) {
     load_model(arg, 1, (int)option_int(argc, argv, "sample", "--ep", 1, 1, 1 << 20), &d, &cfg, &m,
                path, sizeof path, &pos);
     const int T = cfg.seq_len, V = cfg.vocab_size, bytes = V <= 256;
-    size_t len = strlen(prompt), cap = len + (size_t)n_new + 1;
+    bpe_vocab *bpe = NULL;
+    bpe_tokens ptok = {0};
+    size_t len = strlen(prompt);
+    if (cfg.tokenizer == TOKENIZER_GPT2) {
+        const char *dir = option(argc, argv, "--vocab") ? option(argc, argv, "--vocab") : cfg.data_vocab;
+        char why[1024];
+        if (!(bpe = bpe_load(dir, why, sizeof why)))
+            infmoe_die_all("sample: the checkpoint's tokenizer is gpt2: %s (or give --vocab DIR)", why);
+        bpe_encoder *enc = bpe_encoder_new(bpe);
+        bpe_encode(enc, prompt, len, &ptok);
+        bpe_encoder_free(enc);
+        len = ptok.n;
+    }
+    size_t cap = len + (size_t)n_new + 1;
     int32_t *seq = xcalloc(cap, sizeof(int32_t)), *window = xcalloc((size_t)T, sizeof(int32_t));
     for (size_t i = 0; i < len; i++) {
-        seq[i] = (unsigned char)prompt[i];
-        if (seq[i] >= V) infmoe_die_all("sample: prompt byte %d is outside the vocabulary (%d)", seq[i], V);
+        seq[i] = bpe ? ptok.ids[i] : (unsigned char)prompt[i];
+        if (seq[i] >= V) infmoe_die_all("sample: prompt token %d is outside the vocabulary (%d)", seq[i], V);
     }
+    bpe_tokens_free(&ptok);
     if (d.rank == 0) {
-        if (bytes) fputs(prompt, stdout);
+        if (bytes || bpe) fputs(prompt, stdout);
         else for (size_t i = 0; i < len; i++) printf("%d ", seq[i]);
         fflush(stdout);
     }
@@ -223,12 +241,15 @@ int infer_sample_main(int argc, char **argv) {
         }
         seq[len + (size_t)k] = next;
         if (d.rank == 0) {
-            if (bytes) putchar(next);
+            size_t n_bytes;
+            if (bpe && next < bpe_vocab_size(bpe)) fwrite(bpe_token_bytes(bpe, next, &n_bytes), 1, n_bytes, stdout);
+            else if (bytes) putchar(next);
             else printf("%d ", next);
             fflush(stdout);
         }
     }
     if (d.rank == 0) putchar('\n');
+    bpe_free(bpe);
     free(p);
     free(seq);
     free(window);

@@ -28,12 +28,13 @@ typedef struct {
     size_t bytes; /* size of the file */
 } reader;
 
+/* aligned to a cache line: threads push tokens into neighbouring pieces */
 typedef struct {
-    char *text;
-    size_t len;
+    char *text; /* kept from batch to batch, grown as needed */
+    size_t len, cap;
     int doc_start; /* first piece of a file: gpt2 puts <|endoftext|> before it */
     bpe_tokens out;
-} piece;
+} __attribute__((aligned(64))) piece;
 
 static int reader_open(reader *r, const char *path, char *err, size_t cap) {
     memset(r, 0, sizeof *r);
@@ -50,8 +51,8 @@ static int reader_open(reader *r, const char *path, char *err, size_t cap) {
     return 0;
 }
 
-/* The next piece (text malloc'd, *len 0 at the end); -1 on a read error. */
-static int reader_next(reader *r, int cut_anywhere, char **text, size_t *len, char *err, size_t cap) {
+/* The next piece into p (p->len 0 at the end); -1 on a read error. */
+static int reader_next(reader *r, int cut_anywhere, piece *p, char *err, size_t cap) {
     size_t want = PIECE_BYTES;
     for (;;) {
         while (!r->eof && r->len < want) {
@@ -70,11 +71,11 @@ static int reader_next(reader *r, int cut_anywhere, char **text, size_t *len, ch
             want *= 2;
             continue;
         }
-        *text = xmalloc(cut ? cut : 1);
-        memcpy(*text, r->buf, cut);
+        if (p->cap < cut) p->text = xrealloc(p->text, p->cap = cut);
+        memcpy(p->text, r->buf, cut);
         memmove(r->buf, r->buf + cut, r->len - cut);
         r->len -= cut;
-        *len = cut;
+        p->len = cut;
         return 0;
     }
 }
@@ -224,7 +225,9 @@ int prep_main(int argc, char **argv) {
     bpe_encoder **enc = xcalloc((size_t)threads, sizeof *enc);
     if (vocab)
         for (int t = 0; t < threads; t++) enc[t] = bpe_encoder_new(vocab);
-    piece *batch = xcalloc((size_t)batch_cap, sizeof *batch);
+    piece *batch = aligned_alloc(64, (size_t)batch_cap * sizeof *batch);
+    if (!batch) INFMOE_FAIL("out of memory");
+    memset(batch, 0, (size_t)batch_cap * sizeof *batch);
     size_t total_bytes = 0, n_tokens = 0, all_bytes = 0, next_report = 64u << 20;
     for (int i = 0; i < n_text; i++) {
         struct stat st;
@@ -244,14 +247,13 @@ int prep_main(int argc, char **argv) {
                 break;
             }
             piece *p = &batch[n];
-            if (reader_next(&r, vocab == NULL, &p->text, &p->len, err, sizeof err) < 0) {
+            if (reader_next(&r, vocab == NULL, p, err, sizeof err) < 0) {
                 status = -1;
                 break;
             }
             p->doc_start = doc_start && vocab;
             doc_start = 0;
             if (p->len > 0 || p->doc_start) n++;
-            else free(p->text);
             if (r.eof && r.len == 0) {
                 reader_close(&r);
                 file++;
@@ -282,7 +284,6 @@ int prep_main(int argc, char **argv) {
             }
             n_tokens += p->out.n;
             total_bytes += p->len;
-            free(p->text);
         }
         if (total_bytes >= next_report && status == 0) {
             double dt = wall_time() - t0;
@@ -294,7 +295,10 @@ int prep_main(int argc, char **argv) {
     }
     reader_close(&r);
     double secs = wall_time() - t0;
-    for (int k = 0; k < batch_cap; k++) bpe_tokens_free(&batch[k].out);
+    for (int k = 0; k < batch_cap; k++) {
+        bpe_tokens_free(&batch[k].out);
+        free(batch[k].text);
+    }
     free(batch);
     for (int t = 0; t < threads; t++) bpe_encoder_free(enc[t]);
     free(enc);
