@@ -79,6 +79,7 @@ static const key_spec schema[] = {
     {"ffn", "latent_dim", KEY_INT, OFF(latent_dim), 0, 1024, NULL, "0"},
     {"ffn", "router_hidden", KEY_INT, OFF(router_hidden), 1, 1 << 16, NULL, "256"},
     {"ffn", "kl_weight", KEY_FLOAT, OFF(kl_weight), 0, 1e30, NULL, "0"},
+    {"ffn", "sigma_min", KEY_FLOAT, OFF(sigma_min), 1e-6, 1, NULL, "1e-4"},
     {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
     {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
     {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},

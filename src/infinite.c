@@ -61,7 +61,7 @@ struct inf_layer {
     int32_t *local_of;      /* (nb) this shard's index of each block, -1 where another holds it */
     int extra;              /* floats after u in a sent row: K z's, then (window) K norms */
     mask_rule mask;
-    float tau, kl;
+    float tau, kl, sigma_min;
     size_t A, a, Wm, bm, Ws, bs, P, q, b2; /* replicated */
     size_t W1, b1, W2;                       /* sharded over units */
     int64_t max_tokens, max_recv;
@@ -144,6 +144,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->mask = cfg->mask;
     f->tau = cfg->tau;
     f->kl = cfg->kl_weight;
+    f->sigma_min = cfg->sigma_min;
     f->ep = ep;
     f->bf16 = ctx && ctx->bf16;
     f->H_local = f->H / ep;
@@ -181,7 +182,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     REG(Wm, "h.%d.inf.router.mu.w", 2, sW, 0, INIT_NORMAL, MU_INIT_GAIN / sqrtf((float)R));
     REG(bm, "h.%d.inf.router.mu.b", 1, sb, 0, INIT_ZERO, 0);
     REG(Ws, "h.%d.inf.router.sigma.w", 2, sW, 0, INIT_NORMAL, 0.01f);
-    REG(bs, "h.%d.inf.router.sigma.b", 1, sb, 0, INIT_CONST, logf(expm1f(SIGMA_INIT - 1e-4f)));
+    REG(bs, "h.%d.inf.router.sigma.b", 1, sb, 0, INIT_CONST, logf(expm1f(fmaxf(SIGMA_INIT - f->sigma_min, 0.01f))));
     if (f->mask == MASK_LEARNED) {
         REG(P, "h.%d.inf.scores.w", 2, sP, 0, INIT_NORMAL, 1.0f);
         REG(q, "h.%d.inf.scores.b", 1, sq, 0, INIT_ZERO, 0);
@@ -268,7 +269,7 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
         /* layer + 1000: draws of their own, apart from any MoE layer's */
         uint64_t key = rng_token_key(ctx->seed, f->layer + 1000, ctx->step, 3, ctx->token_offset + t);
         for (int d = 0; d < dz; d++) {
-            float sg = softplusf(f->spre[t * dz + d]) + 1e-4f;
+            float sg = softplusf(f->spre[t * dz + d]) + f->sigma_min;
             f->sigma[t * dz + d] = sg;
             for (int k = 0; k < K; k++) {
                 float e = f->deterministic ? 0.0f : rng_key_normal(key + (uint64_t)(k * dz + d) * RNG_KEY_STRIDE);
