@@ -22,7 +22,7 @@ help:
 	@echo "make run    install dependencies, build, prepare the demo corpus, train a demo model on 2 ranks"
 	@echo "make test   build and run every test (prints 'N passed, N failed')"
 	@echo "make bench  build and run the benchmarks (prints figures; not tests)"
-	@echo "make data   build the demo corpus in data/demo from Debian's fortunes text"
+	@echo "make data   build the demo corpus in data/demo from Debian's fortunes text (and its mc.bin)"
 	@echo "make deps   install the Debian packages infmoe needs (scripts/install-deps.sh)"
 	@echo "make all    build build/infmoe, the tests and the benchmarks"
 
@@ -48,12 +48,16 @@ build/obj build/tests build/bench:
 	mkdir -p $@
 
 DEMO_TEXT := $(filter-out %.dat %.u8,$(wildcard /usr/share/games/fortunes/*))
-data: data/demo/train.bin
+data: data/demo/train.bin data/demo/mc.bin
 
 data/demo/train.bin: build/infmoe
 	@if [ -z "$(DEMO_TEXT)" ]; then echo "make data: no text in /usr/share/games/fortunes (run 'make deps')"; exit 1; fi
 	@echo "prep: demo corpus from $(words $(DEMO_TEXT)) fortunes files"
 	@build/infmoe prep --text $(DEMO_TEXT) --out data/demo
+
+# multiple-choice items from the part of the text that became val.bin (eval --mc)
+data/demo/mc.bin: data/demo/train.bin
+	@build/infmoe prep --mc-from $(DEMO_TEXT) --out data/demo/mc.bin
 
 run:
 	@bash scripts/install-deps.sh

@@ -189,6 +189,10 @@ double ffn_matmul_params_per_token(const ffn_layer *f) {
     return 2.0 * f->dense->C * f->dense->H;
 }
 
+double ffn_active_params_per_token(const ffn_layer *f) {
+    return f->inf ? inf_active_params_per_token(f->inf) : ffn_matmul_params_per_token(f);
+}
+
 int ffn_stats_describe(const ffn_layer *f, stats_layer_desc *d) {
     if (f->moe) moe_stats_describe(f->moe, d);
     else if (f->inf) inf_stats_describe(f->inf, d);

@@ -2,6 +2,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "infmoe/infer.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -15,6 +16,7 @@
 #include "infmoe/dist.h"
 #include "infmoe/ffn.h"
 #include "infmoe/gemm.h"
+#include "infmoe/mceval.h"
 #include "infmoe/model.h"
 #include "infmoe/util.h"
 
@@ -74,16 +76,103 @@ static void load_model(const char *arg, int B, int ep, dist_ctx *d, run_config *
     *pos = ckpt_load(path, m, cfg, d);
 }
 
+/* One evaluation setting's figures. */
+typedef struct {
+    double loss, secs, tokens;   /* validation: mean loss, wall seconds, tokens (all ranks) */
+    double ffn_secs;             /* the FFN layers' phase time, slowest rank */
+    double ffn_flops;            /* FFN FLOPs per token as run (forward) */
+    int mc_right, mc_right_norm; /* multiple choice: right answers by summed and mean loss */
+    double mc_secs;
+} eval_result;
+
+static double ffn_seconds(const gpt_model *m) {
+    double t = 0;
+    for (int l = 0; l < m->L; l++) {
+        double p[4];
+        ffn_phase_times(&m->ffn[l], p);
+        t += p[0] + p[1] + p[2] + p[3];
+    }
+    return t;
+}
+
+static double ffn_flops_per_token(const gpt_model *m) {
+    double f = 0;
+    for (int l = 0; l < m->L; l++) f += 2.0 * ffn_active_params_per_token(&m->ffn[l]);
+    return f;
+}
+
+static void eval_setting(gpt_model *m, const dist_ctx *d, token_dataset *ds, int batches, int batch, int step,
+                         const mc_set *mc, eval_result *r) {
+    const int B = m->B, T = m->T;
+    memset(r, 0, sizeof *r);
+    double f0 = ffn_seconds(m), flops = 0;
+    int forwards = 0;
+    if (ds) {
+        int32_t *in = xcalloc((size_t)B * T, sizeof(int32_t)), *tg = xcalloc((size_t)B * T, sizeof(int32_t));
+        double sum = 0.0, t0 = wall_time();
+        for (int b = 0; b < batches; b++) {
+            uint64_t first = (uint64_t)b * batch + (uint64_t)d->rank * B;
+            data_eval_batch(ds, first, B, in, tg);
+            /* routing draws keyed by the global token, so any rank count samples alike */
+            model_set_step(m, step, (int64_t)first * T, 0);
+            sum += model_forward(m, in, tg);
+            flops += ffn_flops_per_token(m);
+            forwards++;
+        }
+        dist_allreduce_sum_d(&sum, 1, d->world);
+        r->loss = sum / ((double)batches * d->size);
+        r->secs = wall_time() - t0;
+        r->tokens = (double)batches * batch * T;
+        free(in);
+        free(tg);
+    }
+    if (mc) {
+        double t0 = wall_time();
+        mc_evaluate(m, mc, d, step, &r->mc_right, &r->mc_right_norm);
+        r->mc_secs = wall_time() - t0;
+        if (!ds) flops += ffn_flops_per_token(m), forwards++;
+    }
+    double slow[2] = {ffn_seconds(m) - f0, forwards ? flops / forwards : 0};
+    dist_allreduce_max_d(slow, 2, d->world);
+    r->ffn_secs = slow[0];
+    r->ffn_flops = slow[1];
+}
+
+/* "1,2,4,8,det" -> samples (0: deterministic); returns the count */
+static int parse_sweep(const char *s, int *k, int cap) {
+    int n = 0;
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", s);
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        int64_t v;
+        char err[128];
+        if (n == cap) infmoe_die_all("eval: --sweep %s: at most %d settings", s, cap);
+        if (strcmp(t, "det") == 0) k[n++] = 0;
+        else if (parse_int_arg("--sweep", t, 1, 1024, &v, err, sizeof err) == 0) k[n++] = (int)v;
+        else infmoe_die_all("eval: --sweep %s: expected sample counts 1-1024 or det, comma-separated (e.g. 1,2,4,8,det)", s);
+    }
+    if (n == 0) infmoe_die_all("eval: --sweep %s: no settings", s);
+    return n;
+}
+
 int infer_eval_main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "--help") == 0) {
         printf("usage: infmoe eval CKPT [--data SHARDS] [--batches N] [--batch B] [--ep EP]\n"
-               "                  [--samples K | --deterministic]\n"
+               "                  [--samples K | --deterministic] [--mc FILE]\n"
+               "                  [--sweep 1,2,4,8,det [--csv FILE]]\n"
                "\n"
                "Validation loss of checkpoint CKPT (a step_NNNNNN directory or a run's 'latest')\n"
                "over N global batches of B sequences (defaults: the checkpoint's data.val,\n"
                "train.eval_batches and train.batch_size), on the ranks of the MPI job.\n"
                "∞-MoE models: --samples K draws K samples per token (default: ffn.samples of\n"
-               "training); --deterministic uses the single sample z = mu.\n");
+               "training); --deterministic uses the single sample z = mu.\n"
+               "--mc FILE: multiple-choice accuracy over the items of FILE (llm.c's eval format,\n"
+               "e.g. its HellaSwag file for GPT-2-vocabulary models, or one 'infmoe prep\n"
+               "--mc-from' writes): acc by summed and acc_norm by mean completion loss. Items go\n"
+               "B/ranks/4 to a forward on each rank, so B must be at least 4 x ranks.\n"
+               "--sweep (∞-MoE): one table of samples K -> val loss, mc accuracy, tokens/s, FFN\n"
+               "GFLOPs per token as run and FFN seconds; also written as CSV (default\n"
+               "sweep.csv). 'det' is the deterministic sample. tools/plot_sweep.py plots it.\n");
         return 0;
     }
     dist_ctx d;
@@ -97,7 +186,7 @@ int infer_eval_main(int argc, char **argv) {
             argc--;
             i--;
         }
-    const char *known[] = {"--data", "--batches", "--batch", "--ep", "--samples", NULL};
+    const char *known[] = {"--data", "--batches", "--batch", "--ep", "--samples", "--mc", "--sweep", "--csv", NULL};
     const char *arg = positional(argc, argv, known, "eval");
     run_config cfg;
     gpt_model m;
@@ -113,43 +202,82 @@ int infer_eval_main(int argc, char **argv) {
     int batch = (int)option_int(argc, argv, "eval", "--batch", cfg.batch_size, 1, 1 << 24);
     int batches = (int)option_int(argc, argv, "eval", "--batches", cfg.eval_batches, 1, INT_MAX);
     int samples = (int)option_int(argc, argv, "eval", "--samples", cfg.samples, 1, 1024);
-    if ((deterministic || option(argc, argv, "--samples")) && !ffn_kind_has_samples(cfg.ffn_kind))
-        infmoe_die_all("eval: --samples and --deterministic apply to ∞-MoE models (ffn.kind: infinite)");
+    const char *sweep = option(argc, argv, "--sweep"), *mc_path = option(argc, argv, "--mc");
+    if ((deterministic || option(argc, argv, "--samples") || sweep) && !ffn_kind_has_samples(cfg.ffn_kind))
+        infmoe_die_all("eval: --samples, --deterministic and --sweep apply to ∞-MoE models (ffn.kind: infinite)");
+    if (sweep && (deterministic || option(argc, argv, "--samples")))
+        infmoe_die_all("eval: --sweep sets the samples itself: leave out --samples and --deterministic");
+    if (option(argc, argv, "--csv") && !sweep) infmoe_die_all("eval: --csv goes with --sweep");
+    int ks[64], n_k = sweep ? parse_sweep(sweep, ks, 64) : 1;
+    if (!sweep) ks[0] = deterministic ? 0 : samples;
     const char *data = option(argc, argv, "--data");
     if (!data) data = cfg.data_val[0] ? cfg.data_val : NULL;
-    if (!data) infmoe_die_all("eval: the checkpoint's config has no data.val: give --data SHARDS");
+    if (!data && !mc_path) infmoe_die_all("eval: the checkpoint's config has no data.val: give --data SHARDS (or --mc FILE)");
     if (batch % d.size) infmoe_die_all("eval: --batch %d must be divisible by the rank count %d", batch, d.size);
-    char data_path[1024];
-    snprintf(data_path, sizeof data_path, "%s", data);
+    if (mc_path && batch / d.size < MC_COMPLETIONS)
+        infmoe_die_all("eval: --mc needs at least 4 sequences a rank (4 completions an item): --batch %d on %d ranks "
+                       "gives %d; give --batch %d or more", batch, d.size, batch / d.size, MC_COMPLETIONS * d.size);
+    char data_path[1024] = "";
+    if (data) snprintf(data_path, sizeof data_path, "%s", data);
     config_free(&cfg);
     int B = batch / d.size;
     load_model(arg, B, (int)option_int(argc, argv, "eval", "--ep", 1, 1, 1 << 20), &d, &cfg, &m, path,
                sizeof path, &pos);
-    model_set_samples(&m, samples, deterministic);
+    mc_set mc = {0};
+    if (mc_path) {
+        char err[1024] = "";
+        int bad = mc_read(mc_path, cfg.vocab_size, &mc, err, sizeof err);
+        dist_exit_if_error(&d, bad ? err : "");
+    }
     token_dataset ds;
-    data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
-    int32_t *in = xcalloc((size_t)B * cfg.seq_len, sizeof(int32_t));
-    int32_t *tg = xcalloc((size_t)B * cfg.seq_len, sizeof(int32_t));
-    double sum = 0.0, t0 = wall_time();
-    for (int b = 0; b < batches; b++) {
-        uint64_t first = (uint64_t)b * batch + (uint64_t)d.rank * B;
-        data_eval_batch(&ds, first, B, in, tg);
-        /* routing draws keyed by the global token, so any rank count samples alike */
-        model_set_step(&m, (int)pos.step, (int64_t)first * cfg.seq_len, 0);
-        sum += model_forward(&m, in, tg);
+    if (data) data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
+    eval_result res[64];
+    for (int i = 0; i < n_k; i++) {
+        if (ffn_kind_has_samples(cfg.ffn_kind)) model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
+        eval_setting(&m, &d, data ? &ds : NULL, batches, batch, (int)pos.step, mc_path ? &mc : NULL, &res[i]);
+        if (sweep) continue;
+        char mode[48] = "";
+        if (ffn_kind_has_samples(cfg.ffn_kind)) {
+            if (deterministic) snprintf(mode, sizeof mode, " | samples deterministic");
+            else snprintf(mode, sizeof mode, " | samples %d", samples);
+        }
+        if (data)
+            dist_log("eval %s | step %lld | val_loss %.6f%s | %d batches x %d sequences | ranks %d | %.2f s\n", path,
+                     (long long)pos.step, res[i].loss, mode, batches, batch, d.size, res[i].secs);
+        if (mc_path)
+            dist_log("mc %s | step %lld | items %d | acc %.4f | acc_norm %.4f%s | ranks %d | %.2f s\n", mc_path,
+                     (long long)pos.step, mc.n, (double)res[i].mc_right / mc.n, (double)res[i].mc_right_norm / mc.n,
+                     mode, d.size, res[i].mc_secs);
     }
-    dist_allreduce_sum_d(&sum, 1, d.world);
-    char mode[48] = "";
-    if (ffn_kind_has_samples(cfg.ffn_kind)) {
-        if (deterministic) snprintf(mode, sizeof mode, " | samples deterministic");
-        else snprintf(mode, sizeof mode, " | samples %d", samples);
+    if (sweep) {
+        const char *csv = option(argc, argv, "--csv") ? option(argc, argv, "--csv") : "sweep.csv";
+        char what[2200] = "";
+        if (data) snprintf(what, sizeof what, " | val %s, %d batches x %d", data_path, batches, batch);
+        if (mc_path) snprintf(what + strlen(what), sizeof what - strlen(what), " | mc %s, %d items", mc_path, mc.n);
+        dist_log("sweep %s | step %lld%s | ranks %d\n", path, (long long)pos.step, what, d.size);
+        dist_log("  %-8s %10s %8s %9s %10s %14s %8s\n", "samples", "val_loss", "acc", "acc_norm", "tok/s",
+                 "ffn GFLOP/tok", "ffn s");
+        FILE *f = d.rank == 0 ? fopen(csv, "w") : NULL;
+        if (d.rank == 0 && !f) fprintf(stderr, "eval: cannot write %s: %s\n", csv, strerror(errno));
+        if (f) fprintf(f, "samples,val_loss,acc,acc_norm,tokens_per_s,ffn_gflop_per_token,ffn_s\n");
+        for (int i = 0; i < n_k; i++) {
+            eval_result *r = &res[i];
+            char k[16];
+            if (ks[i]) snprintf(k, sizeof k, "%d", ks[i]);
+            else snprintf(k, sizeof k, "det");
+            double secs = data ? r->secs : r->mc_secs;
+            double toks = data ? r->tokens : (double)mc.n * MC_COMPLETIONS * cfg.seq_len;
+            double acc = mc_path ? (double)r->mc_right / mc.n : NAN, accn = mc_path ? (double)r->mc_right_norm / mc.n : NAN;
+            dist_log("  %-8s %10.6f %8.4f %9.4f %10.0f %14.4f %8.2f\n", k, data ? r->loss : NAN, acc, accn,
+                     toks / secs, r->ffn_flops / 1e9, r->ffn_secs);
+            if (f)
+                fprintf(f, "%s,%.6f,%.4f,%.4f,%.0f,%.6f,%.3f\n", k, data ? r->loss : NAN, acc, accn, toks / secs,
+                        r->ffn_flops / 1e9, r->ffn_secs);
+        }
+        if (f && fclose(f) == 0) dist_log("wrote %s\n", csv);
     }
-    dist_log("eval %s | step %lld | val_loss %.6f%s | %d batches x %d sequences | ranks %d | %.2f s\n",
-             path, (long long)pos.step, sum / ((double)batches * d.size), mode, batches, batch,
-             d.size, wall_time() - t0);
-    free(in);
-    free(tg);
-    data_close(&ds);
+    mc_free(&mc);
+    if (data) data_close(&ds);
     model_free(&m);
     config_free(&cfg);
     gemm_shutdown();

@@ -255,6 +255,11 @@ double inf_matmul_params_per_token(const inf_layer *f) {
     return (double)f->K_train * f->n_keep * 2.0 * f->C;
 }
 
+/* what the last forward computed: the union of a token's samples' units */
+double inf_active_params_per_token(const inf_layer *f) {
+    return f->stats.active_units * 2.0 * f->C;
+}
+
 /* ---- forward ---- */
 
 static void router_forward(inf_layer *f, const float *params, const float *in, int64_t n,

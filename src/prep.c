@@ -15,6 +15,7 @@
 #include "infmoe/bpe.h"
 #include "infmoe/config.h"
 #include "infmoe/data.h"
+#include "infmoe/mceval.h"
 #include "infmoe/util.h"
 
 enum { PIECE_BYTES = 1 << 20 };
@@ -125,7 +126,17 @@ static void usage(FILE *f) {
             "  --threads N        encode pieces of the text on N threads (default: OpenMP's\n"
             "                     number, OMP_NUM_THREADS); the shards do not depend on N\n"
             "Files are read in pieces of about 1 MiB, so memory stays small for any corpus.\n"
-            "Configs name the tokenizer as data.tokenizer (docs/config.md).\n");
+            "Configs name the tokenizer as data.tokenizer (docs/config.md).\n"
+            "\n"
+            "       infmoe prep --mc-from FILE [FILE ...] --out FILE [--tokenizer byte|gpt2]\n"
+            "                   [--val-fraction F] [--mc-items N] [--mc-completion BYTES]\n"
+            "                   [--mc-seed S]\n"
+            "\n"
+            "Write a multiple-choice eval file (llm.c's format, for 'infmoe eval --mc') from\n"
+            "the passages (text between blank or '%%' lines) in the last F of the text\n"
+            "(default 0.1: the part --text would make val.bin; 1: all of it): context = a\n"
+            "passage's start, the right completion = its end (at most BYTES, default 48),\n"
+            "three distractors = the ends of passages of similar length. At most N items.\n");
 }
 
 static int fail(const char *tmp_train, const char *tmp_val, const char *fmt, ...)
@@ -142,10 +153,166 @@ static int fail(const char *tmp_train, const char *tmp_val, const char *fmt, ...
     return 1;
 }
 
+/* ---- prep --mc-from: multiple-choice items from text ---- */
+
+typedef struct {
+    size_t start, split, end; /* passage bytes [start, end), completion from split */
+} passage;
+
+static int by_completion_length(const void *a, const void *b) {
+    const passage *x = a, *y = b;
+    size_t lx = x->end - x->split, ly = y->end - y->split;
+    return lx < ly ? -1 : lx > ly ? 1 : x->start < y->start ? -1 : 1;
+}
+
+static void tokenize(bpe_encoder *enc, const char *s, size_t n, bpe_tokens *t) {
+    t->n = 0;
+    if (enc) {
+        bpe_encode(enc, s, n, t);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) bpe_tokens_push(t, (unsigned char)s[i]);
+}
+
+/* Passages are the text between blank lines or lines that are only '%' (the fortune
+ * files' separator), 48 to 4000 bytes long. The completion is a passage's end from
+ * the whitespace nearest max(half, length - max_completion) on; the context is
+ * what comes before. Its three distractors are the completions of passages near it
+ * in completion length (drawn from the 16 nearest), the label a seeded draw. */
+static int prep_mc(char **files, int n_files, const char *out, int tokenizer, const char *vocab_dir,
+                   double fraction, uint64_t seed, int max_items, int max_completion) {
+    size_t len = 0, cap = 0;
+    char *text = NULL;
+    for (int i = 0; i < n_files; i++) {
+        size_t n;
+        const char *why;
+        char *t = read_text_file(files[i], &n, &why);
+        if (!t) return fail(NULL, NULL, "%s: cannot read: %s", files[i], why);
+        if (len + n + 1 > cap) text = xrealloc(text, cap = 2 * (len + n + 1));
+        memcpy(text + len, t, n);
+        len += n;
+        free(t);
+    }
+    size_t from = len - (size_t)((double)len * fraction);
+    passage *ps = NULL;
+    size_t n_ps = 0, cap_ps = 0;
+    for (size_t i = from; i < len;) {
+        /* one passage: up to a blank line or a '%' line */
+        size_t s = i, e = i;
+        while (e < len) {
+            size_t line_end = e;
+            while (line_end < len && text[line_end] != '\n') line_end++;
+            int sep = line_end == e || (line_end == e + 1 && text[e] == '%');
+            if (sep) break;
+            e = line_end < len ? line_end + 1 : len;
+        }
+        size_t next = e;
+        while (next < len && text[next] != '\n') next++;
+        i = next < len ? next + 1 : len;
+        while (e > s && (text[e - 1] == '\n' || text[e - 1] == ' ')) e--;
+        if (e - s < 48 || e - s > 4000) continue;
+        size_t target = (e - s) / 2 > (e - s) - (size_t)max_completion ? s + (e - s) / 2 : e - (size_t)max_completion, split = 0;
+        for (size_t k = 0; k < (e - s) / 2 && !split; k++) {
+            if (target + k < e - 8 && (text[target + k] == ' ' || text[target + k] == '\n')) split = target + k;
+            else if (target - k > s + 16 && (text[target - k] == ' ' || text[target - k] == '\n')) split = target - k;
+        }
+        if (!split) continue;
+        if (n_ps == cap_ps) ps = xrealloc(ps, (cap_ps = 2 * cap_ps + 1024) * sizeof *ps);
+        ps[n_ps++] = (passage){s, split, e};
+    }
+    if (n_ps < MC_COMPLETIONS * 2) {
+        free(text);
+        free(ps);
+        return fail(NULL, NULL, "only %zu passages of 48 to 4000 bytes in the last %g of the text: too few for "
+                    "multiple-choice items", n_ps, fraction);
+    }
+    char err[1024];
+    bpe_vocab *vocab = NULL;
+    if (tokenizer == TOKENIZER_GPT2 && !(vocab = bpe_load(vocab_dir, err, sizeof err))) {
+        free(text);
+        free(ps);
+        return fail(NULL, NULL, "%s", err);
+    }
+    bpe_encoder *enc = vocab ? bpe_encoder_new(vocab) : NULL;
+    /* the items in text order; distractors from neighbours in completion length */
+    passage *sorted = xmalloc(n_ps * sizeof *sorted);
+    memcpy(sorted, ps, n_ps * sizeof *ps);
+    qsort(sorted, n_ps, sizeof *sorted, by_completion_length);
+    size_t *rank_of = xmalloc(n_ps * sizeof(size_t));
+    for (size_t q = 0; q < n_ps; q++) {
+        size_t lo = 0, hi = n_ps; /* ps is in text order: find sorted[q] in it */
+        while (lo + 1 < hi) {
+            size_t mid = (lo + hi) / 2;
+            if (ps[mid].start <= sorted[q].start) lo = mid;
+            else hi = mid;
+        }
+        rank_of[lo] = q;
+    }
+    rng_state r;
+    rng_seed(&r, seed);
+    mc_set set = {0};
+    bpe_tokens ctx = {0}, comp[MC_COMPLETIONS] = {{0}};
+    size_t n_items = n_ps < (size_t)max_items ? n_ps : (size_t)max_items;
+    for (size_t i = 0; i < n_items; i++) {
+        size_t q = rank_of[i], pick[MC_COMPLETIONS];
+        int label = (int)(rng_u64(&r) % MC_COMPLETIONS), got = 0;
+        for (int c = 0; c < MC_COMPLETIONS; c++) pick[c] = SIZE_MAX;
+        pick[label] = q;
+        while (got < MC_COMPLETIONS - 1) {
+            size_t lo = q >= 8 ? q - 8 : 0, hi = lo + 17 < n_ps ? lo + 17 : n_ps;
+            if (hi - lo < 17 && n_ps >= 17) lo = n_ps - 17;
+            size_t cand = lo + rng_u64(&r) % (hi - lo);
+            int dup = 0;
+            for (int c = 0; c < MC_COMPLETIONS; c++) {
+                if (pick[c] == SIZE_MAX) continue;
+                const passage *a = &sorted[pick[c]], *b = &sorted[cand];
+                dup |= pick[c] == cand || (a->end - a->split == b->end - b->split &&
+                                           memcmp(text + a->split, text + b->split, a->end - a->split) == 0);
+            }
+            if (dup) continue;
+            for (int c = 0; c < MC_COMPLETIONS; c++)
+                if (pick[c] == SIZE_MAX) {
+                    pick[c] = cand;
+                    break;
+                }
+            got++;
+        }
+        const passage *p = &ps[i];
+        size_t ctx_from = p->split - p->start > 1024 ? p->split - 1024 : p->start;
+        tokenize(enc, text + ctx_from, p->split - ctx_from, &ctx);
+        const uint16_t *cp[MC_COMPLETIONS];
+        int cl[MC_COMPLETIONS];
+        for (int c = 0; c < MC_COMPLETIONS; c++) {
+            const passage *o = &sorted[pick[c]];
+            tokenize(enc, text + o->split, o->end - o->split, &comp[c]);
+            cp[c] = comp[c].ids;
+            cl[c] = (int)comp[c].n;
+        }
+        mc_add(&set, label, ctx.ids, (int)ctx.n, cp, cl);
+    }
+    int rc = 0;
+    if (mc_write(out, &set) != 0) rc = fail(NULL, NULL, "cannot write %s: %s", out, strerror(errno));
+    else
+        printf("wrote %s: %d items (%s tokens, 4 completions each, from %zu passages in the last %g of %d files)\n",
+               out, set.n, tokenizer_name(tokenizer), n_ps, fraction, n_files);
+    mc_free(&set);
+    bpe_tokens_free(&ctx);
+    for (int c = 0; c < MC_COMPLETIONS; c++) bpe_tokens_free(&comp[c]);
+    bpe_encoder_free(enc);
+    bpe_free(vocab);
+    free(rank_of);
+    free(sorted);
+    free(ps);
+    free(text);
+    return rc;
+}
+
 int prep_main(int argc, char **argv) {
     const char *out = NULL, *vocab_dir = "data/gpt2";
     double val_fraction = 0.1;
     int first_text = -1, n_text = 0, tokenizer = TOKENIZER_BYTE, threads = omp_get_max_threads();
+    int mc = 0, val_given = 0, max_items = 1 << 20, max_completion = 48;
+    int64_t mc_seed = 1;
     char err[4400];
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -169,9 +336,19 @@ int prep_main(int argc, char **argv) {
             threads = (int)n;
         } else if (strcmp(a, "--val-fraction") == 0 && has_value) {
             if (parse_float_arg("--val-fraction", argv[++i], 0, 1, &val_fraction, err, sizeof err) < 0 ||
-                val_fraction == 0 || val_fraction == 1)
+                val_fraction == 0)
                 return fail(NULL, NULL, "--val-fraction %s: expected a number in (0, 1)", argv[i]);
-        } else if (strcmp(a, "--text") == 0) {
+            val_given = 1;
+        } else if (strcmp(a, "--mc-seed") == 0 && has_value) {
+            if (parse_int_arg("--mc-seed", argv[++i], 0, INT64_MAX, &mc_seed, err, sizeof err) < 0)
+                return fail(NULL, NULL, "%s", err);
+        } else if ((strcmp(a, "--mc-items") == 0 || strcmp(a, "--mc-completion") == 0) && has_value) {
+            int64_t n;
+            if (parse_int_arg(a, argv[++i], 1, a[5] == 'i' ? 1 << 24 : 4096, &n, err, sizeof err) < 0)
+                return fail(NULL, NULL, "%s", err);
+            *(a[5] == 'i' ? &max_items : &max_completion) = (int)n;
+        } else if (strcmp(a, "--text") == 0 || strcmp(a, "--mc-from") == 0) {
+            mc = strcmp(a, "--mc-from") == 0;
             first_text = i + 1;
             while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
                 i++;
@@ -185,10 +362,13 @@ int prep_main(int argc, char **argv) {
         }
     }
     if (!out || n_text == 0) {
-        fprintf(stderr, "infmoe prep: need --text FILE... and --out DIR\n");
+        fprintf(stderr, "infmoe prep: need --text FILE... and --out DIR (or --mc-from FILE... and --out FILE)\n");
         usage(stderr);
         return 1;
     }
+    if (mc) return prep_mc(argv + first_text, n_text, out, tokenizer, vocab_dir, val_given ? val_fraction : 0.1,
+                           (uint64_t)mc_seed, max_items, max_completion);
+    if (val_fraction == 1) return fail(NULL, NULL, "--val-fraction 1: expected a number in (0, 1)");
     bpe_vocab *vocab = NULL;
     if (tokenizer == TOKENIZER_GPT2 && !(vocab = bpe_load(vocab_dir, err, sizeof err)))
         return fail(NULL, NULL, "%s", err);

@@ -87,6 +87,9 @@ void ffn_end_step(ffn_layer *f, const ffn_context *ctx);
 void ffn_set_samples(ffn_layer *f, int samples, int deterministic);
 /* Multiply-adds per token in the FFN's matrices (for FLOP counts). */
 double ffn_matmul_params_per_token(const ffn_layer *f);
+/* The same for the last forward as run: ∞-MoE counts the units its tokens used
+ * (the union of their samples' blocks, so it follows K at inference). */
+double ffn_active_params_per_token(const ffn_layer *f);
 
 /*
  * Routing statistics (docs/stats.md). ffn_stats_describe fills d and returns 1

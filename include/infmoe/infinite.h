@@ -62,6 +62,7 @@ void inf_phase_detail(const inf_layer *f, double t[4]);
 void inf_log_fields(const inf_layer *const *layers, int n, char *buf, size_t cap);
 /* Multiply-adds per token in the FFN's matrices: K samples x kept units x 2C. */
 double inf_matmul_params_per_token(const inf_layer *f);
+double inf_active_params_per_token(const inf_layer *f);
 /*
  * The masked dense reference of the last forward: every unit of the full FFN
  * computed densely, multiplied by the per-unit weights of the last routing.
