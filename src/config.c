@@ -80,6 +80,7 @@ static const key_spec schema[] = {
     {"ffn", "router_hidden", KEY_INT, OFF(router_hidden), 1, 1 << 16, NULL, "256"},
     {"ffn", "kl_weight", KEY_FLOAT, OFF(kl_weight), 0, 1e30, NULL, "0"},
     {"ffn", "sigma_min", KEY_FLOAT, OFF(sigma_min), 1e-6, 1, NULL, "1e-4"},
+    {"ffn", "balance_rate", KEY_FLOAT, OFF(balance_rate), 0, 1, NULL, "0"},
     {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
     {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
     {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},
@@ -464,6 +465,10 @@ static void validate(run_config *cfg, load_ctx *ctx) {
             KEY_ERROR(ctx, "ffn", "keep", "ffn.keep (%g) must be in (0, 1]: the fraction of units "
                                           "each sample keeps", cfg->keep);
         if (cfg->latent_dim == 0) cfg->latent_dim = cfg->mask == MASK_WINDOW ? 1 : 8;
+        if (cfg->mask != MASK_WINDOW && cfg->balance_rate > 0)
+            KEY_ERROR(ctx, "ffn", "balance_rate",
+                      "ffn.balance_rate (%g) applies to ffn.mask: window (it evens out use of the ring)",
+                      cfg->balance_rate);
         if (cfg->mask == MASK_WINDOW && cfg->latent_dim != 1)
             KEY_ERROR(ctx, "ffn", "latent_dim",
                       "ffn.latent_dim (%d) must be 1 with ffn.mask: window (units sit on a ring)",

@@ -177,6 +177,7 @@ void ffn_backward(ffn_layer *f, const float *params, float *grads, float *din, c
 
 void ffn_end_step(ffn_layer *f, const ffn_context *ctx) {
     if (f->moe) moe_end_step(f->moe, ctx);
+    if (f->inf) inf_end_step(f->inf);
 }
 
 void ffn_set_samples(ffn_layer *f, int samples, int deterministic) {
@@ -227,6 +228,13 @@ void ffn_log_fields(const ffn_layer *layers, int n, double aux_loss, char *buf, 
 }
 
 int ffn_state(ffn_layer *f, ffn_state_array *s, int cap) {
+    if (f->inf && cap >= 1) {
+        int64_t n;
+        double *w = inf_balance_state(f->inf, &n);
+        if (n == 0) return 0;
+        s[0] = (ffn_state_array){"ring_warp", w, n};
+        return 1;
+    }
     if (!f->moe || cap < 1) return 0;
     s[0] = (ffn_state_array){"guard_totals", moe_guard_totals(f->moe), moe_num_experts(f->moe)};
     return 1;

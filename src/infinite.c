@@ -62,6 +62,16 @@ struct inf_layer {
     int extra;              /* floats after u in a sent row: K z's, then (window) K norms */
     mask_rule mask;
     float tau, kl, sigma_min;
+    /* ring balance (window rule, ffn.balance_rate > 0): z is warped through the
+     * piecewise-linear map with knots warp[0..nw] (warp[j] at j / nw, 0 and 1 at
+     * the ends), an average of the empirical CDF of the raw samples, so that the
+     * warped samples spread evenly over the blocks; not a parameter, updated after
+     * each step from the step's global counts (warp_counts) */
+    float balance_rate;
+    int nw;        /* warp intervals: 4 per block, so lumps within a block even out too */
+    double *warp, *warp_counts;
+    float *zslope;  /* (n,K) d warp / d z of each sample, for the backward */
+    int32_t *zbin;  /* (n,K) the raw sample's bin */
     size_t A, a, Wm, bm, Ws, bs, P, q, b2; /* replicated */
     size_t W1, b1, W2;                       /* sharded over units */
     int64_t max_tokens, max_recv;
@@ -117,6 +127,7 @@ static void alloc_sample_buffers(inf_layer *f, int K) {
         MEM_PART(f->back, n * ep * (C + K * dz + K)),
         MEM_PART(f->recv, M * (C + X)),
         MEM_PART(f->rows_back, M * (C + K * dz + K)),
+        MEM_PART(f->zslope, n * K), MEM_PART(f->zbin, n * K),
         MEM_PART(f->out_h, M * C),
         MEM_PART(f->back_h, M * (C + 2 * (K * dz + K))),
     };
@@ -135,6 +146,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->H = cfg->inf_units;
     f->b = cfg->mask_block;
     f->nb = f->H / f->b;
+    f->nw = 4 * f->nb;
     f->kb = (int)lround(cfg->keep * f->nb);
     if (f->kb < 1) f->kb = 1;
     f->n_keep = f->kb * f->b;
@@ -145,6 +157,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->tau = cfg->tau;
     f->kl = cfg->kl_weight;
     f->sigma_min = cfg->sigma_min;
+    f->balance_rate = cfg->mask == MASK_WINDOW ? cfg->balance_rate : 0.0f;
     f->ep = ep;
     f->bf16 = ctx && ctx->bf16;
     f->H_local = f->H / ep;
@@ -201,9 +214,11 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
         MEM_PART(f->aw, M * f->cu),     MEM_PART(f->daw, M * f->cu),    MEM_PART(f->dmu, n * dz),
         MEM_PART(f->dsig, n * dz),      MEM_PART(f->dr, n * R),
         MEM_PART(f->stats.block_tokens, f->nb), MEM_PART(f->stats.z_hist, Z_BINS),
-        MEM_PART(f->stats.sigma_hist, SIGMA_BINS), MEM_PART(f->sums, f->nb + Z_BINS + 5 + SIGMA_BINS),
+        MEM_PART(f->stats.sigma_hist, SIGMA_BINS), MEM_PART(f->sums, f->nb + Z_BINS + 5 + SIGMA_BINS + f->nw),
+        MEM_PART(f->warp, f->nw + 1), MEM_PART(f->warp_counts, f->nw),
     };
     f->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
+    for (int j = 0; j <= f->nw; j++) f->warp[j] = (double)j / f->nw; /* the identity */
     alloc_sample_buffers(f, f->K);
     /* a row uses at most every local chunk */
     dispatch_groups_init(&f->by_chunk, f->nc_local, M * ncl);
@@ -282,7 +297,43 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
                 f->z[(t * K + k) * dz + d] = f->mu[t * dz + d] + sg * e;
             }
         }
+        if (f->balance_rate > 0) /* window rule: dz = 1 */
+            for (int k = 0; k < K; k++) {
+                float z = f->z[t * K + k], whole = floorf(z), u = (z - whole) * f->nw;
+                int j = (int)u < f->nw ? (int)u : f->nw - 1;
+                float c0 = (float)f->warp[j], c1 = (float)f->warp[j + 1];
+                f->z[t * K + k] = whole + c0 + (c1 - c0) * (u - (float)j);
+                f->zslope[t * K + k] = (c1 - c0) * f->nw;
+                f->zbin[t * K + k] = j;
+            }
     }
+}
+
+/* After a training step: each knot moves by balance_rate towards the empirical CDF
+ * of the step's raw samples (all ranks' counts), mixed 9:1 with the identity so
+ * that no stretch of the ring collapses to a point (slopes stay >= 0.1). */
+void inf_balance_update(double *warp, const double *counts, int nb, double rate) {
+    double total = 0, cdf = 0;
+    for (int j = 0; j < nb; j++) total += counts[j];
+    if (total <= 0 || rate <= 0) return;
+    for (int j = 1; j < nb; j++) {
+        cdf += counts[j - 1] / total;
+        double target = 0.9 * cdf + 0.1 * (double)j / nb;
+        warp[j] = (1.0 - rate) * warp[j] + rate * target;
+    }
+    warp[0] = 0.0;
+    warp[nb] = 1.0;
+}
+
+void inf_end_step(inf_layer *f) {
+    if (f->balance_rate <= 0) return;
+    inf_balance_update(f->warp, f->warp_counts, f->nw, f->balance_rate);
+    memset(f->warp_counts, 0, sizeof(double) * (size_t)f->nw);
+}
+
+double *inf_balance_state(inf_layer *f, int64_t *n) {
+    *n = f->balance_rate > 0 ? f->nw + 1 : 0;
+    return f->warp;
 }
 
 /* The shard holding global block g. */
@@ -378,7 +429,9 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
     const int nb = f->nb, K = f->K, dz = f->dz, kb = f->kb;
     double *S = f->sums;
     const int S0 = nb + Z_BINS + 5; /* then the sigma histogram */
-    memset(S, 0, sizeof(double) * (size_t)(S0 + SIGMA_BINS));
+    const int SB = S0 + SIGMA_BINS; /* then the raw samples' bins (ring balance) */
+    const int n_sums = SB + (f->balance_rate > 0 ? f->nw : 0);
+    memset(S, 0, sizeof(double) * (size_t)n_sums);
     uint8_t *seen = f->seen;
     for (int64_t t = 0; t < n; t++) {
         memset(seen, 0, (size_t)nb);
@@ -401,6 +454,8 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
             }
             S[nb + Z_BINS + 1] += (double)common / kb;
         }
+        if (f->balance_rate > 0)
+            for (int k = 0; k < K; k++) S[SB + f->zbin[t * K + k]] += 1;
         if (f->mask == MASK_WINDOW)
             for (int k = 0; k < K; k++) {
                 float zz = f->z[(t * K + k) * dz] - floorf(f->z[(t * K + k) * dz]);
@@ -416,7 +471,9 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
         }
     }
     S[nb + Z_BINS + 4] = (double)n;
-    dist_allreduce_sum_d(S, S0 + SIGMA_BINS, ctx->world);
+    dist_allreduce_sum_d(S, n_sums, ctx->world);
+    if (ctx->training && f->balance_rate > 0)
+        for (int j = 0; j < f->nw; j++) f->warp_counts[j] += S[SB + j];
     inf_stats *st = &f->stats;
     double N = S[nb + Z_BINS + 4];
     for (int bl = 0; bl < nb; bl++) st->block_tokens[bl] = (int64_t)S[bl];
@@ -723,6 +780,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
         for (int k = 0; k < K; k++) {
             if (f->mask == MASK_WINDOW) { /* the shards subtracted n_keep S Q already */
                 float g = Atot[t * K + k];
+                if (f->balance_rate > 0) g *= f->zslope[t * K + k]; /* through the ring warp */
                 f->dmu[t] += g;
                 f->dsig[t] += g * f->eps[t * K + k];
                 continue;
@@ -876,5 +934,7 @@ void inf_reference_forward(const inf_layer *f, const float *params, float *out, 
 uint64_t inf_routing_hash(const inf_layer *f) {
     uint64_t h = 1469598103934665603ULL;
     for (int64_t i = 0; i < f->n * f->K * f->kb; i++) h = (h ^ (uint64_t)(uint32_t)f->blocks_of[i]) * 1099511628211ULL;
+    if (f->balance_rate > 0) /* the warp is piecewise linear: which piece each sample is on */
+        for (int64_t i = 0; i < f->n * f->K; i++) h = (h ^ (uint64_t)(uint32_t)f->zbin[i]) * 1099511628211ULL;
     return h;
 }

@@ -29,7 +29,7 @@ static void stats_usage(FILE *f) {
             "\n"
             "Report the routing statistics a training run writes to <output.dir>/stats.h5\n"
             "(train.stats_every; format in docs/stats.md): per MoE layer, the share of\n"
-            "tokens per expert as bars, max/mean load and CV at a few steps, unused experts,\n"
+            "tokens per expert as bars, max/mean and min/mean load and CV at a few steps, unused experts,\n"
             "gate entropy and confidence, dropped tokens and time per phase.\n"
             "\n"
             "options:\n"
@@ -163,6 +163,16 @@ static void print_layer_report(const stats_layer_data *L, const stats_data *r, i
     printf("  max/mean  ");
     for (int j = 0; j < np; j++)
         printf("%s step %lld %.3f", j ? " |" : "", (long long)r->step[picks[j]], L->v[STATS_COL_MAX_MEAN][picks[j]]);
+    printf("\n  min/mean  "); /* the least used bucket (∞-MoE: ring balance) */
+    for (int j = 0; j < np; j++) {
+        const int64_t *t = L->tokens + picks[j] * L->nb;
+        double lo = (double)t[0], mean = 0.0;
+        for (int b = 0; b < L->nb; b++) {
+            mean += (double)t[b] / L->nb;
+            if ((double)t[b] < lo) lo = (double)t[b];
+        }
+        printf("%s step %lld %.3f", j ? " |" : "", (long long)r->step[picks[j]], mean > 0 ? lo / mean : 0.0);
+    }
     printf("\n  cv        ");
     for (int j = 0; j < np; j++)
         printf("%s step %lld %.3f", j ? " |" : "", (long long)r->step[picks[j]], L->v[STATS_COL_CV][picks[j]]);

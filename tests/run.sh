@@ -177,6 +177,7 @@ equivalence tests/configs/tiny.yaml 1:1 2:1 4:1
 equivalence tests/configs/tiny-topk.yaml 1:1 2:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-learned.yaml 1:1 2:2 4:2 4:4
+equivalence tests/configs/tiny-infinite-balance.yaml 1:1 2:2 4:2 4:4
 
 # ---- an expert that receives no tokens: no hang, zero gradients, same losses ----
 empty_ref=""
@@ -214,7 +215,7 @@ same_tensors() {
     local g
     for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
 }
-for name in tiny tiny-topk tiny-infinite; do
+for name in tiny tiny-topk tiny-infinite tiny-infinite-balance; do
     cfg=tests/configs/$name.yaml
     train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"
     train_to "$CK/$name-first.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/$name-first"

@@ -15,6 +15,7 @@
 #include "infmoe/gemm.h"
 #include "infmoe/util.h"
 #include "layer_case.h"
+#include "infmoe/infinite.h"
 
 static rng_state g_rng;
 
@@ -58,13 +59,44 @@ static void check_reference(const char *name, run_config cfg) {
     layer_case_free(&lc);
 }
 
+/* The knots' update: towards the CDF of the counts mixed 9:1 with the identity,
+ * ends fixed, monotone; with even counts the identity stays. */
+static void check_balance_update(void) {
+    enum { NB = 4 };
+    double w[NB + 1] = {0, 0.25, 0.5, 0.75, 1}, even[NB] = {3, 3, 3, 3}, skew[NB] = {6, 2, 0, 0};
+    inf_balance_update(w, even, NB, 0.5);
+    for (int j = 0; j <= NB; j++) CHECK(fabs(w[j] - j / 4.0) < 1e-15, "even counts moved knot %d to %g", j, w[j]);
+    inf_balance_update(w, skew, NB, 0.5);
+    /* cdf 0.75, 1, 1 -> targets 0.9 cdf + 0.1 j/4 = 0.7, 0.95, 0.975; halfway from 0.25, 0.5, 0.75 */
+    const double want[NB + 1] = {0, 0.475, 0.725, 0.8625, 1};
+    for (int j = 0; j <= NB; j++) CHECK(fabs(w[j] - want[j]) < 1e-12, "knot %d: %g, want %g", j, w[j], want[j]);
+    double none[NB] = {0};
+    inf_balance_update(w, none, NB, 0.5);
+    CHECK(fabs(w[1] - 0.475) < 1e-15, "no counts must leave the knots");
+}
+
 /* A probe at least, and not many more skipped than checked (z moves with mu). */
 static int enough(int checked, int skipped) { return checked >= 1 && skipped <= checked + 2; }
+
+/* Ring balance: a warp far from the identity (knots from skewed counts), so the
+ * slopes through which d z passes differ block to block. */
+static void skew_warp(layer_case *lc) {
+    ffn_state_array s[4];
+    if (ffn_state(&lc->f, s, 4) != 1 || strcmp(s[0].name, "ring_warp") != 0) return;
+    int nb = (int)s[0].n - 1;
+    double *counts = xcalloc((size_t)nb, sizeof(double));
+    for (int j = 0; j < nb; j++) counts[j] = 1.0 + (j % 3) * 5.0 + (j < nb / 4 ? 20.0 : 0.0);
+    inf_balance_update(s[0].data, counts, nb, 0.8);
+    free(counts);
+}
 
 static void check_gradients(const char *name, run_config cfg) {
     layer_case lc;
     setup(&lc, &cfg, 10);
-    layer_case_check_gradients(name, &lc, 50, 3, enough);
+    skew_warp(&lc);
+    /* with the warp a probe also changes routing when a sample crosses a knot:
+     * smaller steps more often */
+    layer_case_check_gradients(name, &lc, 50, cfg.balance_rate > 0 ? 6 : 3, enough);
     layer_case_free(&lc);
 }
 
@@ -82,6 +114,12 @@ int main(int argc, char **argv) {
     check_gradients("window (per unit, K 2, KL)", c);
     c = base(64, 4, MASK_WINDOW, 2);
     check_gradients("window (blocks of 4, K 2)", c);
+    c.balance_rate = 0.1f;
+    check_gradients("window (blocks of 4, K 2, ring balance warp)", c);
+    c = base(128, 16, MASK_WINDOW, 2);
+    c.balance_rate = 0.1f;
+    check_reference("window, block 16, K 2, ring balance", c);
+    check_balance_update();
     c = base(32, 1, MASK_LEARNED, 2);
     c.kl_weight = 0.5f;
     check_gradients("learned (per unit, K 2, KL)", c);

@@ -63,7 +63,7 @@ typedef struct {
      * window temperature, latent dimension (0: 1 for window, 8 for learned),
      * router width, KL weight */
     int32_t inf_units, samples, mask_block, latent_dim, router_hidden;
-    float keep, tau, kl_weight, sigma_min;
+    float keep, tau, kl_weight, sigma_min, balance_rate;
     mask_rule mask;
     /* train */
     int32_t steps, batch_size, warmup;

@@ -46,6 +46,12 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, const ffn_context *ctx);
 /* Samples per token from now on (inference knob); deterministic: one sample z = mu. */
 void inf_set_samples(inf_layer *f, int samples, int deterministic);
+/* Ring balance (ffn.balance_rate, window rule): the knots' update from a step's
+ * global counts of raw samples per block (unit-tested); once per training step;
+ * the knots as checkpoint state (n = 0 when balance is off). */
+void inf_balance_update(double *warp, const double *counts, int nb, double rate);
+void inf_end_step(inf_layer *f);
+double *inf_balance_state(inf_layer *f, int64_t *n);
 /*
  * The layer's stats.h5 description, the last forward's row (unit blocks as
  * buckets: the tokens using each; sigma, overlap, active units; z and sigma
