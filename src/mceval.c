@@ -184,8 +184,8 @@ void mc_evaluate(gpt_model *m, const mc_set *s, const dist_ctx *d, int step, int
             const uint16_t *y = s->tok + s->comp[item * MC_COMPLETIONS + c];
             int32_t *ri = in + (size_t)row * T, *rt = tg + (size_t)row * T;
             for (int p = 0; p < xl; p++) ri[p] = x[p];
-            for (int p = 0; p < cl; p++) {
-                if (xl + p < T) ri[xl + p] = y[p];
+            for (int p = 0; p < cl; p++) { /* xl + cl <= T */
+                ri[xl + p] = y[p];
                 rt[xl + p - 1] = y[p];
             }
             first[row] = xl - 1;

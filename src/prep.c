@@ -157,6 +157,7 @@ static int fail(const char *tmp_train, const char *tmp_val, const char *fmt, ...
 
 typedef struct {
     size_t start, split, end; /* passage bytes [start, end), completion from split */
+    size_t index;             /* its place in text order */
 } passage;
 
 static int by_completion_length(const void *a, const void *b) {
@@ -218,7 +219,8 @@ static int prep_mc(char **files, int n_files, const char *out, int tokenizer, co
         }
         if (!split) continue;
         if (n_ps == cap_ps) ps = xrealloc(ps, (cap_ps = 2 * cap_ps + 1024) * sizeof *ps);
-        ps[n_ps++] = (passage){s, split, e};
+        ps[n_ps] = (passage){s, split, e, n_ps};
+        n_ps++;
     }
     if (n_ps < MC_COMPLETIONS * 2) {
         free(text);
@@ -238,16 +240,8 @@ static int prep_mc(char **files, int n_files, const char *out, int tokenizer, co
     passage *sorted = xmalloc(n_ps * sizeof *sorted);
     memcpy(sorted, ps, n_ps * sizeof *ps);
     qsort(sorted, n_ps, sizeof *sorted, by_completion_length);
-    size_t *rank_of = xmalloc(n_ps * sizeof(size_t));
-    for (size_t q = 0; q < n_ps; q++) {
-        size_t lo = 0, hi = n_ps; /* ps is in text order: find sorted[q] in it */
-        while (lo + 1 < hi) {
-            size_t mid = (lo + hi) / 2;
-            if (ps[mid].start <= sorted[q].start) lo = mid;
-            else hi = mid;
-        }
-        rank_of[lo] = q;
-    }
+    size_t *rank_of = xmalloc(n_ps * sizeof(size_t)); /* text order -> completion-length order */
+    for (size_t q = 0; q < n_ps; q++) rank_of[sorted[q].index] = q;
     rng_state r;
     rng_seed(&r, seed);
     mc_set set = {0};
