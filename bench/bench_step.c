@@ -59,7 +59,8 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--help") == 0) {
             printf("usage: mpirun -np P bench_step [--layers L] [--embd C] [--heads NH] [--seq T]\n"
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
-                   "       [--experts E --k K --expert-hidden HE --ep EP]\n"
+                   "       [--experts E --k K --expert-hidden HE --ep EP [--force-balance]\n"
+                   "        [--expert-bias RATE]] [--shared-hidden HS]\n"
                    "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
                    "--experts, or ∞-MoE with --units); defaults: GPT-2 small, T=256, B=4, fp32,\n"
@@ -102,7 +103,14 @@ int main(int argc, char **argv) {
         if (cfg.experts % cfg.ep || d.size % cfg.ep)
             infmoe_die_all("--ep must divide --experts and the rank count");
         dist_set_layout(&d, cfg.ep);
+        for (int i = 1; i < argc; i++)
+            if (strcmp(argv[i], "--force-balance") == 0) cfg.force_balance = 1;
+        for (int i = 1; i + 1 < argc; i++)
+            if (strcmp(argv[i], "--expert-bias") == 0) cfg.expert_bias_rate = (float)atof(argv[i + 1]);
     }
+    cfg.shared_hidden = arg_int(argc, argv, "--shared-hidden", 0);
+    if (cfg.shared_hidden > 0 && cfg.ffn_kind == FFN_DENSE)
+        infmoe_die_all("--shared-hidden goes with --experts or --units");
     for (int i = 1; i + 1 < argc; i++)
         if (strcmp(argv[i], "--precision") == 0) {
             if (strcmp(argv[i + 1], "bf16") == 0) cfg.precision = PRECISION_BF16;
@@ -187,6 +195,7 @@ int main(int argc, char **argv) {
         printf("bench_step: L%d C%d NH%d T%d V%d H%d | global batch %d | ranks %d x threads %d\n",
                cfg.n_layer, cfg.n_embd, cfg.n_head, T, cfg.vocab_size, cfg.ffn_hidden,
                cfg.batch_size, d.size, omp_get_max_threads());
+        if (cfg.shared_hidden > 0) printf("  shared FFN of %d units in every routed layer\n", cfg.shared_hidden);
         printf("  params %.1fM | %.2f GFLOP/token | precision %s | peak %.0f GFLOP/s %s (%d cores "
                "in use)\n",
                (double)model_num_params(&m) / 1e6, flops / 1e9, m.bf16 ? "bf16" : "fp32", peak,
@@ -197,9 +206,11 @@ int main(int argc, char **argv) {
                100 * t_fwd / t_total, 100 * t_bwd / t_total, 100 * t_ar / t_total,
                100 * t_opt / t_total);
         if (n_moe > 0)
-            printf("  moe E%d top-%d width %d ep %d | routing %.1f%% | dispatch %.1f%% | "
+            printf("  moe E%d top-%d width %d ep %d%s%s | routing %.1f%% | dispatch %.1f%% | "
                    "all-to-all %.1f%% | expert GEMMs %.1f%% at %.1f%% of peak (%.0f rows/expert/layer)\n",
-                   cfg.experts, cfg.top_k, cfg.expert_hidden, cfg.ep, 100 * moe_t[0] / t_total,
+                   cfg.experts, cfg.top_k, cfg.expert_hidden, cfg.ep,
+                   cfg.force_balance ? " forced balance" : "", cfg.expert_bias_rate > 0 ? " expert bias" : "",
+                   100 * moe_t[0] / t_total,
                    100 * moe_t[1] / t_total, 100 * moe_t[2] / t_total, 100 * moe_t[3] / t_total,
                    100 * expert_flops / moe_t[3] / (rank_peak * 1e9),
                    rows / steps / n_moe / (cfg.experts / cfg.ep));

@@ -602,6 +602,13 @@ ckpt_position ckpt_load(const char *path, gpt_model *m, const run_config *cfg, c
         for (int a = 0; a < n_arr && !err[0]; a++) {
             char name[112];
             snprintf(name, sizeof name, "state/h.%d.%s", l, arr[a].name);
+            if (H5Lexists(f, "state", H5P_DEFAULT) > 0 && H5Lexists(f, name, H5P_DEFAULT) == 0) {
+                /* saved without it (the option that keeps it was off): it starts afresh */
+                if (d->rank == 0)
+                    printf("note: %s has no %s (saved with the option that keeps it off); it "
+                           "starts from its initial value\n", path, name);
+                continue;
+            }
             hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
             if (ds < 0 || H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, arr[a].data) < 0)
                 snprintf(err, sizeof err, "%s: cannot read %s", path, name);

@@ -38,6 +38,7 @@ const char *precision_name(precision_kind p) {
     ALWAYS(p >= PRECISION_FP32 && p <= PRECISION_AUTO);
     return precision_names[p];
 }
+static const char *const bool_names[] = {"false", "true", NULL};
 static const char *const tokenizer_names[] = {"byte", "gpt2", NULL};
 const char *tokenizer_name(tokenizer_kind t) {
     ALWAYS(t >= TOKENIZER_BYTE && t <= TOKENIZER_GPT2);
@@ -66,6 +67,10 @@ static const key_spec schema[] = {
     {"ffn", "capacity_factor", KEY_FLOAT, OFF(capacity_factor), -1e30, 1e30, NULL, "0"},
     {"ffn", "collapse_guard_steps", KEY_INT, OFF(collapse_guard_steps), 0, INT_MAX, NULL, "0"},
     {"ffn", "collapse_margin", KEY_FLOAT, OFF(collapse_margin), 0, 1, NULL, "0.01"},
+    {"ffn", "eval_capacity_factor", KEY_FLOAT, OFF(eval_capacity_factor), -1e30, 1e30, NULL, NULL},
+    {"ffn", "expert_bias_rate", KEY_FLOAT, OFF(expert_bias_rate), 0, 1, NULL, "0"},
+    {"ffn", "force_balance", KEY_ENUM, OFF(force_balance), 0, 0, bool_names, "false"},
+    {"ffn", "shared_hidden", KEY_INT, OFF(shared_hidden), 0, 1 << 24, NULL, "0"},
     {"ffn", "moge_lambda", KEY_FLOAT, OFF(moge_lambda), 0, 1e30, NULL, "1e-3"},
     {"ffn", "moge_sigma_max", KEY_FLOAT, OFF(moge_sigma_max), 1e-6, 1e6, NULL, "10"},
     {"ffn", "moge_sigma_min", KEY_FLOAT, OFF(moge_sigma_min), 1e-6, 1e6, NULL, "1"},
@@ -144,6 +149,7 @@ void config_defaults(run_config *cfg) {
     for (int i = 0; i < N_KEYS; i++)
         if (schema[i].def && set_value(cfg, &schema[i], schema[i].def, err, sizeof err))
             INFMOE_FAIL("bad default in the config schema: %s", err);
+    cfg->eval_capacity_factor = NAN; /* unset: as capacity_factor (validate) */
 }
 
 static const key_spec *find_key(const char *section, const char *key, int *index) {
@@ -493,6 +499,25 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                       "ffn.moge_sigma_min (%g) must not exceed ffn.moge_sigma_max (%g)",
                       cfg->moge_sigma_min, cfg->moge_sigma_max);
     }
+    if (isnan(cfg->eval_capacity_factor)) cfg->eval_capacity_factor = cfg->capacity_factor;
+    const int discrete = cfg->ffn_kind == FFN_TOPK || cfg->ffn_kind == FFN_MOGE;
+    if (!discrete && cfg->expert_bias_rate > 0)
+        KEY_ERROR(ctx, "ffn", "expert_bias_rate",
+                  "ffn.expert_bias_rate (%g) applies to ffn.kind topk and moge (a bias per expert), "
+                  "not %s", cfg->expert_bias_rate, ffn_kind_name(cfg->ffn_kind));
+    if (!discrete && cfg->force_balance)
+        KEY_ERROR(ctx, "ffn", "force_balance",
+                  "ffn.force_balance applies to ffn.kind topk and moge (an even assignment to "
+                  "experts), not %s", ffn_kind_name(cfg->ffn_kind));
+    if (cfg->force_balance && cfg->collapse_guard_steps > 0)
+        KEY_ERROR(ctx, "ffn", "force_balance",
+                  "ffn.force_balance replaces the routing, so ffn.collapse_guard_steps (%d) would "
+                  "have nothing to guard: set one of them",
+                  cfg->collapse_guard_steps);
+    if (cfg->ffn_kind == FFN_DENSE && cfg->shared_hidden > 0)
+        KEY_ERROR(ctx, "ffn", "shared_hidden",
+                  "ffn.shared_hidden (%d) is a shared FFN beside routed experts; a dense model has "
+                  "none (its width is ffn.hidden)", cfg->shared_hidden);
     if (cfg->ffn_kind == FFN_MOGE) {
         int rows = 1;
         for (int r = 1; r * r <= cfg->experts; r++)
@@ -707,9 +732,10 @@ static const char *const arch_all[] = {"model.n_layer", "model.n_embd", "model.n
                                        "model.seq_len", "model.vocab_size", "ffn.kind",
                                        "ffn.hidden", NULL};
 static const char *const arch_moe[] = {"ffn.every", "ffn.experts", "ffn.k", "ffn.expert_hidden",
-                                       "ffn.gate", NULL};
+                                       "ffn.gate", "ffn.shared_hidden", NULL};
 static const char *const arch_infinite[] = {"ffn.every", "ffn.units", "ffn.mask", "ffn.mask_block",
-                                            "ffn.latent_dim", "ffn.router_hidden", NULL};
+                                            "ffn.latent_dim", "ffn.router_hidden", "ffn.shared_hidden",
+                                            NULL};
 
 static int listed(const char *const *list, const char *name) {
     for (int i = 0; list[i]; i++)

@@ -60,15 +60,15 @@ static const char *positional(int argc, char **argv, const char *const *known, c
 }
 
 /* Config of the checkpoint, the model built for this job's layout, the weights loaded. */
-static void load_model(const char *arg, int B, int ep, dist_ctx *d, run_config *cfg, gpt_model *m,
-                       char *path, size_t cap, ckpt_position *pos) {
+static void load_model(const char *arg, int B, int ep, const char *extra_set, dist_ctx *d,
+                       run_config *cfg, gpt_model *m, char *path, size_t cap, ckpt_position *pos) {
     ckpt_resolve(arg, ".", path, cap);
     char *text = ckpt_config_text(path);
     /* the checkpoint's config with this job's ep: config checks what ep must divide */
     char set_ep[48];
     snprintf(set_ep, sizeof set_ep, "parallel.ep=%d", ep);
-    char *sets[1] = {set_ep};
-    config_load_text(cfg, path, text, 1, sets, d->rank != 0);
+    char *sets[2] = {set_ep, (char *)extra_set};
+    config_load_text(cfg, path, text, extra_set ? 2 : 1, sets, d->rank != 0);
     free(text);
     config_check_ep(cfg, d->size, d->rank != 0);
     dist_set_layout(d, cfg->ep);
@@ -159,7 +159,7 @@ int infer_eval_main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "--help") == 0) {
         printf("usage: infmoe eval CKPT [--data SHARDS] [--batches N] [--batch B] [--ep EP]\n"
                "                  [--samples K | --deterministic] [--mc FILE]\n"
-               "                  [--sweep 1,2,4,8,det [--csv FILE]]\n"
+               "                  [--sweep 1,2,4,8,det [--csv FILE]] [--capacity-factor CF]\n"
                "\n"
                "Validation loss of checkpoint CKPT (a step_NNNNNN directory or a run's 'latest')\n"
                "over N global batches of B sequences (defaults: the checkpoint's data.val,\n"
@@ -172,7 +172,10 @@ int infer_eval_main(int argc, char **argv) {
                "B/ranks/4 to a forward on each rank, so B must be at least 4 x ranks.\n"
                "--sweep (∞-MoE): one table of samples K -> val loss, mc accuracy, tokens/s, FFN\n"
                "GFLOPs per token as run and FFN seconds; also written as CSV (default\n"
-               "sweep.csv). 'det' is the deterministic sample. tools/plot_sweep.py plots it.\n");
+               "sweep.csv). 'det' is the deterministic sample. tools/plot_sweep.py plots it.\n"
+               "--capacity-factor CF (discrete MoE): each expert takes at most ceil(CF n k / E)\n"
+               "of a rank's n tokens, the rest ride the residual; 0 or less: dropless (default:\n"
+               "the checkpoint's ffn.eval_capacity_factor).\n");
         return 0;
     }
     dist_ctx d;
@@ -186,7 +189,8 @@ int infer_eval_main(int argc, char **argv) {
             argc--;
             i--;
         }
-    const char *known[] = {"--data", "--batches", "--batch", "--ep", "--samples", "--mc", "--sweep", "--csv", NULL};
+    const char *known[] = {"--data", "--batches", "--batch", "--ep", "--samples", "--mc", "--sweep", "--csv",
+                           "--capacity-factor", NULL};
     const char *arg = positional(argc, argv, known, "eval");
     run_config cfg;
     gpt_model m;
@@ -208,6 +212,18 @@ int infer_eval_main(int argc, char **argv) {
     if (sweep && (deterministic || option(argc, argv, "--samples")))
         infmoe_die_all("eval: --sweep sets the samples itself: leave out --samples and --deterministic");
     if (option(argc, argv, "--csv") && !sweep) infmoe_die_all("eval: --csv goes with --sweep");
+    char cap_set[96] = "";
+    if (option(argc, argv, "--capacity-factor")) {
+        if (cfg.ffn_kind != FFN_TOPK && cfg.ffn_kind != FFN_MOGE)
+            infmoe_die_all("eval: --capacity-factor applies to discrete MoE models (ffn.kind topk, moge), not %s",
+                           ffn_kind_name(cfg.ffn_kind));
+        const char *v = option(argc, argv, "--capacity-factor");
+        char *end = NULL;
+        double cf = strtod(v, &end);
+        if (end == v || *end != '\0' || !isfinite(cf))
+            infmoe_die_all("eval: --capacity-factor %s: expected a number (0 or less: dropless)", v);
+        snprintf(cap_set, sizeof cap_set, "ffn.eval_capacity_factor=%.9g", cf);
+    }
     int ks[64], n_k = sweep ? parse_sweep(sweep, ks, 64) : 1;
     if (!sweep) ks[0] = deterministic ? 0 : samples;
     const char *data = option(argc, argv, "--data");
@@ -221,7 +237,7 @@ int infer_eval_main(int argc, char **argv) {
     if (data) snprintf(data_path, sizeof data_path, "%s", data);
     config_free(&cfg);
     int B = batch / d.size;
-    load_model(arg, B, (int)option_int(argc, argv, "eval", "--ep", 1, 1, 1 << 20), &d, &cfg, &m, path,
+    load_model(arg, B, (int)option_int(argc, argv, "eval", "--ep", 1, 1, 1 << 20), cap_set[0] ? cap_set : NULL, &d, &cfg, &m, path,
                sizeof path, &pos);
     mc_set mc = {0};
     if (mc_path) {
@@ -241,6 +257,7 @@ int infer_eval_main(int argc, char **argv) {
             if (deterministic) snprintf(mode, sizeof mode, " | samples deterministic");
             else snprintf(mode, sizeof mode, " | samples %d", samples);
         }
+        if (cap_set[0]) snprintf(mode, sizeof mode, " | capacity factor %g", (double)cfg.eval_capacity_factor);
         if (data)
             dist_log("eval %s | step %lld | val_loss %.6f%s | %d batches x %d sequences | ranks %d | %.2f s\n", path,
                      (long long)pos.step, res[i].loss, mode, batches, batch, d.size, res[i].secs);
@@ -315,7 +332,7 @@ int infer_sample_main(int argc, char **argv) {
     gpt_model m;
     char path[2048];
     ckpt_position pos;
-    load_model(arg, 1, (int)option_int(argc, argv, "sample", "--ep", 1, 1, 1 << 20), &d, &cfg, &m,
+    load_model(arg, 1, (int)option_int(argc, argv, "sample", "--ep", 1, 1, 1 << 20), NULL, &d, &cfg, &m,
                path, sizeof path, &pos);
     const int T = cfg.seq_len, V = cfg.vocab_size, bytes = V <= 256;
     bpe_vocab *bpe = NULL;

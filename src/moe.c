@@ -37,8 +37,8 @@ struct moe_layer {
     int bf16; /* bf16 precision: rows, expert activations and their gradients in bf16, in
                * the fp32-sized buffers below (token rows and payloads: half the bytes) */
     gate_kind gate;
-    int moge, guard_steps;
-    float w_imp, w_load, aux_alpha, z_loss, jitter, cf, margin;
+    int moge, guard_steps, force;
+    float w_imp, w_load, aux_alpha, z_loss, jitter, cf, eval_cf, margin, bias_rate;
     float moge_lambda, s_max, s_min, s_gamma;
     int grid_r, grid_c, win;
     size_t wg, wn, w1, b1, w2, b2; /* parameter offsets */
@@ -77,6 +77,7 @@ struct moe_layer {
     double sigma;
     float window[9];
     double *guard_tot;
+    double *bias; /* (E) aux-loss-free balancing: added to the selection scores only */
     moe_stats stats;
     void *mem; /* every buffer above, one allocation (mem_carve) */
 };
@@ -92,7 +93,7 @@ static int experts_in_parallel(const moe_layer *m) {
 }
 
 /* Layout of the per-expert sums reduced over all ranks each training step. */
-enum { S_IMP, S_LOAD, S_ARGMAX, S_PROB, S_KEPT, S_VECTORS };
+enum { S_IMP, S_LOAD, S_ARGMAX, S_PROB, S_KEPT, S_CHOSEN, S_VECTORS };
 #define SUM_AT(m, which) ((m)->gsum + (size_t)(which) * (m)->E)
 #define SUM_DROPPED(m) ((m)->gsum[S_VECTORS * (m)->E + 0])
 #define SUM_LSE2(m) ((m)->gsum[S_VECTORS * (m)->E + 1])
@@ -134,6 +135,10 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
     m->z_loss = cfg->z_loss;
     m->jitter = cfg->jitter;
     m->cf = cfg->capacity_factor;
+    /* NaN: not resolved by config validation (a config built in code): as in training */
+    m->eval_cf = isnan(cfg->eval_capacity_factor) ? cfg->capacity_factor : cfg->eval_capacity_factor;
+    m->bias_rate = cfg->expert_bias_rate;
+    m->force = cfg->force_balance;
     m->guard_steps = cfg->collapse_guard_steps;
     m->margin = cfg->collapse_margin;
     m->moge_lambda = cfg->moge_lambda;
@@ -168,7 +173,7 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
         MEM_PART(m->back, R * C),       MEM_PART(m->Hpre, R * He),     MEM_PART(m->A, R * He),
         MEM_PART(m->dlog, n * E),       MEM_PART(m->dnlog, n * E),     MEM_PART(m->dur, n * C),
         MEM_PART(m->dgate, n * k),      MEM_PART(m->dA, R * He),       MEM_PART(m->gsum, N_SUMS(m)),
-        MEM_PART(m->guard_tot, E),      MEM_PART(m->stats.tokens, E),
+        MEM_PART(m->guard_tot, E),      MEM_PART(m->stats.tokens, E),  MEM_PART(m->bias, E),
     };
     m->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
     dispatch_groups_init(&m->by_expert, m->E_local, R);
@@ -200,6 +205,7 @@ void moe_free(moe_layer *m) {
 }
 
 double *moe_guard_totals(moe_layer *m) { return m->guard_tot; }
+double *moe_expert_bias(moe_layer *m) { return m->bias_rate > 0 ? m->bias : NULL; }
 int moe_num_experts(const moe_layer *m) { return m->E; }
 
 double moe_matmul_params_per_token(const moe_layer *m) {
@@ -249,24 +255,37 @@ static void route_token(moe_layer *m, int64_t t, const ffn_context *ctx) {
     } else {
         memcpy(sc, lg, sizeof(float) * E);
     }
-    /* top-(k+1) by repeated selection (E is small); ties go to the lower index */
     int32_t order[k + 1];
-    int taken = 0;
-    for (int j = 0; j < k + 1 && j < E; j++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            int used = 0;
-            for (int q = 0; q < taken; q++) used |= order[q] == e;
-            if (!used && (best < 0 || sc[e] > sc[best])) best = e;
+    if (m->force) {
+        /* forced balance: global token g takes experts gk, gk+1, ..., gk+k-1 (mod E), so
+         * any whole number of rounds of E / gcd(E, k) tokens loads every expert alike;
+         * the gates still come from the router, the load loss has no threshold */
+        int64_t g = ctx->token_offset + t;
+        for (int j = 0; j < k; j++) order[j] = (int32_t)((g * k + j) % E);
+        m->kth[t * 2] = m->kth[t * 2 + 1] = -1;
+    } else {
+        /* top-(k+1) by repeated selection (E is small); ties go to the lower index. The
+         * expert bias (aux-loss-free balancing) moves the choice, not the gates. */
+        float sel[E];
+        for (int e = 0; e < E; e++) sel[e] = m->bias_rate > 0 ? sc[e] + (float)m->bias[e] : sc[e];
+        int taken = 0;
+        for (int j = 0; j < k + 1 && j < E; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int used = 0;
+                for (int q = 0; q < taken; q++) used |= order[q] == e;
+                if (!used && (best < 0 || sel[e] > sel[best])) best = e;
+            }
+            order[taken++] = best;
         }
-        order[taken++] = best;
+        m->kth[t * 2] = order[k - 1];
+        m->kth[t * 2 + 1] = k < E ? order[k] : -1;
     }
     for (int j = 0; j < k; j++) m->choice[t * k + j] = order[j];
-    m->kth[t * 2] = order[k - 1];
-    m->kth[t * 2 + 1] = k < E ? order[k] : -1;
     float *g = m->gates + t * k;
     if (m->gate == GATE_NOISY) { /* softmax over the kept scores */
         float gmax = sc[order[0]], gs = 0.0f;
+        for (int j = 1; j < k; j++) gmax = sc[order[j]] > gmax ? sc[order[j]] : gmax;
         for (int j = 0; j < k; j++) gs += (g[j] = expf(sc[order[j]] - gmax));
         for (int j = 0; j < k; j++) g[j] /= gs;
     } else { /* Switch: the raw probabilities */
@@ -324,7 +343,11 @@ static double load_prob(const moe_layer *m, int64_t t, int e, int in_topk, doubl
     *thr = m->kth[t * 2 + (in_topk ? 1 : 0)];
     if (m->blocked[e] || *thr < 0 || isinf(m->score[t * E + *thr])) return -1.0; /* constant */
     *s = softplusf(m->nlog[t * E + e]);
-    *zs = (m->logits[t * E + e] - m->score[t * E + *thr]) / *s;
+    /* with the expert bias, the threshold is compared in selection scores */
+    if (m->bias_rate > 0)
+        *zs = ((m->logits[t * E + e] + (float)m->bias[e]) - (m->score[t * E + *thr] + (float)m->bias[*thr])) / *s;
+    else
+        *zs = (m->logits[t * E + e] - m->score[t * E + *thr]) / *s;
     return norm_cdf(*zs);
 }
 
@@ -352,6 +375,7 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
         for (int j = 0; j < k; j++) {
             int e = m->choice[t * k + j];
             SUM_AT(m, S_IMP)[e] += m->gates[t * k + j];
+            SUM_AT(m, S_CHOSEN)[e] += 1;
             if (m->slot[t * k + j] >= 0) SUM_AT(m, S_KEPT)[e] += 1;
             else SUM_DROPPED(m) += 1;
         }
@@ -458,7 +482,8 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
 
     /* 3. capacity, filled in token order (a choice over it is dropped); send rows
      * ordered by expert, so by the rank that holds it */
-    int64_t cap = m->cf > 0 ? (int64_t)ceil(m->cf * (double)n * k / E) : INT64_MAX;
+    const double cf = ctx->training ? m->cf : m->eval_cf;
+    int64_t cap = cf > 0 ? (int64_t)ceil(cf * (double)n * k / E) : INT64_MAX;
     memset(m->e_count, 0, sizeof(int64_t) * E);
     for (int64_t i = 0; i < n * k; i++) {
         int e = m->choice[i];
@@ -773,7 +798,16 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
     st->t_route += wall_time() - t7;
 }
 
+void moe_bias_update(double *bias, const double *chosen, int E, double rate) {
+    double mean = 0.0;
+    for (int e = 0; e < E; e++) mean += chosen[e];
+    mean /= E;
+    for (int e = 0; e < E; e++) bias[e] += rate * (double)((chosen[e] < mean) - (chosen[e] > mean));
+}
+
 void moe_end_step(moe_layer *m, const ffn_context *ctx) {
+    /* the step's global choices (before capacity), the same on every rank */
+    if (m->bias_rate > 0) moe_bias_update(m->bias, SUM_AT(m, S_CHOSEN), m->E, m->bias_rate);
     if (ctx->step >= m->guard_steps) return;
     for (int e = 0; e < m->E; e++) m->guard_tot[e] += SUM_AT(m, S_KEPT)[e];
 }
@@ -791,6 +825,7 @@ void moe_stats_describe(const moe_layer *m, stats_layer_desc *d) {
     d->k = m->k;
     d->n_aux = 5;
     for (int a = 0; a < 5; a++) d->aux_names[a] = MOE_AUX[a];
+    d->has_bias = m->bias_rate > 0;
 }
 
 void moe_stats_row(const moe_layer *m, stats_row *r) {
@@ -808,6 +843,7 @@ void moe_stats_row(const moe_layer *m, stats_row *r) {
     r->aux[2] = st->aux_switch;
     r->aux[3] = st->aux_z;
     r->aux[4] = st->aux_moge;
+    r->bias = m->bias_rate > 0 ? m->bias : NULL;
 }
 
 void moe_phase_times(const moe_layer *m, double t[4]) {

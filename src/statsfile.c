@@ -104,14 +104,15 @@ static int attr_get_str(hid_t obj, const char *name, char *buf, size_t cap) {
 /*
  * A layer's rows: one compound record per row, every field 8-byte values,
  * packed: tokens[n_buckets], the scalar columns (stats_columns[1..STATS_N_COLUMNS) then
- * aux_<name>), then z_hist[z_bins] and sigma_hist[sigma_bins] when present.
+ * aux_<name>), then z_hist[z_bins], sigma_hist[sigma_bins], bias[n_buckets]
+ * (doubles) and shared_share (a double) when present.
  */
 typedef struct {
     stats_layer_desc d;
     char kind[32], bucket[32], aux[STATS_MAX_AUX][32];
     hid_t ds, ftype, mtype;
     int n_cols;              /* scalar columns */
-    size_t rec_size, off_col, off_z, off_sigma;
+    size_t rec_size, off_col, off_z, off_sigma, off_bias, off_shared;
     unsigned char *rec;      /* one record, memory layout */
 } wlayer;
 
@@ -156,6 +157,14 @@ static hid_t record_type(const wlayer *w, int native) {
         h5_check(H5Tinsert(t, "sigma_hist", w->off_sigma, a));
         H5Tclose(a);
     }
+    if (w->d.has_bias) {
+        hsize_t dim = (hsize_t)w->d.n_buckets;
+        a = h5_check(H5Tarray_create2(native ? H5T_NATIVE_DOUBLE : H5T_IEEE_F64LE, 1, &dim));
+        h5_check(H5Tinsert(t, "bias", w->off_bias, a));
+        H5Tclose(a);
+    }
+    if (w->d.has_shared)
+        h5_check(H5Tinsert(t, "shared_share", w->off_shared, native ? H5T_NATIVE_DOUBLE : H5T_IEEE_F64LE));
     return t;
 }
 
@@ -175,7 +184,9 @@ static void layer_plan(wlayer *w, const stats_layer_desc *d) {
     w->off_col = 8 * (size_t)d->n_buckets;
     w->off_z = w->off_col + 8 * (size_t)w->n_cols;
     w->off_sigma = w->off_z + 8 * (size_t)(d->z_bins > 0 ? d->z_bins : 0);
-    w->rec_size = w->off_sigma + 8 * (size_t)(d->sigma_bins > 0 ? d->sigma_bins : 0);
+    w->off_bias = w->off_sigma + 8 * (size_t)(d->sigma_bins > 0 ? d->sigma_bins : 0);
+    w->off_shared = w->off_bias + 8 * (size_t)(d->has_bias ? d->n_buckets : 0);
+    w->rec_size = w->off_shared + 8 * (size_t)(d->has_shared ? 1 : 0);
     w->ftype = record_type(w, 0);
     w->mtype = record_type(w, 1);
     w->rec = xcalloc(w->rec_size, 1);
@@ -376,7 +387,8 @@ int stats_writer_append(stats_writer *w, int64_t step, const stats_row *rows) {
     for (int l = 0; l < w->n; l++) {
         wlayer *L = &w->L[l];
         const stats_row *x = &rows[l];
-        if (!x->tokens || (L->d.z_bins > 0 && !x->z_hist) || (L->d.sigma_bins > 0 && !x->sigma_hist))
+        if (!x->tokens || (L->d.z_bins > 0 && !x->z_hist) || (L->d.sigma_bins > 0 && !x->sigma_hist) ||
+            (L->d.has_bias && !x->bias))
             return -1;
         derived dv = derive(x->tokens, L->d.n_buckets);
         int64_t iv[STATS_N_COLUMNS] = {0};
@@ -406,6 +418,8 @@ int stats_writer_append(stats_writer *w, int64_t step, const stats_row *rows) {
             memcpy(L->rec + L->off_col + 8 * (size_t)(STATS_N_COLUMNS - 1 + a), &x->aux[a], 8);
         if (L->d.z_bins > 0) memcpy(L->rec + L->off_z, x->z_hist, 8 * (size_t)L->d.z_bins);
         if (L->d.sigma_bins > 0) memcpy(L->rec + L->off_sigma, x->sigma_hist, 8 * (size_t)L->d.sigma_bins);
+        if (L->d.has_bias) memcpy(L->rec + L->off_bias, x->bias, 8 * (size_t)L->d.n_buckets);
+        if (L->d.has_shared) memcpy(L->rec + L->off_shared, &x->shared_share, 8);
         if (h5_ds_append_row(L->ds, r, 1, L->mtype, L->rec) < 0) return -1;
     }
     /* /step last: a reader takes the rows every dataset has */
@@ -428,6 +442,8 @@ void stats_data_free(stats_data *r) {
         free(r->L[l].tokens);
         for (int i = 0; i < STATS_N_COLUMNS; i++) free(r->L[l].v[i]);
         for (int a = 0; a < r->L[l].n_aux; a++) free(r->L[l].auxv[a]);
+        free(r->L[l].bias);
+        free(r->L[l].shared);
     }
     free(r->L);
     free(r->step);
@@ -580,7 +596,10 @@ static int read_layer_rows(hid_t ds, stats_layer_data *L, int64_t n) {
     hid_t ft = H5Dget_type(ds); /* the file's types: a damaged file fails here, not the job */
     if (ft < 0) return -1;
     int nm = H5Tget_class(ft) == H5T_COMPOUND ? H5Tget_nmembers(ft) : 0;
-    size_t row_bytes = 8 * (size_t)L->nb + 8 * (size_t)(nm > 0 ? nm : 1);
+    /* memory record: tokens, a double per member (at 8 nb + 8 c), then bias[nb] */
+    const size_t off_bias = 8 * (size_t)L->nb + 8 * (size_t)(nm > 0 ? nm : 1);
+    size_t row_bytes = off_bias + 8 * (size_t)L->nb;
+    int have_bias = 0, shared_at = -1;
     hid_t mt = h5_check(H5Tcreate(H5T_COMPOUND, row_bytes));
     int *slot = xcalloc((size_t)(nm > 0 ? nm : 1), sizeof(int)); /* column, -1 - aux, 0 none */
     int have_tokens = 0, broken = 0;
@@ -601,6 +620,17 @@ static int read_layer_rows(hid_t ds, stats_layer_data *L, int64_t n) {
                 H5Tclose(a);
                 have_tokens = 1;
             }
+        } else if (strcmp(name, "bias") == 0 && cls == H5T_ARRAY && H5Tget_array_ndims(mtype) == 1) {
+            hsize_t dim = 0;
+            if (H5Tget_array_dims2(mtype, &dim) == 1 && (int)dim == L->nb) {
+                hid_t a = h5_check(H5Tarray_create2(H5T_NATIVE_DOUBLE, 1, &dim));
+                h5_check(H5Tinsert(mt, "bias", off_bias, a));
+                H5Tclose(a);
+                have_bias = 1;
+            }
+        } else if (strcmp(name, "shared_share") == 0 && cls == H5T_FLOAT) {
+            h5_check(H5Tinsert(mt, name, 8 * (size_t)L->nb + 8 * (size_t)c, H5T_NATIVE_DOUBLE));
+            shared_at = c;
         } else if (strcmp(name, "z_hist") == 0) {
             L->zb = 1;
         } else if (strcmp(name, "sigma_hist") == 0) {
@@ -626,6 +656,8 @@ static int read_layer_rows(hid_t ds, stats_layer_data *L, int64_t n) {
     L->tokens = xcalloc((size_t)(n1 * L->nb), sizeof(int64_t));
     for (int s = 1; s < STATS_N_COLUMNS; s++) L->v[s] = xcalloc((size_t)n1, sizeof(double));
     for (int a = 0; a < L->n_aux; a++) L->auxv[a] = xcalloc((size_t)n1, sizeof(double));
+    if (have_bias) L->bias = xcalloc((size_t)(n1 * L->nb), sizeof(double));
+    if (shared_at >= 0) L->shared = xcalloc((size_t)n1, sizeof(double));
     unsigned char *buf = xcalloc((size_t)n1, row_bytes);
     ok = ok && h5_ds_read_rows(ds, n, 1, mt, buf) == 0;
     for (int64_t i = 0; i < n && ok; i++) {
@@ -636,7 +668,9 @@ static int read_layer_rows(hid_t ds, stats_layer_data *L, int64_t n) {
             memcpy(&x, row + 8 * (size_t)L->nb + 8 * (size_t)c, 8);
             if (slot[c] > 0) L->v[slot[c]][i] = x;
             else if (slot[c] < 0) L->auxv[-1 - slot[c]][i] = x;
+            else if (c == shared_at) L->shared[i] = x;
         }
+        if (have_bias) memcpy(L->bias + i * L->nb, row + off_bias, 8 * (size_t)L->nb);
     }
     free(buf);
     free(slot);

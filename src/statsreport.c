@@ -193,7 +193,7 @@ static void print_layer_report(const stats_layer_data *L, const stats_data *r, i
     }
     if (L->k > 0) { /* routers with gates */
         printf("  entropy   gate %.3f -> %.3f nats (ln k = %.3f) | router %.3f -> %.3f (ln E = %.3f) | "
-               "first -> last row",
+               "first -> last row\n",
                L->v[STATS_COL_GATE_ENT][i0], L->v[STATS_COL_GATE_ENT][i1 - 1], log((double)L->k), L->v[STATS_COL_ROUTER_ENT][i0],
                L->v[STATS_COL_ROUTER_ENT][i1 - 1], log((double)L->nb));
         printf("  confidence %.3f -> %.3f (mean top gate, first -> last row)\n", L->v[STATS_COL_CONFIDENCE][i0],
@@ -201,6 +201,23 @@ static void print_layer_report(const stats_layer_data *L, const stats_data *r, i
     }
     printf("  top 20%%   of %ss take %.1f%% of the tokens, the bottom 20%% %.1f%% (mean over rows)\n",
            L->bucket, 100.0 * m_top / n, 100.0 * m_bot / n);
+    if (L->shared) /* a shared FFN beside the routed ones */
+        printf("  shared    %.1f%% -> %.1f%% of the FFN output (norm share of the shared FFN, first -> last row)\n",
+               100.0 * L->shared[i0], 100.0 * L->shared[i1 - 1]);
+    if (L->bias) { /* aux-loss-free balancing */
+        const double *b = L->bias + (i1 - 1) * L->nb;
+        double lo = b[0], hi = b[0];
+        for (int e = 1; e < L->nb; e++) {
+            lo = b[e] < lo ? b[e] : lo;
+            hi = b[e] > hi ? b[e] : hi;
+        }
+        printf("  bias      %+.4f .. %+.4f in the last row", lo, hi);
+        if (L->nb <= 16) {
+            printf(":");
+            for (int e = 0; e < L->nb; e++) printf(" %+.4f", b[e]);
+        }
+        printf("\n");
+    }
     if (L->sb) /* layers that sample (∞-MoE) keep a sigma histogram */
         printf("  sigma     %.4f -> %.4f | active units %.0f -> %.0f | mask overlap %.3f -> %.3f | "
                "first -> last row",
@@ -241,6 +258,9 @@ static void csv_header(const stats_data *r, const stats_opts *o) {
     if (first)
         for (int a = 0; a < first->n_aux; a++) printf(",aux_%s", first->aux[a]);
     for (int b = 0; b < nb; b++) printf(",tokens_%d", b);
+    if (first && first->shared) printf(",shared_share");
+    if (first && first->bias)
+        for (int b = 0; b < first->nb; b++) printf(",bias_%d", b);
     printf("\n");
 }
 
@@ -252,6 +272,9 @@ static void csv_row(const stats_data *r, const stats_layer_data *L, int64_t i) {
     }
     for (int a = 0; a < L->n_aux; a++) printf(",%.9g", L->auxv[a][i]);
     for (int b = 0; b < L->nb; b++) printf(",%lld", (long long)L->tokens[i * L->nb + b]);
+    if (L->shared) printf(",%.9g", L->shared[i]);
+    if (L->bias)
+        for (int b = 0; b < L->nb; b++) printf(",%.9g", L->bias[i * L->nb + b]);
     printf("\n");
 }
 

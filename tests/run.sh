@@ -178,6 +178,45 @@ equivalence tests/configs/tiny-topk.yaml 1:1 2:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-learned.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-balance.yaml 1:1 2:2 4:2 4:4
+equivalence tests/configs/tiny-topk-bias.yaml 1:1 2:1 2:2 4:2 4:4
+equivalence tests/configs/tiny-infinite-shared.yaml 1:1 2:2 4:4
+
+# ---- the shared FFN and the expert bias in the log, stats.h5 and infmoe stats ----
+tb_dir="$TMP/run-tiny-topk-bias-2-2"
+tb_report=$($INFMOE stats "$tb_dir/stats.h5" 2>&1)
+tb_csv=$($INFMOE stats "$tb_dir/stats.h5" --csv 2>&1 | head -1)
+if grep -q '| shared [0-9.]*%' "$TMP/tiny-topk-bias-2-2.log" &&
+    printf '%s\n' "$tb_report" | grep -q '^  shared .*% of the FFN output' &&
+    printf '%s\n' "$tb_report" | grep -Eq '^  bias .* in the last row: ([+-][0-9.]+ ){7}[+-][0-9.]+$' &&
+    printf '%s\n' "$tb_csv" | grep -q ',shared_share,bias_0,.*,bias_7$'; then
+    pass "stats: the shared FFN's share in the log, stats and csv; the expert bias per expert in stats and csv"
+else
+    fail "stats: shared FFN share and expert bias" "$(grep '^step 20' "$TMP/tiny-topk-bias-2-2.log"; printf '%s\n%s\n' "$tb_report" "$tb_csv")"
+fi
+
+# eval capacity: the dropless run's checkpoint drops at capacity 0.5 (another loss), not at 0
+ev_def=$($INFMOE eval "$tb_dir/latest" 2>&1 | grep -o 'val_loss [0-9.]*')
+ev_half=$($INFMOE eval "$tb_dir/latest" --capacity-factor 0.5 2>&1 | grep -o 'val_loss [0-9.]*')
+ev_zero=$($INFMOE eval "$tb_dir/latest" --capacity-factor 0 2>&1 | grep -o 'val_loss [0-9.]*')
+if [ -n "$ev_def" ] && [ "$ev_def" = "$ev_zero" ] && [ -n "$ev_half" ] && [ "$ev_half" != "$ev_def" ]; then
+    pass "eval --capacity-factor: 0.5 drops tokens ($ev_half vs $ev_def), 0 is the dropless loss"
+else
+    fail "eval --capacity-factor (default '$ev_def', 0.5 '$ev_half', 0 '$ev_zero')" ""
+fi
+
+# ---- aux-loss-free balancing: balancing losses off, 8 experts, 200 steps ----
+mean_load() { grep '^step ' "$1" | awk -F'max/mean ' '{split($2, a, " "); s += a[1]; n++} END{if (n) printf "%.3f", s / n}'; }
+for r in 0 0.01; do
+    $INFMOE train tests/configs/tiny-topk-bias.yaml --set train.steps=200 --set train.log_every=10 \
+        --set ffn.expert_bias_rate=$r --set output.dir="$TMP/bias-$r" 2>&1 | awk -F'step ' '$2 + 0 > 100' > "$TMP/bias-$r.log"
+done
+lb_off=$(mean_load "$TMP/bias-0.log")
+lb_on=$(mean_load "$TMP/bias-0.01.log")
+if [ -n "$lb_off" ] && [ -n "$lb_on" ] && awk -v a="$lb_off" -v b="$lb_on" 'BEGIN{exit !(a > 1.5 && b < 1.35)}'; then
+    pass "route: the expert bias (rate 0.01) holds max/mean load at $lb_on over steps 110-200, $lb_off without it (losses off, 8 experts, 256 tokens a step)"
+else
+    fail "route: expert bias balance (max/mean with $lb_on, without $lb_off)" "$(tail -3 "$TMP/bias-0.01.log")"
+fi
 
 # ---- an expert that receives no tokens: no hang, zero gradients, same losses ----
 empty_ref=""
@@ -215,7 +254,7 @@ same_tensors() {
     local g
     for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
 }
-for name in tiny tiny-topk tiny-infinite tiny-infinite-balance; do
+for name in tiny tiny-topk tiny-infinite tiny-infinite-balance tiny-topk-bias; do
     cfg=tests/configs/$name.yaml
     train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"
     train_to "$CK/$name-first.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/$name-first"

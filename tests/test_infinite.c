@@ -125,8 +125,12 @@ int main(int argc, char **argv) {
     check_gradients("learned (per unit, K 2, KL)", c);
     c = base(64, 4, MASK_LEARNED, 2);
     check_gradients("learned (blocks of 4, K 2)", c);
+    c = base(64, 4, MASK_WINDOW, 2);
+    c.shared_hidden = 6; /* the shared FFN every token uses beside its samples */
+    check_reference("window, blocks of 4, K 2, shared FFN", c);
+    check_gradients("window (blocks of 4, K 2, shared FFN)", c);
     gemm_shutdown();
-    int rc = check_finish("infinite: block-sparse equals masked dense; router, sampling, both mask rules against finite differences");
+    int rc = check_finish("infinite: block-sparse equals masked dense; router, sampling, both mask rules and the shared FFN against finite differences");
     MPI_Finalize();
     return rc;
 }

@@ -9,12 +9,14 @@
  * the perturbed forwards; probes whose perturbation changes the routing (a
  * discontinuity) are skipped and counted.
  */
+#include <math.h>
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "check.h"
 #include "infmoe/gemm.h"
+#include "infmoe/moe.h"
 #include "infmoe/util.h"
 #include "layer_case.h"
 
@@ -81,6 +83,130 @@ static void check_collapse_guard(run_config *cfg) {
         ffn_end_step(&lc.f, &lc.ctx);
     }
     layer_case_free(&lc);
+}
+
+/* Gradients with the expert bias set (it moves the choices and the load loss's thresholds). */
+static void check_gradients_biased(const char *name, run_config *cfg) {
+    layer_case lc;
+    setup(&lc, cfg, 12);
+    double *bias = moe_expert_bias(lc.f.moe);
+    for (int e = 0; e < cfg->experts; e++) bias[e] = 0.4 * ((e % 3) - 1);
+    layer_case_check_gradients(name, &lc, 60, 1, enough);
+    layer_case_free(&lc);
+}
+
+/*
+ * Aux-loss-free balancing: the update moves each expert's bias by the rate towards
+ * even load (sign of mean - count, 0 at the mean), and a bias changes the choices
+ * but not the gates: with every token's router preferring expert 0, a large bias
+ * against it sends every token elsewhere.
+ */
+static void check_expert_bias(run_config *cfg) {
+    double bias[4] = {0.0, 0.5, -0.25, 1.0};
+    const double chosen[4] = {10, 2, 4, 0}; /* mean 4 */
+    moe_bias_update(bias, chosen, 4, 0.01);
+    CHECK(bias[0] == 0.0 - 0.01 && bias[1] == 0.5 + 0.01 && bias[2] == -0.25 && bias[3] == 1.0 + 0.01,
+          "expert bias update: got %g %g %g %g", bias[0], bias[1], bias[2], bias[3]);
+    layer_case lc;
+    cfg->expert_bias_rate = 0.1f;
+    cfg->gate = GATE_SWITCH;
+    cfg->top_k = 1;
+    setup(&lc, cfg, 16);
+    const tensor_spec *r = tensor_find(&lc.tab, "h.0.moe.router.w");
+    for (size_t i = 0; i < r->numel; i++) lc.params[r->offset + i] = 0.0f;
+    for (int64_t t = 0; t < lc.n; t++) lc.in[t * lc.C] = 1.0f + 0.1f * (float)t;
+    lc.params[r->offset] = 1.0f; /* expert 0's logit is channel 0, the largest */
+    layer_case_objective(&lc);
+    stats_row row;
+    ffn_stats_row(&lc.f, &row);
+    CHECK(row.tokens[0] == 16, "expert bias 0: expert 0 takes every token (got %lld)", (long long)row.tokens[0]);
+    float g0[16];
+    for (int t = 0; t < 16; t++) g0[t] = lc.out[t * lc.C]; /* not a gate, but moves with it */
+    double *bias_now = moe_expert_bias(lc.f.moe);
+    bias_now[0] = -100.0;
+    layer_case_objective(&lc);
+    ffn_stats_row(&lc.f, &row);
+    CHECK(row.tokens[0] == 0 && row.bias && row.bias[0] == -100.0,
+          "expert bias -100 on expert 0: it takes no token (got %lld)", (long long)row.tokens[0]);
+    int moved = 0;
+    for (int t = 0; t < 16; t++) moved += lc.out[t * lc.C] != g0[t];
+    CHECK(moved > 0, "expert bias: the choice moved, so the output did");
+    /* end of step: expert 0 (no tokens) gains the rate, the one that took them all loses it */
+    int busiest = 0;
+    for (int e = 1; e < cfg->experts; e++)
+        if (row.tokens[e] > row.tokens[busiest]) busiest = e;
+    double before = bias_now[busiest];
+    ffn_end_step(&lc.f, &lc.ctx);
+    CHECK(bias_now[0] == -100.0 + (double)0.1f && bias_now[busiest] == before - (double)0.1f,
+          "expert bias after the step: %g (expected %g), busiest %g (expected %g)", bias_now[0],
+          -100.0 + (double)0.1f, bias_now[busiest], before - (double)0.1f);
+    layer_case_free(&lc);
+}
+
+/*
+ * The load loss sees the biased selection: with a bias of +100 on experts 0 and 1
+ * (k = 2), they are always chosen and 2, 3 never, under any noise, so the load
+ * vector is (n, n, 0, 0) and its squared coefficient of variation exactly 1.
+ */
+static void check_bias_load(run_config *cfg) {
+    layer_case lc;
+    cfg->expert_bias_rate = 0.01f;
+    cfg->w_load = 1.0f;
+    setup(&lc, cfg, 16);
+    double *bias = moe_expert_bias(lc.f.moe);
+    bias[0] = bias[1] = 100.0;
+    layer_case_objective(&lc);
+    stats_row row;
+    ffn_stats_row(&lc.f, &row);
+    CHECK(fabs(row.aux[1] - 1.0) < 1e-6, "load loss under a bias of +100 on 2 of 4 experts (k 2): cv^2 %.9f, expected 1",
+          row.aux[1]);
+    layer_case_free(&lc);
+}
+
+/* Forced balance: 16 tokens x k 2 over 4 experts give exactly 8 each, for any router. */
+static void check_force_balance(run_config *cfg) {
+    layer_case lc;
+    cfg->force_balance = 1;
+    setup(&lc, cfg, 16);
+    layer_case_objective(&lc);
+    stats_row row;
+    ffn_stats_row(&lc.f, &row);
+    int even = 1;
+    for (int e = 0; e < cfg->experts; e++) even &= row.tokens[e] == 8;
+    CHECK(even, "force balance: every expert 8 of 32 assignments (got %lld %lld %lld %lld)",
+          (long long)row.tokens[0], (long long)row.tokens[1], (long long)row.tokens[2],
+          (long long)row.tokens[3]);
+    layer_case_free(&lc);
+}
+
+/*
+ * Eval capacity: the same routing (switch, no jitter) in training with cf 0 and in
+ * eval with eval_capacity_factor 0.5 drops tokens only in eval; the eval output
+ * equals the reference under its routing; eval_capacity_factor 0 gives the training
+ * output bit for bit.
+ */
+static void check_eval_capacity(run_config *cfg) {
+    cfg->gate = GATE_SWITCH;
+    cfg->top_k = 1;
+    for (int pass = 0; pass < 2; pass++) {
+        layer_case lc;
+        cfg->eval_capacity_factor = pass == 0 ? 0.5f : 0.0f;
+        setup(&lc, cfg, 40);
+        layer_case_objective(&lc);
+        float *train_out = xcalloc((size_t)(lc.n * lc.C), sizeof(float));
+        memcpy(train_out, lc.out, sizeof(float) * (size_t)(lc.n * lc.C));
+        lc.ctx.training = 0;
+        layer_case_objective(&lc);
+        int differ = memcmp(train_out, lc.out, sizeof(float) * (size_t)(lc.n * lc.C)) != 0;
+        if (pass == 0) {
+            CHECK(differ, "eval capacity 0.5: the eval output drops tokens the training one keeps");
+            layer_case_check_reference("eval capacity 0.5: eval output vs reference", &lc, 1e-4, 1e-5);
+        } else {
+            CHECK(!differ, "eval capacity 0 (dropless): eval output equals training output bitwise");
+        }
+        free(train_out);
+        layer_case_free(&lc);
+    }
 }
 
 static run_config base_config(void) {
@@ -155,8 +281,37 @@ int main(int argc, char **argv) {
     c = base_config();
     check_collapse_guard(&c);
 
+    /* shared FFN beside the experts: reference and gradients (its tensors included) */
+    c = base_config();
+    c.shared_hidden = 5;
+    check_reference("noisy top-2 + shared FFN", &c);
+    check_gradients("noisy top-2 + shared FFN", &c);
+    c.gate = GATE_SWITCH;
+    c.top_k = 1;
+    c.aux_alpha = 20.0f;
+    check_gradients("switch top-1 + shared FFN", &c);
+
+    /* aux-loss-free balancing bias, forced balance, eval capacity */
+    c = base_config();
+    c.expert_bias_rate = 0.01f;
+    check_gradients_biased("noisy top-2 output, expert bias", &c);
+    c.w_load = 50.0f;
+    check_gradients_biased("load loss with expert bias", &c);
+    c = base_config();
+    check_expert_bias(&c);
+    c = base_config();
+    check_bias_load(&c);
+    c = base_config();
+    check_force_balance(&c);
+    c.force_balance = 1;
+    c.w_importance = 20.0f;
+    c.w_load = 20.0f;
+    check_gradients("forced balance: gates and importance loss", &c);
+    c = base_config();
+    check_eval_capacity(&c);
+
     gemm_shutdown();
-    int rc = check_finish("moe: grouped GEMMs equal the reference; gates, aux losses, capacity and moge against finite differences; collapse guard");
+    int rc = check_finish("moe: grouped GEMMs equal the reference; gates, aux losses, capacity and moge against finite differences; collapse guard; shared FFN, expert bias, forced balance, eval capacity");
     MPI_Finalize();
     return rc;
 }

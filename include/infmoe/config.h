@@ -58,6 +58,10 @@ typedef struct {
     float w_importance, w_load, aux_alpha, z_loss, jitter, capacity_factor;
     int32_t collapse_guard_steps;
     float collapse_margin;
+    /* eval capacity (NaN in the file's absence: as capacity_factor), aux-loss-free
+     * bias rate (0 off), forced even routing (0/1), width of the shared FFN (0 none) */
+    float eval_capacity_factor, expert_bias_rate;
+    int32_t force_balance, shared_hidden;
     float moge_lambda, moge_sigma_max, moge_sigma_min, moge_gamma;
     /* ∞-MoE: units H (0: 2 * hidden), keep fraction, samples K, mask rule and block,
      * window temperature, latent dimension (0: 1 for window, 8 for learned),

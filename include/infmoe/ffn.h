@@ -59,6 +59,11 @@ typedef struct {
     dense_layer *dense; /* exactly one of these three is set */
     moe_layer *moe;
     inf_layer *inf;
+    /* ffn.shared_hidden > 0: a dense FFN every token uses beside the routed one
+     * (replicated), its output added to theirs; ybuf holds one of the two outputs */
+    dense_layer *shared;
+    float *ybuf;
+    double shared_share; /* last training forward: its share of the output norm (global) */
 } ffn_layer;
 
 /* Whether layers of `kind` draw samples per token (the ∞-MoE inference knob). */

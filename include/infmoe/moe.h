@@ -40,7 +40,8 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
 /* din (n,C) += ; router and expert gradients += into grads. */
 void moe_backward(moe_layer *m, const float *params, float *grads, float *din, const float *dout,
                   const float *in, int64_t n, const ffn_context *ctx);
-/* Called once per training step after the update: advances the collapse guard. */
+/* Called once per training step after the update: advances the collapse guard and
+ * the expert bias. */
 void moe_end_step(moe_layer *m, const ffn_context *ctx);
 /* The layer's stats.h5 description, its last training forward's row, its phase timers (ffn.h). */
 void moe_stats_describe(const moe_layer *m, stats_layer_desc *d);
@@ -50,6 +51,13 @@ void moe_phase_times(const moe_layer *m, double t[4]);
 void moe_log_fields(const moe_layer *const *layers, int n, double aux_loss, char *buf, size_t cap);
 /* The collapse guard's running assignment totals (E doubles), saved in checkpoints. */
 double *moe_guard_totals(moe_layer *m);
+/* The aux-loss-free balancing bias (E doubles; NULL when ffn.expert_bias_rate is 0). */
+double *moe_expert_bias(moe_layer *m);
+/*
+ * The bias update after a step (DeepSeek-V3): bias[e] += rate * sign(mean - chosen[e]),
+ * with chosen the step's global choices per expert (before capacity).
+ */
+void moe_bias_update(double *bias, const double *chosen, int E, double rate);
 int moe_num_experts(const moe_layer *m);
 /* Multiply-adds per token through the active experts. */
 double moe_matmul_params_per_token(const moe_layer *m);

@@ -6,7 +6,7 @@
  * of ∞-MoE; histograms of sampled z and sigma exist only for layers that give
  * them. Each layer has one compound dataset /layers/h.<l>/rows, a record per
  * row of /step: tokens[n_buckets], the scalar columns below, aux_<name> per aux
- * loss, then z_hist and sigma_hist where present. The writer (one process)
+ * loss, then z_hist, sigma_hist, bias and shared_share where present. The writer (one process)
  * works in HDF5 SWMR mode, so readers see rows while the job runs and a killed
  * job leaves every flushed row readable; it drops rows after a resume step.
  * This module knows nothing of models: stats.h feeds it from the trainer,
@@ -49,6 +49,8 @@ typedef struct {
     int n_aux;              /* aux losses, stored as aux_<name> */
     const char *aux_names[STATS_MAX_AUX];
     int z_bins, sigma_bins; /* > 0: histogram fields z_hist, sigma_hist in each record */
+    int has_bias;           /* field bias[n_buckets]: the experts' routing bias */
+    int has_shared;         /* field shared_share: the shared FFN's share of the output */
     double z_lo, z_hi, sigma_lo, sigma_hi; /* their range: bins of equal width */
 } stats_layer_desc;
 
@@ -61,6 +63,8 @@ typedef struct {
     double t_route, t_dispatch, t_alltoall, t_expert; /* seconds per step */
     double mean_sigma, mask_overlap, active_units;   /* ∞-MoE (0 for discrete MoE) */
     const int64_t *z_hist, *sigma_hist;               /* (z_bins), (sigma_bins) or NULL */
+    const double *bias;                               /* (n_buckets) where has_bias */
+    double shared_share;                              /* where has_shared */
 } stats_row;
 
 /* ---- writer ---- */
@@ -93,6 +97,8 @@ typedef struct {
     int64_t *tokens;                  /* (rows, nb) */
     double *v[STATS_N_COLUMNS];       /* (rows) per scalar column (v[STATS_COL_TOKENS] NULL) */
     double *auxv[STATS_MAX_AUX];      /* (rows) per aux loss */
+    double *bias;                     /* (rows, nb) where the record has bias, else NULL */
+    double *shared;                   /* (rows) where the record has shared_share, else NULL */
 } stats_layer_data;
 
 typedef struct {
