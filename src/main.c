@@ -11,6 +11,7 @@
 #include "infmoe/prep.h"
 #include "infmoe/statsreport.h"
 #include "infmoe/train.h"
+#include "infmoe/upcycle.h"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -23,6 +24,7 @@ static void usage(FILE *f) {
             "  sample CKPT    generate text from a checkpoint and a prompt\n"
             "  ckpt info|verify PATH   describe or check a checkpoint\n"
             "  stats FILE     report the routing statistics of a run (stats.h5)\n"
+            "  upcycle SRC    an MoE or ∞-MoE checkpoint made from a dense one (or llm.c's)\n"
             "\n"
             "'infmoe COMMAND --help' describes each command. Configs: docs/config.md.\n");
 }
@@ -43,6 +45,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "eval") == 0) return infer_eval_main(argc - 1, argv + 1);
     if (strcmp(cmd, "sample") == 0) return infer_sample_main(argc - 1, argv + 1);
     if (strcmp(cmd, "stats") == 0) return stats_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "upcycle") == 0) return upcycle_main(argc - 1, argv + 1);
     fprintf(stderr, "infmoe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 1;
