@@ -103,6 +103,9 @@ if [ "$CORES" -ge 2 ]; then
 fi
 
 echo
+echo "== MoE features against plain top-k: shared FFN, expert bias, forced balance (bench/moe_features.sh) =="
+bash bench/moe_features.sh
+echo
 echo "== checkpoint save and load, GPT-2 small ∞-MoE (configs/gpt2s-infinite.yaml), vs sequential write (bench/bench_ckpt) =="
 CKDIR=$(mktemp -d -p "${BENCH_CKPT_DIR:-checkpoints}" bench-ckpt.XXXXXX)
 OMP_NUM_THREADS=1 "${MPIRUN[@]}" -np 1 build/bench/bench_ckpt configs/gpt2s-infinite.yaml "$CKDIR/p1"

@@ -39,6 +39,7 @@ const char *precision_name(precision_kind p) {
     return precision_names[p];
 }
 static const char *const bool_names[] = {"false", "true", NULL};
+static const char *const moge_convention_names[] = {"mean", "official", NULL};
 static const char *const tokenizer_names[] = {"byte", "gpt2", NULL};
 const char *tokenizer_name(tokenizer_kind t) {
     ALWAYS(t >= TOKENIZER_BYTE && t <= TOKENIZER_GPT2);
@@ -75,6 +76,7 @@ static const key_spec schema[] = {
     {"ffn", "moge_sigma_max", KEY_FLOAT, OFF(moge_sigma_max), 1e-6, 1e6, NULL, "10"},
     {"ffn", "moge_sigma_min", KEY_FLOAT, OFF(moge_sigma_min), 1e-6, 1e6, NULL, "1"},
     {"ffn", "moge_gamma", KEY_FLOAT, OFF(moge_gamma), 1e-6, 1e6, NULL, "0.2"},
+    {"ffn", "moge_convention", KEY_ENUM, OFF(moge_convention), 0, 0, moge_convention_names, "mean"},
     {"ffn", "units", KEY_INT, OFF(inf_units), 0, 1 << 24, NULL, "0"},
     {"ffn", "keep", KEY_FLOAT, OFF(keep), -1e30, 1e30, NULL, "0.25"},
     {"ffn", "samples", KEY_INT, OFF(samples), 1, 1024, NULL, "2"},

@@ -40,6 +40,8 @@ struct moe_layer {
     int moge, guard_steps, force;
     float w_imp, w_load, aux_alpha, z_loss, jitter, cf, eval_cf, margin, bias_rate;
     float moge_lambda, s_max, s_min, s_gamma;
+    int moge_official; /* the MoGE code's convention: sum over a rank's tokens / h^2 */
+    double moge_weight; /* lambda, or for the official convention lambda n / h^2 this step */
     int grid_r, grid_c, win;
     size_t wg, wn, w1, b1, w2, b2; /* parameter offsets */
     int64_t max_tokens, max_rows;
@@ -142,6 +144,7 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
     m->guard_steps = cfg->collapse_guard_steps;
     m->margin = cfg->collapse_margin;
     m->moge_lambda = cfg->moge_lambda;
+    m->moge_official = cfg->moge_convention == 1;
     m->s_max = cfg->moge_sigma_max;
     m->s_min = cfg->moge_sigma_min;
     m->s_gamma = cfg->moge_gamma;
@@ -424,7 +427,7 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
         st->aux_switch = m->aux_alpha * E * s;
     }
     st->aux_z = m->z_loss * SUM_LSE2(m) / N;
-    st->aux_moge = m->moge ? m->moge_lambda * SUM_OMEGA(m) / N : 0.0;
+    st->aux_moge = m->moge ? m->moge_weight * SUM_OMEGA(m) / N : 0.0;
     aux = st->aux_importance + st->aux_load + st->aux_switch + st->aux_z + st->aux_moge;
 
     double kept = 0.0, max = 0.0;
@@ -477,6 +480,10 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
     if (m->gate == GATE_NOISY) gemm(0, 1, n, E, C, in, C, params + m->wn, C, m->nlog, E, 0, NULL);
     guard_block(m, ctx);
     if (m->moge) moge_window(m, ctx);
+    /* official convention (MoGE's group_sparsity_loss): the sum over the rank's n tokens
+     * and the window positions / (h^2 positions), i.e. the per-token mean x n / h^2 */
+    m->moge_weight = m->moge_official ? (double)m->moge_lambda * (double)n / ((double)m->win * m->win)
+                                      : (double)m->moge_lambda;
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++) route_token(m, t, ctx);
 
@@ -630,7 +637,7 @@ static void gate_backward(moe_layer *m, int64_t t, const float *dgate, const ffn
     if (train && m->moge) {
         float dq[E];
         memset(dq, 0, sizeof dq);
-        moge_omega(m, pr, dq, scale_n * m->moge_lambda);
+        moge_omega(m, pr, dq, scale_n * m->moge_weight);
         for (int e = 0; e < E; e++) dp[e] += dq[e];
     }
     /* softmax backward of dp, and the z-loss through logsumexp (whose gradient is p) */

@@ -209,6 +209,30 @@ static void check_eval_capacity(run_config *cfg) {
     }
 }
 
+static run_config base_config(void);
+
+/* The official convention is the mean convention times n / h^2 (n tokens, h x h window). */
+static void check_moge_convention(void) {
+    double aux[2];
+    for (int conv = 0; conv < 2; conv++) {
+        run_config c = base_config();
+        c.ffn_kind = FFN_MOGE;
+        c.experts = 16;
+        c.moge_lambda = 0.5f;
+        c.moge_convention = conv;
+        layer_case lc;
+        rng_seed(&g_rng, 99); /* the same parameters and input for both */
+        setup(&lc, &c, 12);
+        layer_case_objective(&lc);
+        stats_row row;
+        ffn_stats_row(&lc.f, &row);
+        aux[conv] = row.aux[4];
+        layer_case_free(&lc);
+    }
+    CHECK(fabs(aux[1] - aux[0] * 12.0 / 9.0) <= 1e-12 * aux[1] + 1e-15,
+          "moge official convention: %.12g, expected the mean convention's %.12g x 12 / 9", aux[1], aux[0]);
+}
+
 static run_config base_config(void) {
     run_config c;
     config_defaults(&c);
@@ -277,6 +301,10 @@ int main(int argc, char **argv) {
     check_gradients("moge penalty, 8 experts (2x4 map, 2x2 window)", &c);
     c.experts = 16;
     check_gradients("moge penalty, 16 experts (4x4 map, 3x3 window)", &c);
+    c.moge_convention = 1;
+    c.moge_lambda = 30.0f * 9.0f / 12.0f; /* the same weight per token at 12 tokens, h = 3 */
+    check_gradients("moge penalty, official convention (sum / h^2)", &c);
+    check_moge_convention();
 
     c = base_config();
     check_collapse_guard(&c);

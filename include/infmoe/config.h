@@ -63,6 +63,7 @@ typedef struct {
     float eval_capacity_factor, expert_bias_rate;
     int32_t force_balance, shared_hidden;
     float moge_lambda, moge_sigma_max, moge_sigma_min, moge_gamma;
+    int32_t moge_convention; /* 0 mean: lambda x per-token mean; 1 official: MoGE code's sum */
     /* ∞-MoE: units H (0: 2 * hidden), keep fraction, samples K, mask rule and block,
      * window temperature, latent dimension (0: 1 for window, 8 for learned),
      * router width, KL weight */
