@@ -172,14 +172,14 @@ static dense_src source_ffn(const gpt_model *src, int l) {
 }
 
 /*
- * `slots` FFNs of `width` units (experts, or 1 for a shared FFN) from the dense one:
- * input rows copied, output weights scaled by alpha H / width, output bias by alpha.
- * proj_unit_major: the output weights are [width, C] (∞-MoE) instead of [C, width].
+ * `slots` FFNs of `width` units (experts, or 1 for a shared FFN or the ∞-MoE units)
+ * from the dense one: input rows copied, output weights times `scale`, output bias
+ * times alpha. proj_unit_major: the output weights are [width, C] (∞-MoE) instead
+ * of [C, width].
  */
-static void fill_from_dense(const dense_src *s, int64_t slots, int64_t width, float alpha, float *fc_w,
-                            float *fc_b, float *proj_w, int proj_unit_major, float *proj_b) {
+static void fill_from_dense(const dense_src *s, int64_t slots, int64_t width, float scale, float alpha,
+                            float *fc_w, float *fc_b, float *proj_w, int proj_unit_major, float *proj_b) {
     const int64_t C = s->C, H = s->H;
-    const float scale = alpha * (float)H / (float)width;
     for (int64_t e = 0; e < slots; e++) {
         for (int64_t i = 0; i < width; i++) {
             int64_t j = upcycle_source_unit(e, width, i, H);
@@ -275,7 +275,7 @@ int upcycle_main(int argc, char **argv) {
         dense_src s = source_ffn(&src, l);
         const float alpha = cfg.shared_hidden > 0 ? 0.5f : 1.0f;
         if (cfg.shared_hidden > 0) {
-            fill_from_dense(&s, 1, cfg.shared_hidden, alpha, tgt.params + need(&tgt, "h.%d.ffn.shared.fc.w", l)->offset,
+            fill_from_dense(&s, 1, cfg.shared_hidden, alpha * (float)s.H / (float)cfg.shared_hidden, alpha, tgt.params + need(&tgt, "h.%d.ffn.shared.fc.w", l)->offset,
                             tgt.params + need(&tgt, "h.%d.ffn.shared.fc.b", l)->offset,
                             tgt.params + need(&tgt, "h.%d.ffn.shared.proj.w", l)->offset, 0,
                             tgt.params + need(&tgt, "h.%d.ffn.shared.proj.b", l)->offset);
@@ -286,23 +286,15 @@ int upcycle_main(int argc, char **argv) {
             int nb = cfg.inf_units / cfg.mask_block, kb = (int)lround(cfg.keep * nb);
             int64_t n_keep = (int64_t)(kb < 1 ? 1 : kb) * cfg.mask_block;
             /* a sample's kept units carry weights of mean 1 (docs/infinite.md): scale by H / n_keep */
-            float *fc_w = tgt.params + need(&tgt, "h.%d.inf.ffn.fc.w", l)->offset;
-            float *fc_b = tgt.params + need(&tgt, "h.%d.inf.ffn.fc.b", l)->offset;
-            float *W2 = tgt.params + need(&tgt, "h.%d.inf.ffn.proj.w", l)->offset;
-            float *b2 = tgt.params + need(&tgt, "h.%d.inf.ffn.proj.b", l)->offset;
-            const int64_t H = cfg.inf_units, C = s.C;
-            const float scale = alpha * (float)s.H / (float)n_keep;
-            for (int64_t j = 0; j < H; j++) {
-                int64_t u = upcycle_source_unit(0, H, j, s.H);
-                memcpy(fc_w + j * C, s.fc_w + u * C, sizeof(float) * (size_t)C);
-                fc_b[j] = s.fc_b[u];
-                for (int64_t c = 0; c < C; c++) W2[j * C + c] = scale * s.proj_w[c * s.H + u];
-            }
-            for (int64_t c = 0; c < C; c++) b2[c] = alpha * s.proj_b[c];
+            fill_from_dense(&s, 1, cfg.inf_units, alpha * (float)s.H / (float)n_keep, alpha,
+                            tgt.params + need(&tgt, "h.%d.inf.ffn.fc.w", l)->offset,
+                            tgt.params + need(&tgt, "h.%d.inf.ffn.fc.b", l)->offset,
+                            tgt.params + need(&tgt, "h.%d.inf.ffn.proj.w", l)->offset, 1,
+                            tgt.params + need(&tgt, "h.%d.inf.ffn.proj.b", l)->offset);
             made += 4;
             identical = 0, why = "an ∞-MoE sample keeps a weighted arc of units, not the whole FFN";
         } else {
-            fill_from_dense(&s, cfg.experts, cfg.expert_hidden, alpha,
+            fill_from_dense(&s, cfg.experts, cfg.expert_hidden, alpha * (float)s.H / (float)cfg.expert_hidden, alpha,
                             tgt.params + need(&tgt, "h.%d.moe.experts.fc.w", l)->offset,
                             tgt.params + need(&tgt, "h.%d.moe.experts.fc.b", l)->offset,
                             tgt.params + need(&tgt, "h.%d.moe.experts.proj.w", l)->offset, 0,
