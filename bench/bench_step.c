@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
             printf("usage: mpirun -np P bench_step [--layers L] [--embd C] [--heads NH] [--seq T]\n"
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
                    "       [--experts E --k K --expert-hidden HE --ep EP [--force-balance]\n"
-                   "        [--expert-bias RATE]] [--shared-hidden HS]\n"
+                   "        [--expert-bias RATE] [--groups G --group-k GK]] [--shared-hidden HS]\n"
                    "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
                    "--experts, or ∞-MoE with --units); defaults: GPT-2 small, T=256, B=4, fp32,\n"
@@ -107,6 +107,13 @@ int main(int argc, char **argv) {
             if (strcmp(argv[i], "--force-balance") == 0) cfg.force_balance = 1;
         for (int i = 1; i + 1 < argc; i++)
             if (strcmp(argv[i], "--expert-bias") == 0) cfg.expert_bias_rate = (float)atof(argv[i + 1]);
+        /* hierarchical: --k experts in each of --group-k of --groups groups */
+        cfg.groups = arg_int(argc, argv, "--groups", 0);
+        cfg.group_k = arg_int(argc, argv, "--group-k", 1);
+        if (cfg.groups > 0 && (cfg.groups < 2 || cfg.experts % cfg.groups || cfg.groups % cfg.ep ||
+                               cfg.group_k > cfg.groups || cfg.top_k > cfg.experts / cfg.groups))
+            infmoe_die_all("--groups must divide --experts and be divisible by --ep, with --group-k "
+                           "<= --groups and --k <= experts per group");
     }
     cfg.shared_hidden = arg_int(argc, argv, "--shared-hidden", 0);
     if (cfg.shared_hidden > 0 && cfg.ffn_kind == FFN_DENSE)
@@ -205,10 +212,13 @@ int main(int argc, char **argv) {
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% | optimizer %.1f%%\n",
                100 * t_fwd / t_total, 100 * t_bwd / t_total, 100 * t_ar / t_total,
                100 * t_opt / t_total);
+        char hier[64] = "";
+        if (cfg.groups > 0)
+            snprintf(hier, sizeof hier, " in top-%d of %d groups", cfg.group_k, cfg.groups);
         if (n_moe > 0)
-            printf("  moe E%d top-%d width %d ep %d%s%s | routing %.1f%% | dispatch %.1f%% | "
+            printf("  moe E%d top-%d%s width %d ep %d%s%s | routing %.1f%% | dispatch %.1f%% | "
                    "all-to-all %.1f%% | expert GEMMs %.1f%% at %.1f%% of peak (%.0f rows/expert/layer)\n",
-                   cfg.experts, cfg.top_k, cfg.expert_hidden, cfg.ep,
+                   cfg.experts, cfg.top_k, hier, cfg.expert_hidden, cfg.ep,
                    cfg.force_balance ? " forced balance" : "", cfg.expert_bias_rate > 0 ? " expert bias" : "",
                    100 * moe_t[0] / t_total,
                    100 * moe_t[1] / t_total, 100 * moe_t[2] / t_total, 100 * moe_t[3] / t_total,

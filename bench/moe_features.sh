@@ -3,7 +3,9 @@
 # bench/run.sh; alone: bash bench/moe_features.sh): GPT-2 small B=4 T=1024, 2 ranks x
 # 1 thread, ep 2, bf16 where the CPU has it: noisy top-2 of 8 experts of width 1536
 # (equal active FLOPs to dense), the same with a shared FFN of 768 units, with the
-# expert bias, and with forced even routing (the routing-imbalance-free time).
+# expert bias, with forced even routing (the routing-imbalance-free time), and
+# hierarchical: the top-1 of 2 groups of 4 experts, then the top-2 experts in it (the
+# same expert FLOPs as top-2 of 8; the cost of the second gate level).
 set -eu
 cd "$(dirname "$0")/.."
 MPIRUN=(mpirun --bind-to none)
@@ -27,5 +29,6 @@ run topk
 run shared --shared-hidden 768
 run bias --expert-bias 0.01
 run forced --force-balance
+run hier --groups 2 --group-k 1
 base=$(ms "$OUT/topk")
-echo "== MoE features, $PREC, 2 ranks x 1 thread: +shared FFN 768 / topk = $(ratio "$(ms "$OUT/shared")" "$base") | expert bias / topk = $(ratio "$(ms "$OUT/bias")" "$base") | forced balance / topk = $(ratio "$(ms "$OUT/forced")" "$base") =="
+echo "== MoE features, $PREC, 2 ranks x 1 thread: +shared FFN 768 / topk = $(ratio "$(ms "$OUT/shared")" "$base") | expert bias / topk = $(ratio "$(ms "$OUT/bias")" "$base") | forced balance / topk = $(ratio "$(ms "$OUT/forced")" "$base") | hierarchical / topk = $(ratio "$(ms "$OUT/hier")" "$base") =="

@@ -72,6 +72,8 @@ static const key_spec schema[] = {
     {"ffn", "expert_bias_rate", KEY_FLOAT, OFF(expert_bias_rate), 0, 1, NULL, "0"},
     {"ffn", "force_balance", KEY_ENUM, OFF(force_balance), 0, 0, bool_names, "false"},
     {"ffn", "shared_hidden", KEY_INT, OFF(shared_hidden), 0, 1 << 24, NULL, "0"},
+    {"ffn", "groups", KEY_INT, OFF(groups), 0, 65536, NULL, "0"},
+    {"ffn", "group_k", KEY_INT, OFF(group_k), 1, 65536, NULL, "1"},
     {"ffn", "moge_lambda", KEY_FLOAT, OFF(moge_lambda), 0, 1e30, NULL, "1e-3"},
     {"ffn", "moge_sigma_max", KEY_FLOAT, OFF(moge_sigma_max), 1e-6, 1e6, NULL, "10"},
     {"ffn", "moge_sigma_min", KEY_FLOAT, OFF(moge_sigma_min), 1e-6, 1e6, NULL, "1"},
@@ -455,12 +457,52 @@ static void apply_sets(run_config *cfg, load_ctx *ctx, int n_sets, char **sets) 
         config_error(ctx, (ctx)->line[i_], (ctx)->col[i_], __VA_ARGS__);                      \
     } while (0)
 
+/*
+ * Hierarchical MoE (ffn.groups > 0): noisy top-k at both levels, groups of whole
+ * experts held by one rank each, and none of the features that act on the flat
+ * list of experts (they are not built for two levels).
+ */
+static void check_groups(run_config *cfg, load_ctx *ctx) {
+    const int G = cfg->groups;
+    if (cfg->ffn_kind != FFN_TOPK)
+        KEY_ERROR(ctx, "ffn", "groups", "ffn.groups (%d) applies to ffn.kind topk, not %s", G,
+                  ffn_kind_name(cfg->ffn_kind));
+    if (G < 2 || cfg->experts % G != 0)
+        KEY_ERROR(ctx, "ffn", "groups",
+                  "ffn.groups (%d) must be at least 2 and divide ffn.experts (%d): each group holds "
+                  "experts/groups experts", G, cfg->experts);
+    if (cfg->group_k > G)
+        KEY_ERROR(ctx, "ffn", "group_k", "ffn.group_k (%d) must not exceed ffn.groups (%d)",
+                  cfg->group_k, G);
+    if (cfg->top_k > cfg->experts / G)
+        KEY_ERROR(ctx, "ffn", "k",
+                  "ffn.k (%d) must not exceed the experts of a group (%d = ffn.experts / ffn.groups): "
+                  "with ffn.groups, ffn.k experts are chosen in each of ffn.group_k groups",
+                  cfg->top_k, cfg->experts / G);
+    if (G % cfg->ep != 0)
+        KEY_ERROR(ctx, "ffn", "groups",
+                  "ffn.groups (%d) must be divisible by parallel.ep (%d): each rank holds whole "
+                  "groups of experts", G, cfg->ep);
+    const char *other = cfg->gate != GATE_NOISY          ? "ffn.gate: switch"
+                        : cfg->z_loss > 0                 ? "ffn.z_loss"
+                        : cfg->jitter > 0                 ? "ffn.jitter"
+                        : cfg->expert_bias_rate > 0       ? "ffn.expert_bias_rate"
+                        : cfg->force_balance              ? "ffn.force_balance"
+                        : cfg->collapse_guard_steps > 0   ? "ffn.collapse_guard_steps"
+                                                          : NULL;
+    if (other)
+        KEY_ERROR(ctx, "ffn", "groups",
+                  "ffn.groups (hierarchical MoE: noisy top-k gates at two levels) cannot be combined "
+                  "with %s; use flat routing (ffn.groups: 0) for it", other);
+}
+
 static void validate(run_config *cfg, load_ctx *ctx) {
     if (cfg->n_embd % cfg->n_head != 0)
         KEY_ERROR(ctx, "model", "n_head",
                   "model.n_embd (%d) must be divisible by model.n_head (%d)", cfg->n_embd,
                   cfg->n_head);
     if (cfg->ffn_hidden == 0) cfg->ffn_hidden = 4 * cfg->n_embd;
+    if (cfg->groups > 0) check_groups(cfg, ctx);
     if (cfg->ffn_kind != FFN_DENSE && cfg->ffn_every > cfg->n_layer)
         KEY_ERROR(ctx, "ffn", "every",
                   "ffn.every (%d) exceeds model.n_layer (%d): no layer would get the %s FFN "
@@ -487,7 +529,7 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                       "each rank holds whole blocks",
                       cfg->inf_units, cfg->ep, cfg->mask_block);
     } else if (cfg->ffn_kind != FFN_DENSE) {
-        if (cfg->top_k > cfg->experts)
+        if (cfg->groups == 0 && cfg->top_k > cfg->experts)
             KEY_ERROR(ctx, "ffn", "k", "ffn.k (%d) must not exceed ffn.experts (%d)", cfg->top_k,
                       cfg->experts);
         if (cfg->experts % cfg->ep != 0)
@@ -495,7 +537,9 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                       "ffn.experts (%d) must be divisible by parallel.ep (%d): each rank of an "
                       "expert group holds experts/ep experts",
                       cfg->experts, cfg->ep);
-        if (cfg->expert_hidden == 0) cfg->expert_hidden = (cfg->ffn_hidden + cfg->top_k - 1) / cfg->top_k;
+        /* as wide as the dense FFN over the token's choices (group_k x k with groups) */
+        const int32_t choices = cfg->groups > 0 ? cfg->group_k * cfg->top_k : cfg->top_k;
+        if (cfg->expert_hidden == 0) cfg->expert_hidden = (cfg->ffn_hidden + choices - 1) / choices;
         if (cfg->moge_sigma_min > cfg->moge_sigma_max)
             KEY_ERROR(ctx, "ffn", "moge_sigma_min",
                       "ffn.moge_sigma_min (%g) must not exceed ffn.moge_sigma_max (%g)",
@@ -734,7 +778,8 @@ static const char *const arch_all[] = {"model.n_layer", "model.n_embd", "model.n
                                        "model.seq_len", "model.vocab_size", "ffn.kind",
                                        "ffn.hidden", NULL};
 static const char *const arch_moe[] = {"ffn.every", "ffn.experts", "ffn.k", "ffn.expert_hidden",
-                                       "ffn.gate", "ffn.shared_hidden", NULL};
+                                       "ffn.gate", "ffn.shared_hidden", "ffn.groups",
+                                       "ffn.group_k", NULL};
 static const char *const arch_infinite[] = {"ffn.every", "ffn.units", "ffn.mask", "ffn.mask_block",
                                             "ffn.latent_dim", "ffn.router_hidden", "ffn.shared_hidden",
                                             NULL};

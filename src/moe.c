@@ -20,6 +20,7 @@ typedef struct {
     int64_t dropped;      /* assignments over capacity */
     int64_t n_tokens;
     double aux_importance, aux_load, aux_switch, aux_z, aux_moge;
+    double aux_group_importance, aux_group_load; /* hierarchical: the primary gate's */
     double max_over_mean; /* max_i tokens_i / mean_i tokens_i */
     /* means over the tokens, for the statistics file (docs/stats.md); no loss uses them */
     double gate_entropy;   /* entropy (nats) of a token's k gates normalised to sum 1 */
@@ -43,7 +44,11 @@ struct moe_layer {
     int moge_official; /* the MoGE code's convention: sum over a rank's tokens / h^2 */
     double moge_weight; /* lambda, or for the official convention lambda n / h^2 this step */
     int grid_r, grid_c, win;
+    /* hierarchical (ffn.groups): G groups of E/G experts, gk groups per token and kk
+     * experts in each, so k = gk kk; G = 0 for flat routing */
+    int G, gk, kk;
     size_t wg, wn, w1, b1, w2, b2; /* parameter offsets */
+    size_t wgp, wnp;               /* hierarchical: the primary (group) router */
     int64_t max_tokens, max_rows;
     /* forward state, kept for backward */
     int64_t n;
@@ -74,6 +79,13 @@ struct moe_layer {
     /* backward scratch */
     float *dlog, *dnlog, *dur;     /* (n,E), (n,E), (n,C) */
     float *dgate, *dA;             /* (n,k), (max_rows, He) */
+    /* hierarchical: the primary gate's clean and noise logits, noise draws, scores,
+     * clean softmax (n,G); its gates, chosen groups (n,gk) and threshold groups (n,2);
+     * the secondary gates (n,k) and per chosen group its threshold experts (n,gk,2)
+     * (the secondary gates use logits .. score above, the experts' columns); the
+     * primary logit gradients (n,G) */
+    float *plog, *pnlog, *peps, *pscore, *pprobs, *pgates, *sgates, *dplog, *dpnlog;
+    int32_t *pchoice, *pkth, *skth;
     /* global sums of the last training forward (see pack_sums) */
     double *gsum;
     double sigma;
@@ -97,6 +109,10 @@ static int experts_in_parallel(const moe_layer *m) {
 /* Layout of the per-expert sums reduced over all ranks each training step. */
 enum { S_IMP, S_LOAD, S_ARGMAX, S_PROB, S_KEPT, S_CHOSEN, S_VECTORS };
 #define SUM_AT(m, which) ((m)->gsum + (size_t)(which) * (m)->E)
+/* hierarchical: the primary gate's importance and load per group, after the scalars
+ * (with groups, S_IMP and S_LOAD are the secondary gates', per expert) */
+#define SUM_GROUP_IMP(m) ((m)->gsum + S_VECTORS * (m)->E + 7)
+#define SUM_GROUP_LOAD(m) ((m)->gsum + S_VECTORS * (m)->E + 7 + (m)->G)
 #define SUM_DROPPED(m) ((m)->gsum[S_VECTORS * (m)->E + 0])
 #define SUM_LSE2(m) ((m)->gsum[S_VECTORS * (m)->E + 1])
 #define SUM_OMEGA(m) ((m)->gsum[S_VECTORS * (m)->E + 2])
@@ -104,7 +120,7 @@ enum { S_IMP, S_LOAD, S_ARGMAX, S_PROB, S_KEPT, S_CHOSEN, S_VECTORS };
 #define SUM_GATE_ENT(m) ((m)->gsum[S_VECTORS * (m)->E + 4])
 #define SUM_ROUTER_ENT(m) ((m)->gsum[S_VECTORS * (m)->E + 5])
 #define SUM_TOP_GATE(m) ((m)->gsum[S_VECTORS * (m)->E + 6])
-#define N_SUMS(m) (S_VECTORS * (m)->E + 7)
+#define N_SUMS(m) (S_VECTORS * (m)->E + 7 + 2 * (m)->G)
 
 void moe_grid(int E, int *rows, int *cols) {
     int r = 1;
@@ -123,7 +139,10 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
     m->layer = layer;
     m->C = cfg->n_embd;
     m->E = cfg->experts;
-    m->k = cfg->top_k;
+    m->G = cfg->groups;
+    m->gk = m->G > 0 ? cfg->group_k : 1;
+    m->kk = cfg->top_k;
+    m->k = m->gk * m->kk;
     m->He = cfg->expert_hidden;
     m->ep = ep;
     m->bf16 = ctx && ctx->bf16;
@@ -161,8 +180,14 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
                              m->gate == GATE_SWITCH ? INIT_NORMAL : INIT_ZERO, switch_std);
     if (m->gate == GATE_NOISY)
         m->wn = tensor_add_layer(tab, "h.%d.moe.noise.w", layer, 2, s_router, 0, INIT_ZERO, 0);
+    if (m->G > 0) { /* the primary gate over groups, noisy top-k, also from zero */
+        int64_t s_group[2] = {m->G, m->C};
+        m->wgp = tensor_add_layer(tab, "h.%d.moe.group_router.w", layer, 2, s_group, 0, INIT_ZERO, 0);
+        m->wnp = tensor_add_layer(tab, "h.%d.moe.group_noise.w", layer, 2, s_group, 0, INIT_ZERO, 0);
+    }
 
     int64_t n = max_tokens, E = m->E, C = m->C, k = m->k, R = m->max_rows, He = m->He;
+    int64_t G = m->G, ng = G > 0 ? n : 0, gk = m->gk;
     const mem_part parts[] = {
         MEM_PART(m->jit, n * C),        MEM_PART(m->jittered, n * C),  MEM_PART(m->logits, n * E),
         MEM_PART(m->nlog, n * E),       MEM_PART(m->eps, n * E),       MEM_PART(m->score, n * E),
@@ -177,6 +202,10 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
         MEM_PART(m->dlog, n * E),       MEM_PART(m->dnlog, n * E),     MEM_PART(m->dur, n * C),
         MEM_PART(m->dgate, n * k),      MEM_PART(m->dA, R * He),       MEM_PART(m->gsum, N_SUMS(m)),
         MEM_PART(m->guard_tot, E),      MEM_PART(m->stats.tokens, E),  MEM_PART(m->bias, E),
+        MEM_PART(m->plog, ng * G),      MEM_PART(m->pnlog, ng * G),    MEM_PART(m->peps, ng * G),
+        MEM_PART(m->pscore, ng * G),    MEM_PART(m->pprobs, ng * G),   MEM_PART(m->pgates, ng * gk),
+        MEM_PART(m->sgates, ng * k),    MEM_PART(m->dplog, ng * G),    MEM_PART(m->dpnlog, ng * G),
+        MEM_PART(m->pchoice, ng * gk),  MEM_PART(m->pkth, ng * 2),     MEM_PART(m->skth, ng * gk * 2),
     };
     m->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
     dispatch_groups_init(&m->by_expert, m->E_local, R);
@@ -236,6 +265,29 @@ static void guard_block(moe_layer *m, const ffn_context *ctx) {
     }
 }
 
+/* order[0..min(k+1, M)): the k+1 largest of sel[0..M), largest first, by repeated
+ * selection (M is small); ties go to the lower index. */
+static void top_select(const float *sel, int M, int k, int32_t *order) {
+    int taken = 0;
+    for (int j = 0; j < k + 1 && j < M; j++) {
+        int best = -1;
+        for (int e = 0; e < M; e++) {
+            int used = 0;
+            for (int q = 0; q < taken; q++) used |= order[q] == e;
+            if (!used && (best < 0 || sel[e] > sel[best])) best = e;
+        }
+        order[taken++] = best;
+    }
+}
+
+/* g[0..k) = softmax of sc over the kept order[0..k) (the noisy gate's gates). */
+static void kept_softmax(const float *sc, const int32_t *order, int k, float *g) {
+    float gmax = sc[order[0]], gs = 0.0f;
+    for (int j = 1; j < k; j++) gmax = sc[order[j]] > gmax ? sc[order[j]] : gmax;
+    for (int j = 0; j < k; j++) gs += (g[j] = expf(sc[order[j]] - gmax));
+    for (int j = 0; j < k; j++) g[j] /= gs;
+}
+
 /* Route token t: logits -> scores -> top-k -> gates. */
 static void route_token(moe_layer *m, int64_t t, const ffn_context *ctx) {
     const int E = m->E, k = m->k;
@@ -271,28 +323,81 @@ static void route_token(moe_layer *m, int64_t t, const ffn_context *ctx) {
          * expert bias (aux-loss-free balancing) moves the choice, not the gates. */
         float sel[E];
         for (int e = 0; e < E; e++) sel[e] = m->bias_rate > 0 ? sc[e] + (float)m->bias[e] : sc[e];
-        int taken = 0;
-        for (int j = 0; j < k + 1 && j < E; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int used = 0;
-                for (int q = 0; q < taken; q++) used |= order[q] == e;
-                if (!used && (best < 0 || sel[e] > sel[best])) best = e;
-            }
-            order[taken++] = best;
-        }
+        top_select(sel, E, k, order);
         m->kth[t * 2] = order[k - 1];
         m->kth[t * 2 + 1] = k < E ? order[k] : -1;
     }
     for (int j = 0; j < k; j++) m->choice[t * k + j] = order[j];
     float *g = m->gates + t * k;
     if (m->gate == GATE_NOISY) { /* softmax over the kept scores */
-        float gmax = sc[order[0]], gs = 0.0f;
-        for (int j = 1; j < k; j++) gmax = sc[order[j]] > gmax ? sc[order[j]] : gmax;
-        for (int j = 0; j < k; j++) gs += (g[j] = expf(sc[order[j]] - gmax));
-        for (int j = 0; j < k; j++) g[j] /= gs;
+        kept_softmax(sc, order, k, g);
     } else { /* Switch: the raw probabilities */
         for (int j = 0; j < k; j++) g[j] = pr[order[j]];
+    }
+}
+
+/* probs[0..M) = softmax(lg[0..M)); returns the logsumexp. */
+static float softmax_lse(const float *lg, int M, float *probs) {
+    float max = -INFINITY, sum = 0.0f;
+    for (int e = 0; e < M; e++) max = lg[e] > max ? lg[e] : max;
+    for (int e = 0; e < M; e++) sum += (probs[e] = expf(lg[e] - max));
+    for (int e = 0; e < M; e++) probs[e] /= sum;
+    return max + logf(sum);
+}
+
+/* sc[0..M) = lg + eps * softplus(nl), eps[i] drawn from key + i * stride (training);
+ * sc = lg outside training. */
+static void noisy_scores(const float *lg, const float *nl, float *eps, float *sc, int M, uint64_t key,
+                         int training) {
+    for (int e = 0; e < M; e++) {
+        if (!training) {
+            sc[e] = lg[e];
+            continue;
+        }
+        eps[e] = rng_key_normal(key + (uint64_t)e * RNG_KEY_STRIDE);
+        sc[e] = lg[e] + eps[e] * softplusf(nl[e]);
+    }
+}
+
+/*
+ * Route token t through the two levels (Shazeer et al. 2017, appendix B): the
+ * primary noisy top-gk over G groups, then in each chosen group a noisy top-kk over
+ * its E/G experts. Choice a*kk + j is the j-th expert of the a-th group, its gate
+ * the product of the two levels' gates. probs (statistics only) is the clean
+ * softmax over groups times the clean softmax within the group.
+ */
+static void route_token_hier(moe_layer *m, int64_t t, const ffn_context *ctx) {
+    const int E = m->E, G = m->G, b = E / G, gk = m->gk, kk = m->kk, k = m->k;
+    const int64_t tok = ctx->token_offset + t;
+    float *pl = m->plog + t * G, *ps = m->pscore + t * G, *pp = m->pprobs + t * G;
+    m->lse[t] = softmax_lse(pl, G, pp);
+    noisy_scores(pl, m->pnlog + t * G, m->peps + t * G, ps, G,
+                 rng_token_key(ctx->seed, m->layer, ctx->step, 3, tok), ctx->training);
+    noisy_scores(m->logits + t * E, m->nlog + t * E, m->eps + t * E, m->score + t * E, E,
+                 rng_token_key(ctx->seed, m->layer, ctx->step, 1, tok), ctx->training);
+    int32_t porder[gk + 1], sorder[kk + 1];
+    top_select(ps, G, gk, porder);
+    m->pkth[t * 2] = porder[gk - 1];
+    m->pkth[t * 2 + 1] = gk < G ? porder[gk] : -1;
+    kept_softmax(ps, porder, gk, m->pgates + t * gk);
+    float ws[b];
+    for (int g = 0; g < G; g++) {
+        softmax_lse(m->logits + t * E + g * b, b, ws);
+        for (int j = 0; j < b; j++) m->probs[t * E + g * b + j] = pp[g] * ws[j];
+    }
+    for (int a = 0; a < gk; a++) {
+        const int g = porder[a], e0 = g * b;
+        const float *sc = m->score + t * E + e0;
+        m->pchoice[t * gk + a] = g;
+        top_select(sc, b, kk, sorder);
+        m->skth[(t * gk + a) * 2] = e0 + sorder[kk - 1];
+        m->skth[(t * gk + a) * 2 + 1] = kk < b ? e0 + sorder[kk] : -1;
+        float *sg = m->sgates + t * k + a * kk;
+        kept_softmax(sc, sorder, kk, sg);
+        for (int j = 0; j < kk; j++) {
+            m->choice[t * k + a * kk + j] = e0 + sorder[j];
+            m->gates[t * k + a * kk + j] = m->pgates[t * gk + a] * sg[j];
+        }
     }
 }
 
@@ -354,6 +459,38 @@ static double load_prob(const moe_layer *m, int64_t t, int e, int in_topk, doubl
     return norm_cdf(*zs);
 }
 
+/* Entropy (nats) of a token's k gates normalised to sum 1 (statistics only). */
+static double gate_entropy(const float *g, int k) {
+    double gs = 0.0, h = 0.0;
+    for (int j = 0; j < k; j++) gs += g[j];
+    for (int j = 0; j < k; j++) {
+        double q = gs > 0.0 ? g[j] / gs : 0.0;
+        if (q > 0.0) h -= q * log(q);
+    }
+    return h;
+}
+
+/*
+ * The hierarchical gates' P: the chance that option i (a group, or an expert of a
+ * chosen group) stays in its level's top k under fresh noise, given the threshold
+ * option thr (the k-th largest other score; -1: every option is kept, P = 1).
+ * lg, nl, sc are that level's clean logits, noise logits and scores.
+ */
+static double level_prob(const float *lg, const float *nl, const float *sc, int i, int thr,
+                         double *zs, double *s) {
+    if (thr < 0) return -1.0; /* constant */
+    *s = softplusf(nl[i]);
+    *zs = (lg[i] - sc[thr]) / *s;
+    return norm_cdf(*zs);
+}
+
+/* Whether option i is among order[0..k). */
+static int chosen_in(const int32_t *order, int k, int i) {
+    int in = 0;
+    for (int j = 0; j < k; j++) in |= order[j] == i;
+    return in;
+}
+
 static double cv2(const double *v, int E, double *grad) {
     double mean = 0.0, var = 0.0;
     for (int e = 0; e < E; e++) mean += v[e];
@@ -371,9 +508,66 @@ static double cv2(const double *v, int E, double *grad) {
 }
 
 /* Local sums of this step's statistics, reduced over all ranks into m->gsum. */
-static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
+/*
+ * Hierarchical: this rank's sums of both levels' importance and load (S_IMP and
+ * S_LOAD per expert from the secondary gates over the tokens that chose its group,
+ * SUM_GROUP_* from the primary gate), and the statistics every layer keeps.
+ */
+static void sum_hier(moe_layer *m, int64_t n) {
+    const int E = m->E, G = m->G, b = E / G, gk = m->gk, kk = m->kk, k = m->k;
+    double zs, s;
+    for (int64_t t = 0; t < n; t++) {
+        const int32_t *pc = m->pchoice + t * gk;
+        for (int a = 0; a < gk; a++) {
+            SUM_GROUP_IMP(m)[pc[a]] += m->pgates[t * gk + a];
+            for (int j = 0; j < kk; j++) {
+                int i = a * kk + j, e = m->choice[t * k + i];
+                SUM_AT(m, S_IMP)[e] += m->sgates[t * k + i];
+                SUM_AT(m, S_CHOSEN)[e] += 1;
+                if (m->slot[t * k + i] >= 0) SUM_AT(m, S_KEPT)[e] += 1;
+                else SUM_DROPPED(m) += 1;
+            }
+        }
+        if (m->w_load > 0) {
+            const float *pl = m->plog + t * G, *pn = m->pnlog + t * G, *ps = m->pscore + t * G;
+            for (int g = 0; g < G; g++) {
+                double p = level_prob(pl, pn, ps, g, m->pkth[t * 2 + chosen_in(pc, gk, g)], &zs, &s);
+                SUM_GROUP_LOAD(m)[g] += p < 0 ? 1.0 : p;
+            }
+            const float *lg = m->logits + t * E, *nl = m->nlog + t * E, *sc = m->score + t * E;
+            for (int a = 0; a < gk; a++)
+                for (int e = pc[a] * b; e < (pc[a] + 1) * b; e++) {
+                    int in = chosen_in(m->choice + t * k + a * kk, kk, e);
+                    double p = level_prob(lg, nl, sc, e, m->skth[(t * gk + a) * 2 + in], &zs, &s);
+                    SUM_AT(m, S_LOAD)[e] += p < 0 ? 1.0 : p;
+                }
+        }
+        SUM_AT(m, S_ARGMAX)[m->choice[t * k]] += 1;
+        double h = gate_entropy(m->gates + t * k, k), hr = 0.0;
+        for (int e = 0; e < E; e++) {
+            double p = m->probs[t * E + e];
+            SUM_AT(m, S_PROB)[e] += p;
+            if (p > 0.0) hr -= p * log(p);
+        }
+        SUM_GATE_ENT(m) += h;
+        SUM_ROUTER_ENT(m) += hr;
+        SUM_TOP_GATE(m) += m->gates[t * k];
+    }
+}
+
+/* Mean over the G groups of cv^2 of v's b = E/G entries of each (grad: per entry). */
+static double cv2_groups(const double *v, int E, int G, double *grad) {
+    const int b = E / G;
+    double sum = 0.0;
+    for (int g = 0; g < G; g++) sum += cv2(v + g * b, b, grad ? grad + g * b : NULL) / G;
+    if (grad)
+        for (int e = 0; e < E; e++) grad[e] /= G;
+    return sum;
+}
+
+/* Flat routing: this rank's sums of importance, load and the statistics. */
+static void sum_flat(moe_layer *m, int64_t n) {
     const int E = m->E, k = m->k;
-    memset(m->gsum, 0, sizeof(double) * N_SUMS(m));
     for (int64_t t = 0; t < n; t++) {
         for (int j = 0; j < k; j++) {
             int e = m->choice[t * k + j];
@@ -397,12 +591,7 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
         if (m->moge) SUM_OMEGA(m) += moge_omega(m, m->probs + t * E, NULL, 0);
         /* statistics only (docs/stats.md): entropy of the k gates normalised to sum 1,
          * entropy of the clean router softmax, the first choice's gate */
-        double gs = 0.0, h = 0.0, hr = 0.0;
-        for (int j = 0; j < k; j++) gs += m->gates[t * k + j];
-        for (int j = 0; j < k; j++) {
-            double q = gs > 0.0 ? m->gates[t * k + j] / gs : 0.0;
-            if (q > 0.0) h -= q * log(q);
-        }
+        double h = gate_entropy(m->gates + t * k, k), hr = 0.0;
         for (int e = 0; e < E; e++) { /* -sum p log p = lse - sum p logit: no log per expert */
             double p = m->probs[t * E + e];
             if (p > 0.0) hr -= p * m->logits[t * E + e];
@@ -412,13 +601,25 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
         SUM_ROUTER_ENT(m) += hr;
         SUM_TOP_GATE(m) += m->gates[t * k];
     }
+}
+
+static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
+    const int E = m->E, k = m->k;
+    memset(m->gsum, 0, sizeof(double) * N_SUMS(m));
+    if (m->G > 0) sum_hier(m, n);
+    else sum_flat(m, n);
     SUM_TOKENS(m) = (double)n;
     dist_allreduce_sum_d(m->gsum, N_SUMS(m), ctx->world);
 
     double N = SUM_TOKENS(m), aux = 0.0;
     moe_stats *st = &m->stats;
-    memset(&st->aux_importance, 0, 5 * sizeof(double));
-    if (m->gate == GATE_NOISY) {
+    memset(&st->aux_importance, 0, 7 * sizeof(double));
+    if (m->G > 0) { /* each level's losses at that level (the secondary's: mean over groups) */
+        st->aux_importance = m->w_imp * cv2_groups(SUM_AT(m, S_IMP), E, m->G, NULL);
+        st->aux_load = m->w_load > 0 ? m->w_load * cv2_groups(SUM_AT(m, S_LOAD), E, m->G, NULL) : 0.0;
+        st->aux_group_importance = m->w_imp * cv2(SUM_GROUP_IMP(m), m->G, NULL);
+        st->aux_group_load = m->w_load > 0 ? m->w_load * cv2(SUM_GROUP_LOAD(m), m->G, NULL) : 0.0;
+    } else if (m->gate == GATE_NOISY) {
         st->aux_importance = m->w_imp * cv2(SUM_AT(m, S_IMP), E, NULL);
         st->aux_load = m->w_load > 0 ? m->w_load * cv2(SUM_AT(m, S_LOAD), E, NULL) : 0.0;
     } else {
@@ -428,7 +629,8 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
     }
     st->aux_z = m->z_loss * SUM_LSE2(m) / N;
     st->aux_moge = m->moge ? m->moge_weight * SUM_OMEGA(m) / N : 0.0;
-    aux = st->aux_importance + st->aux_load + st->aux_switch + st->aux_z + st->aux_moge;
+    aux = st->aux_importance + st->aux_load + st->aux_switch + st->aux_z + st->aux_moge +
+          st->aux_group_importance + st->aux_group_load;
 
     double kept = 0.0, max = 0.0;
     for (int e = 0; e < E; e++) {
@@ -484,8 +686,15 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
      * and the window positions / (h^2 positions), i.e. the per-token mean x n / h^2 */
     m->moge_weight = m->moge_official ? (double)m->moge_lambda * (double)n / ((double)m->win * m->win)
                                       : (double)m->moge_lambda;
+    if (m->G > 0) {
+        gemm(0, 1, n, m->G, C, in, C, params + m->wgp, C, m->plog, m->G, 0, NULL);
+        gemm(0, 1, n, m->G, C, in, C, params + m->wnp, C, m->pnlog, m->G, 0, NULL);
 #pragma omp parallel for
-    for (int64_t t = 0; t < n; t++) route_token(m, t, ctx);
+        for (int64_t t = 0; t < n; t++) route_token_hier(m, t, ctx);
+    } else {
+#pragma omp parallel for
+        for (int64_t t = 0; t < n; t++) route_token(m, t, ctx);
+    }
 
     /* 3. capacity, filled in token order (a choice over it is dropped); send rows
      * ordered by expert, so by the rank that holds it */
@@ -651,6 +860,76 @@ static void gate_backward(moe_layer *m, int64_t t, const float *dgate, const ffn
 }
 
 /*
+ * One level of a hierarchical token's gate backward: from dG, the gradient of the
+ * level's kept gates g (softmax of sc over order[0..kk)), and the load loss's
+ * coefficients c_load per option (NULL: off), into dl (clean logits) and ds (d
+ * softplus scale) of the level's M options, with dsc its scores' gradient scratch.
+ */
+static void level_backward(const float *lg, const float *nl, const float *sc, const float *g,
+                           const int32_t *order, int kk, const float *dG, const int32_t *kth, int M,
+                           int i0, const double *c_load, float *dl, float *ds, float *dsc) {
+    float dot = 0.0f;
+    for (int j = 0; j < kk; j++) dot += g[j] * dG[j];
+    for (int j = 0; j < kk; j++) dsc[order[j]] += g[j] * (dG[j] - dot);
+    if (!c_load) return;
+    for (int i = i0; i < i0 + M; i++) {
+        double zs, s;
+        int thr = kth[chosen_in(order, kk, i)];
+        if (level_prob(lg, nl, sc, i, thr, &zs, &s) < 0) continue;
+        double c = c_load[i] * norm_pdf(zs);
+        dl[i] += (float)(c / s);
+        ds[i] += (float)(-c * zs / s);
+        dsc[thr] += (float)(-c / s);
+    }
+}
+
+/*
+ * Hierarchical token t: d(output and aux)/d of both levels' clean and noise logits.
+ * A choice's gate is pg[a] sg[j], so dpg[a] = sum_j dgate sg and dsg = dgate pg[a],
+ * plus each level's importance coefficient; c_* are NULL outside training.
+ */
+static void gate_backward_hier(moe_layer *m, int64_t t, const float *dgate, const ffn_context *ctx,
+                               const double *c_imp, const double *c_load, const double *c_gimp,
+                               const double *c_gload) {
+    const int E = m->E, G = m->G, b = E / G, gk = m->gk, kk = m->kk, k = m->k;
+    const int train = ctx->training;
+    float *dl = m->dlog + t * E, *dn = m->dnlog + t * E, *dpl = m->dplog + t * G, *dpn = m->dpnlog + t * G;
+    float ds[E], dsc[E], dps[G], dpsc[G], dPG[gk], dSG[kk];
+    memset(dl, 0, sizeof(float) * E);
+    memset(dpl, 0, sizeof(float) * G);
+    memset(ds, 0, sizeof ds);
+    memset(dsc, 0, sizeof dsc);
+    memset(dps, 0, sizeof dps);
+    memset(dpsc, 0, sizeof dpsc);
+    const float *pg = m->pgates + t * gk, *sg = m->sgates + t * k;
+    const int32_t *pc = m->pchoice + t * gk;
+    const float *lg = m->logits + t * E, *nl = m->nlog + t * E, *sc = m->score + t * E;
+    for (int a = 0; a < gk; a++) {
+        dPG[a] = train ? (float)c_gimp[pc[a]] : 0.0f;
+        for (int j = 0; j < kk; j++) {
+            int i = a * kk + j;
+            dPG[a] += dgate[i] * sg[i];
+            dSG[j] = dgate[i] * pg[a] + (train ? (float)c_imp[m->choice[t * k + i]] : 0.0f);
+        }
+        level_backward(lg, nl, sc, sg + a * kk, m->choice + t * k + a * kk, kk, dSG,
+                       m->skth + (t * gk + a) * 2, b, pc[a] * b, train && m->w_load > 0 ? c_load : NULL,
+                       dl, ds, dsc);
+    }
+    level_backward(m->plog + t * G, m->pnlog + t * G, m->pscore + t * G, pg, pc, gk, dPG,
+                   m->pkth + t * 2, G, 0, train && m->w_load > 0 ? c_gload : NULL, dpl, dps, dpsc);
+    for (int e = 0; e < E; e++) {
+        dl[e] += dsc[e];
+        if (train) ds[e] += dsc[e] * m->eps[t * E + e];
+        dn[e] = ds[e] * sigmoidf(nl[e]);
+    }
+    for (int g = 0; g < G; g++) {
+        dpl[g] += dpsc[g];
+        if (train) dps[g] += dpsc[g] * m->peps[t * G + g];
+        dpn[g] = dps[g] * sigmoidf(m->pnlog[t * G + g]);
+    }
+}
+
+/*
  * The experts' backward in bf16: dY (the received row gradients, expert-ordered, in
  * m->Y) -> the weight and bias gradients, and dX in bf16 back in m->Y. The GELU
  * output (m->A) feeds the weight gradient first, then holds dH.
@@ -779,7 +1058,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
     double c_imp[E], c_load[E];
     memset(c_imp, 0, sizeof c_imp);
     memset(c_load, 0, sizeof c_load);
-    if (ctx->training && m->gate == GATE_NOISY) {
+    if (ctx->training && m->gate == GATE_NOISY && m->G == 0) {
         cv2(SUM_AT(m, S_IMP), E, c_imp);
         for (int e = 0; e < E; e++) c_imp[e] *= ctx->world_size * m->w_imp;
         if (m->w_load > 0) {
@@ -787,8 +1066,35 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
             for (int e = 0; e < E; e++) c_load[e] *= ctx->world_size * m->w_load;
         }
     }
+    if (m->G > 0) {
+        double c_gimp[m->G], c_gload[m->G];
+        memset(c_gimp, 0, sizeof c_gimp);
+        memset(c_gload, 0, sizeof c_gload);
+        if (ctx->training) { /* each level's losses, as in reduce_aux */
+            cv2_groups(SUM_AT(m, S_IMP), E, m->G, c_imp);
+            cv2_groups(SUM_AT(m, S_LOAD), E, m->G, c_load);
+            cv2(SUM_GROUP_IMP(m), m->G, c_gimp);
+            cv2(SUM_GROUP_LOAD(m), m->G, c_gload);
+            for (int e = 0; e < E; e++) {
+                c_imp[e] *= ctx->world_size * m->w_imp;
+                c_load[e] *= ctx->world_size * m->w_load;
+            }
+            for (int g = 0; g < m->G; g++) {
+                c_gimp[g] *= ctx->world_size * m->w_imp;
+                c_gload[g] *= ctx->world_size * m->w_load;
+            }
+        }
 #pragma omp parallel for
-    for (int64_t t = 0; t < n; t++) gate_backward(m, t, dgate + t * k, ctx, c_imp, c_load, scale_n);
+        for (int64_t t = 0; t < n; t++)
+            gate_backward_hier(m, t, dgate + t * k, ctx, c_imp, c_load, c_gimp, c_gload);
+        gemm(1, 0, m->G, C, n, m->dplog, m->G, in, C, grads + m->wgp, C, 1, NULL);
+        gemm(0, 0, n, C, m->G, m->dplog, m->G, params + m->wgp, C, din, C, 1, NULL);
+        gemm(1, 0, m->G, C, n, m->dpnlog, m->G, in, C, grads + m->wnp, C, 1, NULL);
+        gemm(0, 0, n, C, m->G, m->dpnlog, m->G, params + m->wnp, C, din, C, 1, NULL);
+    } else {
+#pragma omp parallel for
+        for (int64_t t = 0; t < n; t++) gate_backward(m, t, dgate + t * k, ctx, c_imp, c_load, scale_n);
+    }
     /* router GEMMs: logits = ur . Wg^T (+ noise logits = in . Wn^T) */
     gemm(1, 0, E, C, n, m->dlog, E, m->ur, C, grads + m->wg, C, 1, NULL);
     if (m->ur == in) {
@@ -821,7 +1127,8 @@ void moe_end_step(moe_layer *m, const ffn_context *ctx) {
 
 /* ---- statistics and the log line (ffn.h) ---- */
 
-static const char *const MOE_AUX[] = {"importance", "load", "switch", "z", "moge"};
+static const char *const MOE_AUX[] = {"importance", "load", "switch", "z", "moge",
+                                      "group_importance", "group_load"};
 
 void moe_stats_describe(const moe_layer *m, stats_layer_desc *d) {
     memset(d, 0, sizeof *d);
@@ -830,9 +1137,10 @@ void moe_stats_describe(const moe_layer *m, stats_layer_desc *d) {
     d->bucket = "expert";
     d->n_buckets = m->E;
     d->k = m->k;
-    d->n_aux = 5;
-    for (int a = 0; a < 5; a++) d->aux_names[a] = MOE_AUX[a];
+    d->n_aux = m->G > 0 ? 7 : 5; /* hierarchical: the primary gate's losses too */
+    for (int a = 0; a < d->n_aux; a++) d->aux_names[a] = MOE_AUX[a];
     d->has_bias = m->bias_rate > 0;
+    d->groups = m->G;
 }
 
 void moe_stats_row(const moe_layer *m, stats_row *r) {
@@ -850,6 +1158,8 @@ void moe_stats_row(const moe_layer *m, stats_row *r) {
     r->aux[2] = st->aux_switch;
     r->aux[3] = st->aux_z;
     r->aux[4] = st->aux_moge;
+    r->aux[5] = st->aux_group_importance;
+    r->aux[6] = st->aux_group_load;
     r->bias = m->bias_rate > 0 ? m->bias : NULL;
 }
 
@@ -861,15 +1171,30 @@ void moe_phase_times(const moe_layer *m, double t[4]) {
 }
 
 void moe_log_fields(const moe_layer *const *layers, int n, double aux_loss, char *buf, size_t cap) {
-    double worst = 0.0, dropped = 0.0, assigned = 0.0;
+    double worst = 0.0, dropped = 0.0, assigned = 0.0, group_worst = -1.0;
     for (int l = 0; l < n; l++) {
-        const moe_stats *st = &layers[l]->stats;
+        const moe_layer *m = layers[l];
+        const moe_stats *st = &m->stats;
         if (st->max_over_mean > worst) worst = st->max_over_mean;
         dropped += (double)st->dropped;
         assigned += (double)st->assignments;
+        if (m->G > 0) { /* hierarchical: the primary gate's balance over groups */
+            const int b = m->E / m->G;
+            double hi = 0.0, total = 0.0;
+            for (int g = 0; g < m->G; g++) {
+                double sg = 0.0;
+                for (int e = g * b; e < (g + 1) * b; e++) sg += (double)st->tokens[e];
+                hi = sg > hi ? sg : hi;
+                total += sg;
+            }
+            double r = total > 0 ? hi / (total / m->G) : 0.0;
+            group_worst = r > group_worst ? r : group_worst;
+        }
     }
-    snprintf(buf, cap, " | aux %.6f | load max/mean %.3f | dropped %.2f%%", aux_loss, worst,
-             assigned > 0 ? 100.0 * dropped / assigned : 0.0);
+    int len = snprintf(buf, cap, " | aux %.6f | load max/mean %.3f | dropped %.2f%%", aux_loss, worst,
+                       assigned > 0 ? 100.0 * dropped / assigned : 0.0);
+    if (group_worst >= 0.0 && len > 0 && (size_t)len < cap)
+        snprintf(buf + len, cap - (size_t)len, " | group max/mean %.3f", group_worst);
 }
 
 /* ---- reference and fingerprint (tests) ---- */

@@ -260,6 +260,7 @@ static int create_file(stats_writer *w, const char *config_text, char *err, size
         bad |= h5_attr_put_i64(grp, "layer", L->d.layer) < 0 || h5_attr_put_str(grp, "kind", L->kind) < 0 ||
                h5_attr_put_str(grp, "bucket", L->bucket) < 0 ||
                h5_attr_put_i64(grp, "n_buckets", L->d.n_buckets) < 0 || h5_attr_put_i64(grp, "k", L->d.k) < 0;
+        if (L->d.groups > 0) bad |= h5_attr_put_i64(grp, "groups", L->d.groups) < 0;
         hid_t ds = h5_ds_create_rows(grp, "rows", L->ftype, 1,
                              "one record per row of /step: tokens per bucket and the scalars of docs/stats.md");
         bad |= ds < 0;
@@ -576,6 +577,8 @@ static hid_t open_layer(hid_t layers, stats_layer_data *L) {
     if (g >= 0 && h5_attr_get_i64(g, "n_buckets", &v) == 0 && v >= 1 && H5Lexists(g, "rows", H5P_DEFAULT) > 0) {
         L->nb = (int)v;
         L->k = h5_attr_get_i64(g, "k", &v) == 0 ? (int)v : 0;
+        /* buckets that divide into groups: hierarchical MoE; a bad value reads as none */
+        L->groups = h5_attr_get_i64(g, "groups", &v) == 0 && v >= 2 && v <= L->nb && L->nb % v == 0 ? (int)v : 0;
         if (attr_get_str(g, "kind", L->kind, sizeof L->kind) < 0) snprintf(L->kind, sizeof L->kind, "?");
         if (attr_get_str(g, "bucket", L->bucket, sizeof L->bucket) < 0)
             snprintf(L->bucket, sizeof L->bucket, "expert");

@@ -180,6 +180,19 @@ equivalence tests/configs/tiny-infinite-learned.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-balance.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-topk-bias.yaml 1:1 2:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-shared.yaml 1:1 2:2 4:4
+equivalence tests/configs/tiny-topk-hier.yaml 1:1 2:1 2:2 4:2 4:4
+
+# hierarchical MoE: the group balance in the log, per-level loads and losses in stats and csv
+th_report=$($INFMOE stats "$TMP/run-tiny-topk-hier-2-2/stats.h5" 2>&1)
+th_csv=$($INFMOE stats "$TMP/run-tiny-topk-hier-2-2/stats.h5" --csv 2>&1 | head -1)
+if grep -q '| group max/mean [0-9.]*$' "$TMP/tiny-topk-hier-2-2.log" &&
+    [ "$(printf '%s\n' "$th_report" | grep -c '^  groups    4 of 2 experts; group max/mean step 5 [0-9.]*')" -eq 2 ] &&
+    printf '%s\n' "$th_report" | grep -q 'aux group_importance [0-9.e-]* | aux group_load' &&
+    printf '%s\n' "$th_csv" | grep -q ',aux_moge,aux_group_importance,aux_group_load,tokens_0'; then
+    pass "stats: hierarchical MoE's group max/mean in the log and stats, both levels' losses in stats and csv"
+else
+    fail "stats: hierarchical MoE's group loads" "$(grep '^step 20' "$TMP/tiny-topk-hier-2-2.log"; printf '%s\n%s\n' "$th_report" "$th_csv")"
+fi
 
 # ---- the shared FFN and the expert bias in the log, stats.h5 and infmoe stats ----
 tb_dir="$TMP/run-tiny-topk-bias-2-2"
@@ -254,7 +267,7 @@ same_tensors() {
     local g
     for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
 }
-for name in tiny tiny-topk tiny-infinite tiny-infinite-balance tiny-topk-bias; do
+for name in tiny tiny-topk tiny-infinite tiny-infinite-balance tiny-topk-bias tiny-topk-hier; do
     cfg=tests/configs/$name.yaml
     train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"
     train_to "$CK/$name-first.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/$name-first"

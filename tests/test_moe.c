@@ -211,6 +211,51 @@ static void check_eval_capacity(run_config *cfg) {
 
 static run_config base_config(void);
 
+/* 8 experts in G groups, gk groups a token and k experts in each. */
+static void set_groups(run_config *c, int G, int gk, int k) {
+    c->experts = 8;
+    c->groups = G;
+    c->group_k = gk;
+    c->top_k = k;
+}
+
+/*
+ * Hierarchical routing: with the primary router sending every token to group 2
+ * (of 4, 2 experts each; group_k 1, k 2), all assignments land on experts 4 and 5,
+ * the primary gate is 1 so each gate is the secondary one (a token's two sum to 1),
+ * the group-level importance cv^2 is 3 (n, 0, 0, 0 over 4 groups), and the stats
+ * row carries both levels' losses.
+ */
+static void check_hier_routing(run_config *cfg) {
+    set_groups(cfg, 4, 1, 2);
+    cfg->w_importance = 1.0f;
+    layer_case lc;
+    setup(&lc, cfg, 16);
+    const tensor_spec *r = tensor_find(&lc.tab, "h.0.moe.group_router.w");
+    const tensor_spec *nz = tensor_find(&lc.tab, "h.0.moe.group_noise.w");
+    CHECK(r && nz && r->shape[0] == 4, "hierarchical: a primary router of 4 groups is registered");
+    if (!r || !nz) return;
+    for (size_t i = 0; i < r->numel; i++) lc.params[r->offset + i] = 0.0f;
+    for (size_t i = 0; i < nz->numel; i++) lc.params[nz->offset + i] = -20.0f; /* no noise */
+    for (int64_t t = 0; t < lc.n; t++) /* channel 0 is 1, the rest 0 */
+        for (int c = 0; c < lc.C; c++) lc.in[t * lc.C + c] = c == 0 ? 1.0f : 0.0f;
+    lc.params[r->offset + 2 * lc.C] = 50.0f; /* group 2's logit: 50 x channel 0 */
+    layer_case_objective(&lc);
+    stats_row row;
+    ffn_stats_row(&lc.f, &row);
+    stats_layer_desc d;
+    ffn_stats_describe(&lc.f, &d);
+    int64_t elsewhere = 0;
+    for (int e = 0; e < 8; e++) elsewhere += e == 4 || e == 5 ? 0 : row.tokens[e];
+    CHECK(row.tokens[4] == 16 && row.tokens[5] == 16 && elsewhere == 0,
+          "hierarchical: group 2 takes every token on both of its experts (got %lld %lld, %lld elsewhere)",
+          (long long)row.tokens[4], (long long)row.tokens[5], (long long)elsewhere);
+    CHECK(d.n_aux == 7 && d.groups == 4 && strcmp(d.aux_names[5], "group_importance") == 0,
+          "hierarchical: stats describe 7 aux losses and 4 groups (got %d, %d)", d.n_aux, d.groups);
+    CHECK(fabs(row.aux[5] - 3.0) < 1e-4, "hierarchical: group importance cv^2 %.6f, expected 3", row.aux[5]);
+    layer_case_free(&lc);
+}
+
 /* The official convention is the mean convention times n / h^2 (n tokens, h x h window). */
 static void check_moge_convention(void) {
     double aux[2];
@@ -338,8 +383,35 @@ int main(int argc, char **argv) {
     c = base_config();
     check_eval_capacity(&c);
 
+    /* hierarchical MoE: both levels against the reference and finite differences
+     * (groups, groups a token, experts in each; capacity; aux weights; shared FFN) */
+    static const struct {
+        int G, gk, k, shared;
+        float cf, w_imp, w_load;
+        const char *name;
+    } hier[] = {
+        {2, 1, 2, 0, 0.0f, 0.0f, 0.0f, "hierarchical output (1 of 2 groups, 2 of 4 experts)"},
+        {4, 2, 1, 0, 0.8f, 0.0f, 0.0f, "hierarchical output (2 of 4 groups, 1 of 2 experts), capacity 0.8"},
+        {4, 2, 1, 0, 0.0f, 50.0f, 0.0f, "hierarchical importance losses, both levels"},
+        {4, 2, 1, 0, 0.0f, 0.0f, 50.0f, "hierarchical load losses, both levels"},
+        {2, 1, 2, 0, 0.0f, 0.0f, 50.0f, "hierarchical load losses (1 of 2 groups, 2 of 4)"},
+        {2, 1, 2, 5, 0.0f, 0.0f, 50.0f, "hierarchical + shared FFN"},
+    };
+    for (size_t i = 0; i < sizeof hier / sizeof hier[0]; i++) {
+        c = base_config();
+        set_groups(&c, hier[i].G, hier[i].gk, hier[i].k);
+        c.shared_hidden = hier[i].shared;
+        c.capacity_factor = hier[i].cf;
+        c.w_importance = hier[i].w_imp;
+        c.w_load = hier[i].w_load;
+        if (i < 2) check_reference(hier[i].name, &c);
+        check_gradients(hier[i].name, &c);
+    }
+    c = base_config();
+    check_hier_routing(&c);
+
     gemm_shutdown();
-    int rc = check_finish("moe: grouped GEMMs equal the reference; gates, aux losses, capacity and moge against finite differences; collapse guard; shared FFN, expert bias, forced balance, eval capacity");
+    int rc = check_finish("moe: grouped GEMMs equal the reference; gates, aux losses, capacity and moge against finite differences; collapse guard; shared FFN, expert bias, forced balance, eval capacity; hierarchical gates");
     MPI_Finalize();
     return rc;
 }

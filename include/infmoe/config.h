@@ -62,6 +62,9 @@ typedef struct {
      * bias rate (0 off), forced even routing (0/1), width of the shared FFN (0 none) */
     float eval_capacity_factor, expert_bias_rate;
     int32_t force_balance, shared_hidden;
+    /* hierarchical MoE (topk): groups of experts (0: flat routing), groups per token;
+     * ffn.k is then the experts chosen in each chosen group */
+    int32_t groups, group_k;
     float moge_lambda, moge_sigma_max, moge_sigma_min, moge_gamma;
     int32_t moge_convention; /* 0 mean: lambda x per-token mean; 1 official: MoGE code's sum */
     /* ∞-MoE: units H (0: 2 * hidden), keep fraction, samples K, mask rule and block,

@@ -3,7 +3,9 @@
  *
  * Per layer and step, forward:
  *   route locally (fp32): router logits -> noisy top-k (Shazeer) or Switch
- *   softmax -> optional collapse guard -> capacity in token order;
+ *   softmax -> optional collapse guard -> capacity in token order; or, with
+ *   ffn.groups, hierarchically: a noisy top-k over groups of experts, then one
+ *   within each chosen group;
  *   aux losses from global per-expert sums (one small allreduce), so a run's
  *   numbers do not depend on the rank count;
  *   dispatch the kept (token, expert) rows to the ranks holding the experts

@@ -51,6 +51,7 @@ typedef struct {
     int z_bins, sigma_bins; /* > 0: histogram fields z_hist, sigma_hist in each record */
     int has_bias;           /* field bias[n_buckets]: the experts' routing bias */
     int has_shared;         /* field shared_share: the shared FFN's share of the output */
+    int groups;             /* hierarchical MoE: buckets in this many equal groups (0: none) */
     double z_lo, z_hi, sigma_lo, sigma_hi; /* their range: bins of equal width */
 } stats_layer_desc;
 
@@ -93,6 +94,7 @@ void stats_writer_close(stats_writer *w);
 typedef struct {
     char name[32], kind[32], bucket[32];
     int layer, nb, k, n_aux, zb, sb;  /* zb, sb: the record has z_hist, sigma_hist */
+    int groups;                       /* attribute groups (hierarchical MoE), 0 without */
     char aux[STATS_MAX_AUX][40];
     int64_t *tokens;                  /* (rows, nb) */
     double *v[STATS_N_COLUMNS];       /* (rows) per scalar column (v[STATS_COL_TOKENS] NULL) */
