@@ -40,6 +40,7 @@ const char *precision_name(precision_kind p) {
 }
 static const char *const bool_names[] = {"false", "true", NULL};
 static const char *const moge_convention_names[] = {"mean", "official", NULL};
+static const char *const alltoall_names[] = {"flat", "node", NULL};
 static const char *const tokenizer_names[] = {"byte", "gpt2", NULL};
 const char *tokenizer_name(tokenizer_kind t) {
     ALWAYS(t >= TOKENIZER_BYTE && t <= TOKENIZER_GPT2);
@@ -113,6 +114,7 @@ static const key_spec schema[] = {
     {"data", "tokenizer", KEY_ENUM, OFF(tokenizer), 0, 0, tokenizer_names, "byte"},
     {"data", "vocab", KEY_STRING, OFF(data_vocab), 0, 0, NULL, "data/gpt2"},
     {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL, "1"},
+    {"parallel", "alltoall", KEY_ENUM, OFF(alltoall_node), 0, 0, alltoall_names, "flat"},
     {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL, NULL},
 };
 #undef OFF

@@ -2,6 +2,7 @@
 #include "infmoe/dispatch.h"
 
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,7 +10,7 @@
 #include "infmoe/dist.h"
 #include "infmoe/util.h"
 
-void dispatch_init(dispatch_plan *p, MPI_Comm comm) {
+static void plan_init(dispatch_plan *p, MPI_Comm comm) {
     memset(p, 0, sizeof *p);
     p->comm = comm;
     if (comm != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_size(comm, &p->size));
@@ -22,7 +23,96 @@ void dispatch_init(dispatch_plan *p, MPI_Comm comm) {
     p->rdispl = xcalloc(n, sizeof(int));
 }
 
+static int cmp_int(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/*
+ * The (node, local index) layout of comm from node (this rank's node, a split of
+ * comm; taken over): NULL, with a note from comm's rank 0, when the nodes hold
+ * unequal numbers of ranks.
+ */
+static dispatch_nodes *nodes_make(MPI_Comm comm, MPI_Comm node) {
+    int rank, size, L, local, lmin, lmax;
+    MPI_CHECK(MPI_Comm_rank(comm, &rank));
+    MPI_CHECK(MPI_Comm_size(comm, &size));
+    MPI_CHECK(MPI_Comm_size(node, &L));
+    MPI_CHECK(MPI_Comm_rank(node, &local));
+    MPI_CHECK(MPI_Allreduce(&L, &lmin, 1, MPI_INT, MPI_MIN, comm));
+    MPI_CHECK(MPI_Allreduce(&L, &lmax, 1, MPI_INT, MPI_MAX, comm));
+    if (lmin != lmax) {
+        if (rank == 0)
+            fprintf(stderr, "note: parallel.alltoall node: the nodes hold %d to %d ranks of an expert group, "
+                            "not equally many; the flat all-to-all is used\n", lmin, lmax);
+        MPI_CHECK(MPI_Comm_free(&node));
+        return NULL;
+    }
+    dispatch_nodes *nd = xcalloc(1, sizeof *nd);
+    nd->node = node;
+    nd->per_node = L;
+    nd->local = local;
+    /* a node is named by the comm rank of its local rank 0; node ids in that order */
+    int leader = rank, *leaders = xcalloc((size_t)size, sizeof(int));
+    MPI_CHECK(MPI_Bcast(&leader, 1, MPI_INT, 0, node));
+    MPI_CHECK(MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, comm));
+    qsort(leaders, (size_t)size, sizeof(int), cmp_int);
+    nd->n_nodes = 0;
+    for (int i = 0; i < size; i++)
+        if (i == 0 || leaders[i] != leaders[i - 1]) {
+            if (leaders[i] == leader) nd->node_id = nd->n_nodes;
+            nd->n_nodes++;
+        }
+    free(leaders);
+    const int N = nd->n_nodes;
+    int me[2] = {nd->node_id, local}, *all = xcalloc((size_t)size * 2, sizeof(int));
+    MPI_CHECK(MPI_Allgather(me, 2, MPI_INT, all, 2, MPI_INT, comm));
+    nd->global = xcalloc((size_t)N * L, sizeof(int));
+    for (int r = 0; r < size; r++) nd->global[all[2 * r] * L + all[2 * r + 1]] = r;
+    free(all);
+    MPI_CHECK(MPI_Comm_split(comm, local, nd->node_id, &nd->cross));
+    static int told; /* once a process: every layer's plan has the same layout */
+    if (rank == 0 && !told++)
+        printf("all-to-all: node-aware, %d node%s x %d ranks of each expert group\n", N, N == 1 ? "" : "s", L);
+    size_t nl = (size_t)N * L;
+    nd->sub = xcalloc(nl, sizeof(int));
+    nd->rsub = xcalloc(nl, sizeof(int));
+    int **counts[] = {&nd->c1, &nd->d1, &nd->rc1, &nd->rd1, &nd->c2, &nd->d2, &nd->rc2, &nd->rd2};
+    for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
+        *counts[i] = xcalloc((size_t)(L > N ? L : N), sizeof(int));
+    return nd;
+}
+
+static void nodes_free(dispatch_nodes *nd) {
+    if (!nd) return;
+    MPI_CHECK(MPI_Comm_free(&nd->node));
+    MPI_CHECK(MPI_Comm_free(&nd->cross));
+    int *arrays[] = {nd->global, nd->sub, nd->rsub, nd->c1, nd->d1, nd->rc1, nd->rd1, nd->c2, nd->d2, nd->rc2, nd->rd2};
+    for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) free(arrays[i]);
+    free(nd->buf[0]);
+    free(nd->buf[1]);
+    free(nd);
+}
+
+void dispatch_init(dispatch_plan *p, MPI_Comm comm, int node_aware) {
+    plan_init(p, comm);
+    if (!node_aware || comm == MPI_COMM_NULL) return;
+    int rank;
+    MPI_Comm node;
+    MPI_CHECK(MPI_Comm_rank(comm, &rank));
+    MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
+    p->nodes = nodes_make(comm, node);
+}
+
+void dispatch_init_nodes(dispatch_plan *p, MPI_Comm comm, MPI_Comm node_comm) {
+    plan_init(p, comm);
+    MPI_Comm node;
+    MPI_CHECK(MPI_Comm_dup(node_comm, &node));
+    p->nodes = nodes_make(comm, node);
+}
+
 void dispatch_free(dispatch_plan *p) {
+    nodes_free(p->nodes);
     free(p->send_rows);
     free(p->recv_rows);
     free(p->scount);
@@ -85,6 +175,99 @@ static void set_counts(int *count, int *displ, const int *rows, int size, int wi
     }
 }
 
+/* displ = prefix sums of count[0..n); the total, which must fit MPI's int counts */
+static int64_t prefix(const int *count, int *displ, int n) {
+    int64_t off = 0;
+    for (int i = 0; i < n; i++) {
+        if (off > INT_MAX) INFMOE_FAIL("node-aware dispatch of %lld elements exceeds MPI's int counts", (long long)off);
+        displ[i] = (int)off;
+        off += count[i];
+    }
+    if (off > INT_MAX) INFMOE_FAIL("node-aware dispatch of %lld elements exceeds MPI's int counts", (long long)off);
+    return off;
+}
+
+static char *nodes_buf(dispatch_nodes *nd, int i, int64_t elems, size_t elem) {
+    size_t need = (size_t)(elems > 0 ? elems : 1) * elem;
+    if (need > nd->cap[i]) {
+        nd->buf[i] = xrealloc(nd->buf[i], need);
+        nd->cap[i] = need;
+    }
+    return nd->buf[i];
+}
+
+/*
+ * The node-aware Alltoallv, same arguments and result as the flat one. Stage 1,
+ * within the node: to local rank l', the rows for local index l' of every node,
+ * node by node. Stage 2, among the ranks of this local index: to node m what the
+ * node's ranks sent here for node m's rank of this index, sender by sender.
+ * Then each block goes to where the flat exchange puts its source's rows.
+ */
+static void node_alltoallv(dispatch_nodes *nd, const void *send, const int *sc, const int *sd, void *recv,
+                           const int *rc, const int *rd, size_t elem, MPI_Datatype t) {
+    const int N = nd->n_nodes, L = nd->per_node;
+    const char *in = send;
+    int64_t total = 0;
+    for (int i = 0; i < N * L; i++) total += sc[nd->global[i]];
+    char *b0 = nodes_buf(nd, 0, total, elem);
+    int64_t off = 0;
+    for (int l = 0; l < L; l++) {
+        nd->c1[l] = 0;
+        for (int m = 0; m < N; m++) {
+            int g = nd->global[m * L + l];
+            memcpy(b0 + (size_t)off * elem, in + (size_t)sd[g] * elem, (size_t)sc[g] * elem);
+            off += sc[g];
+            nd->sub[l * N + m] = sc[g];
+            nd->c1[l] += sc[g];
+        }
+    }
+    prefix(nd->c1, nd->d1, L);
+    MPI_CHECK(MPI_Alltoall(nd->sub, N, MPI_INT, nd->rsub, N, MPI_INT, nd->node));
+    for (int l = 0; l < L; l++) {
+        nd->rc1[l] = 0;
+        for (int m = 0; m < N; m++) nd->rc1[l] += nd->rsub[l * N + m];
+    }
+    int64_t got1 = prefix(nd->rc1, nd->rd1, L);
+    for (int n = 0; n < N; n++) {
+        nd->rc2[n] = 0;
+        for (int l = 0; l < L; l++) nd->rc2[n] += rc[nd->global[n * L + l]];
+    }
+    int64_t got2 = prefix(nd->rc2, nd->rd2, N);
+    char *b1 = nodes_buf(nd, 1, got1 > got2 ? got1 : got2, elem);
+    b0 = nodes_buf(nd, 0, got1 > total ? got1 : total, elem); /* stage 2 packs got1; keeps stage 1's */
+    MPI_CHECK(MPI_Alltoallv(b0, nd->c1, nd->d1, t, b1, nd->rc1, nd->rd1, t, nd->node));
+    /* stage 2: regroup by destination node, senders in local order */
+    off = 0;
+    for (int m = 0; m < N; m++) {
+        nd->c2[m] = 0;
+        for (int l = 0; l < L; l++) {
+            int64_t at = nd->rd1[l];
+            for (int q = 0; q < m; q++) at += nd->rsub[l * N + q];
+            int c = nd->rsub[l * N + m];
+            memcpy(b0 + (size_t)off * elem, b1 + (size_t)at * elem, (size_t)c * elem);
+            off += c;
+            nd->c2[m] += c;
+        }
+    }
+    prefix(nd->c2, nd->d2, N);
+    MPI_CHECK(MPI_Alltoallv(b0, nd->c2, nd->d2, t, b1, nd->rc2, nd->rd2, t, nd->cross));
+    char *out = recv;
+    off = 0;
+    for (int n = 0; n < N; n++)
+        for (int l = 0; l < L; l++) {
+            int g = nd->global[n * L + l];
+            memcpy(out + (size_t)rd[g] * elem, b1 + (size_t)off * elem, (size_t)rc[g] * elem);
+            off += rc[g];
+        }
+}
+
+/* One exchange of rows: flat, or node-aware where the plan has nodes. */
+static void alltoallv(dispatch_plan *p, const void *send, const int *sc, const int *sd, void *recv,
+                      const int *rc, const int *rd, size_t elem, MPI_Datatype t) {
+    if (p->nodes) node_alltoallv(p->nodes, send, sc, sd, recv, rc, rd, elem, t);
+    else MPI_CHECK(MPI_Alltoallv(send, sc, sd, t, recv, rc, rd, t, p->comm));
+}
+
 static int64_t g_bytes_sent;
 
 int64_t dispatch_bytes_sent(void) { return g_bytes_sent; }
@@ -114,7 +297,7 @@ void dispatch_forward(dispatch_plan *p, const void *send, void *recv, int width,
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
     MPI_Datatype t = elem_type(elem);
-    MPI_CHECK(MPI_Alltoallv(send, p->scount, p->sdispl, t, recv, p->rcount, p->rdispl, t, p->comm));
+    alltoallv(p, send, p->scount, p->sdispl, recv, p->rcount, p->rdispl, elem, t);
     g_bytes_sent += p->n_send * width * (int64_t)elem;
 }
 
@@ -122,7 +305,7 @@ void dispatch_reverse(dispatch_plan *p, const void *back, void *out, int width, 
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
     MPI_Datatype t = elem_type(elem);
-    MPI_CHECK(MPI_Alltoallv(back, p->rcount, p->rdispl, t, out, p->scount, p->sdispl, t, p->comm));
+    alltoallv(p, back, p->rcount, p->rdispl, out, p->scount, p->sdispl, elem, t);
     g_bytes_sent += p->n_recv * width * (int64_t)elem;
 }
 

@@ -222,7 +222,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     alloc_sample_buffers(f, f->K);
     /* a row uses at most every local chunk */
     dispatch_groups_init(&f->by_chunk, f->nc_local, M * ncl);
-    dispatch_init(&f->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL);
+    dispatch_init(&f->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL, cfg->alltoall_node);
     f->n_threads = omp_get_max_threads();
     f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
     f->mk = (inf_mask){f->mask, H, f->b, f->nb, f->kb, f->n_keep, dz, f->tau, f->P, f->q};

@@ -209,7 +209,7 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
     };
     m->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
     dispatch_groups_init(&m->by_expert, m->E_local, R);
-    dispatch_init(&m->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL);
+    dispatch_init(&m->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL, cfg->alltoall_node);
     return m;
 }
 

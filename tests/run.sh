@@ -251,6 +251,17 @@ for layout in 1:1 2:1 2:2 4:2 4:4; do
     fi
 done
 
+# ---- the node-aware all-to-all moves the flat one's bytes (ranks grouped into nodes by a split) ----
+for layout in "4 2" "4 2 strided" "6 3" "6 2 strided" "3 2"; do
+    set -- $layout
+    if out=$(timeout 120 "${MPIRUN[@]}" -np "$1" build/tests/mpi_dispatch_nodes "$2" "${3:-}" 2>&1) &&
+        printf '%s\n' "$out" | grep -q '^PASS dispatch'; then
+        pass "$(printf '%s\n' "$out" | sed -n 's/^PASS //p')"
+    else
+        fail "dispatch: node-aware all-to-all at $layout" "$out"
+    fi
+done
+
 # ---- checkpoints: resume, reshard, faults, damage ----
 CK="$TMP/ck"
 mkdir -p "$CK"

@@ -75,6 +75,24 @@ else
     fail "multinode: 4 ranks on 2 nodes vs 1 node" "$(paste <(losses "$TMP/one.log") <(losses "$TMP/two.log"); tail -5 "$TMP/two.log")"
 fi
 
+# ---- the node-aware all-to-all across real nodes: the flat run's bytes ----
+on_nodes "$TMP/node-aware.log" "${CFG[@]}" --set parallel.alltoall=node --set output.dir="$TMP/node-aware"
+if [ "$(losses "$TMP/one.log")" = "$(losses "$TMP/node-aware.log")" ] &&
+    same_tensors "$TMP/one/step_000020/model.h5" "$TMP/node-aware/step_000020/model.h5" &&
+    grep -q '^all-to-all: node-aware, 2 nodes x 2 ranks of each expert group$' "$TMP/node-aware.log"; then
+    pass "multinode: parallel.alltoall node (within each node, then node to node) on 2 nodes, ep 4: the flat run's losses and tensors, bitwise"
+else
+    fail "multinode: node-aware all-to-all on 2 nodes" "$(paste <(losses "$TMP/one.log") <(losses "$TMP/node-aware.log"); tail -5 "$TMP/node-aware.log")"
+fi
+INF=(tests/configs/tiny-infinite.yaml --set parallel.ep=4 --set train.steps=10)
+on_one "$TMP/inf-one.log" "${INF[@]}" --set output.dir="$TMP/inf-one"
+on_nodes "$TMP/inf-node.log" "${INF[@]}" --set parallel.alltoall=node --set output.dir="$TMP/inf-node"
+if [ "$(losses "$TMP/inf-one.log" | wc -l)" -eq 10 ] && [ "$(losses "$TMP/inf-one.log")" = "$(losses "$TMP/inf-node.log")" ]; then
+    pass "multinode: ∞-MoE at ep 4 with the node-aware all-to-all on 2 nodes: the 10 losses of the flat run on 1 node, bitwise"
+else
+    fail "multinode: ∞-MoE node-aware all-to-all on 2 nodes" "$(paste <(losses "$TMP/inf-one.log") <(losses "$TMP/inf-node.log"); tail -5 "$TMP/inf-node.log")"
+fi
+
 # ---- checkpoints move between layouts: 2 nodes -> 1 node and 1 node -> 2 nodes ----
 on_one "$TMP/from-two.log" "${CFG[@]}" --set output.dir="$TMP/from-two" --resume "$TMP/two/step_000010"
 on_nodes "$TMP/from-one.log" "${CFG[@]}" --set output.dir="$TMP/from-one" --resume "$TMP/one/step_000010"

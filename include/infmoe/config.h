@@ -84,8 +84,8 @@ typedef struct {
     char data_train[1024], data_val[1024];
     tokenizer_kind tokenizer; /* what the shards hold; sample encodes and decodes with it */
     char data_vocab[1024];    /* gpt2: the directory of encoder.json and vocab.bpe */
-    /* parallel */
-    int32_t ep;
+    /* parallel: expert group size; the all-to-all's scheme (0 flat, 1 node-aware) */
+    int32_t ep, alltoall_node;
     /* output */
     char output_dir[1024];
     /* provenance: the file it came from and its full text plus overrides */

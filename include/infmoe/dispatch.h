@@ -18,7 +18,11 @@
  *                     receives exactly one row per row it sent, in its own order
  *   dispatch_forward  more rows (gradients) along the plan, the same way as the first
  * Every rank calls every collective, with zero-length segments where it has
- * nothing to send. A layer makes its plan when it is created and reuses it
+ * nothing to send. The rows go by one MPI_Alltoallv (flat), or node-aware in
+ * two stages (parallel.alltoall: node): within each node, rank l gathers the
+ * rows its node sends to local rank l of every node; then one exchange per node
+ * pair among the ranks of equal local index; each receiver unpacks into the
+ * flat exchange's layout, so the result is the same bytes. A layer makes its plan when it is created and reuses it
  * every step; the routing math (which bucket, what a row carries) stays with
  * the layer.
  */
@@ -28,17 +32,34 @@
 #include <mpi.h>
 #include <stdint.h>
 
+/* The node-aware exchange's layout: ranks of comm as (node, local index). */
+typedef struct {
+    MPI_Comm node, cross; /* this node's ranks; the ranks of this local index, by node */
+    int n_nodes, per_node, node_id, local;
+    int *global;          /* (n_nodes, per_node): the comm rank of (node, local) */
+    int *sub, *rsub;      /* (per_node, n_nodes) element counts of stage 1, sent and received */
+    int *c1, *d1, *rc1, *rd1, *c2, *d2, *rc2, *rd2; /* Alltoallv counts of both stages */
+    char *buf[2];         /* packing buffers (grown as needed) */
+    size_t cap[2];
+} dispatch_nodes;
+
 typedef struct {
     MPI_Comm comm;
     int size;
+    dispatch_nodes *nodes;          /* NULL: the flat exchange */
     int *send_rows, *recv_rows;     /* per peer: of the last dispatch_order, of its dispatch_send */
     int *scount, *sdispl, *rcount, *rdispl; /* in elements, for the current width */
     int64_t n_send, n_recv;         /* total rows */
 } dispatch_plan;
 
 /* A plan over comm; MPI_COMM_NULL gives a plan that can never exchange (a model
- * built for its tensor table only). */
-void dispatch_init(dispatch_plan *p, MPI_Comm comm);
+ * built for its tensor table only). node_aware: the two-stage exchange over the
+ * nodes MPI_Comm_split_type(SHARED) finds (collective over comm); flat where the
+ * nodes hold unequal numbers of ranks of comm, with one note from comm's rank 0. */
+void dispatch_init(dispatch_plan *p, MPI_Comm comm, int node_aware);
+/* The same with the nodes given: node_comm holds this rank's node's ranks of comm
+ * (a split of comm; tests group ranks into nodes this way on one machine). */
+void dispatch_init_nodes(dispatch_plan *p, MPI_Comm comm, MPI_Comm node_comm);
 void dispatch_free(dispatch_plan *p);
 /*
  * The send order of one exchange. Items (a token's choice of an expert, a
