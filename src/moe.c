@@ -381,7 +381,7 @@ static void route_token_hier(moe_layer *m, int64_t t, const ffn_context *ctx) {
     m->pkth[t * 2 + 1] = gk < G ? porder[gk] : -1;
     kept_softmax(ps, porder, gk, m->pgates + t * gk);
     float ws[b];
-    for (int g = 0; g < G; g++) {
+    for (int g = 0; g < G && ctx->training; g++) { /* for the statistics of training steps only */
         softmax_lse(m->logits + t * E + g * b, b, ws);
         for (int j = 0; j < b; j++) m->probs[t * E + g * b + j] = pp[g] * ws[j];
     }
@@ -444,37 +444,12 @@ static double moge_omega(const moe_layer *m, const float *p, float *dp, double s
 static double norm_cdf(double z) { return 0.5 * erfc(-z / sqrt(2.0)); }
 static double norm_pdf(double z) { return exp(-0.5 * z * z) / 2.5066282746310002; }
 
-/* P(x, e) of the load loss: the chance that e stays in the top k under fresh noise. */
-static double load_prob(const moe_layer *m, int64_t t, int e, int in_topk, double *zs, double *s,
-                        int *thr) {
-    const int E = m->E;
-    *thr = m->kth[t * 2 + (in_topk ? 1 : 0)];
-    if (m->blocked[e] || *thr < 0 || isinf(m->score[t * E + *thr])) return -1.0; /* constant */
-    *s = softplusf(m->nlog[t * E + e]);
-    /* with the expert bias, the threshold is compared in selection scores */
-    if (m->bias_rate > 0)
-        *zs = ((m->logits[t * E + e] + (float)m->bias[e]) - (m->score[t * E + *thr] + (float)m->bias[*thr])) / *s;
-    else
-        *zs = (m->logits[t * E + e] - m->score[t * E + *thr]) / *s;
-    return norm_cdf(*zs);
-}
-
-/* Entropy (nats) of a token's k gates normalised to sum 1 (statistics only). */
-static double gate_entropy(const float *g, int k) {
-    double gs = 0.0, h = 0.0;
-    for (int j = 0; j < k; j++) gs += g[j];
-    for (int j = 0; j < k; j++) {
-        double q = gs > 0.0 ? g[j] / gs : 0.0;
-        if (q > 0.0) h -= q * log(q);
-    }
-    return h;
-}
-
 /*
- * The hierarchical gates' P: the chance that option i (a group, or an expert of a
- * chosen group) stays in its level's top k under fresh noise, given the threshold
- * option thr (the k-th largest other score; -1: every option is kept, P = 1).
- * lg, nl, sc are that level's clean logits, noise logits and scores.
+ * The noisy gate's P at one level: the chance that option i (an expert; with
+ * groups, a group or an expert of a chosen group) stays in its level's top k
+ * under fresh noise, given the threshold option thr (the k-th largest other
+ * score; -1: every option is kept, P = 1). lg, nl, sc are that level's clean
+ * logits, noise logits and scores.
  */
 static double level_prob(const float *lg, const float *nl, const float *sc, int i, int thr,
                          double *zs, double *s) {
@@ -489,6 +464,31 @@ static int chosen_in(const int32_t *order, int k, int i) {
     int in = 0;
     for (int j = 0; j < k; j++) in |= order[j] == i;
     return in;
+}
+
+/* P(x, e) of the load loss: the chance that e stays in the top k under fresh noise. */
+static double load_prob(const moe_layer *m, int64_t t, int e, int in_topk, double *zs, double *s,
+                        int *thr) {
+    const int E = m->E;
+    *thr = m->kth[t * 2 + (in_topk ? 1 : 0)];
+    if (m->blocked[e] || *thr < 0 || isinf(m->score[t * E + *thr])) return -1.0; /* constant */
+    if (m->bias_rate == 0)
+        return level_prob(m->logits + t * E, m->nlog + t * E, m->score + t * E, e, *thr, zs, s);
+    /* with the expert bias, the threshold is compared in selection scores */
+    *s = softplusf(m->nlog[t * E + e]);
+    *zs = ((m->logits[t * E + e] + (float)m->bias[e]) - (m->score[t * E + *thr] + (float)m->bias[*thr])) / *s;
+    return norm_cdf(*zs);
+}
+
+/* Entropy (nats) of a token's k gates normalised to sum 1 (statistics only). */
+static double gate_entropy(const float *g, int k) {
+    double gs = 0.0, h = 0.0;
+    for (int j = 0; j < k; j++) gs += g[j];
+    for (int j = 0; j < k; j++) {
+        double q = gs > 0.0 ? g[j] / gs : 0.0;
+        if (q > 0.0) h -= q * log(q);
+    }
+    return h;
 }
 
 static double cv2(const double *v, int E, double *grad) {
@@ -1179,15 +1179,7 @@ void moe_log_fields(const moe_layer *const *layers, int n, double aux_loss, char
         dropped += (double)st->dropped;
         assigned += (double)st->assignments;
         if (m->G > 0) { /* hierarchical: the primary gate's balance over groups */
-            const int b = m->E / m->G;
-            double hi = 0.0, total = 0.0;
-            for (int g = 0; g < m->G; g++) {
-                double sg = 0.0;
-                for (int e = g * b; e < (g + 1) * b; e++) sg += (double)st->tokens[e];
-                hi = sg > hi ? sg : hi;
-                total += sg;
-            }
-            double r = total > 0 ? hi / (total / m->G) : 0.0;
+            double r = stats_group_max_over_mean(st->tokens, m->E, m->G);
             group_worst = r > group_worst ? r : group_worst;
         }
     }

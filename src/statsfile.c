@@ -383,6 +383,18 @@ stats_writer *stats_writer_open(const char *path, const stats_layer_desc *layers
     return w;
 }
 
+double stats_group_max_over_mean(const int64_t *tokens, int nb, int G) {
+    const int b = nb / G;
+    double hi = 0.0, total = 0.0;
+    for (int g = 0; g < G; g++) {
+        double sg = 0.0;
+        for (int e = g * b; e < (g + 1) * b; e++) sg += (double)tokens[e];
+        hi = sg > hi ? sg : hi;
+        total += sg;
+    }
+    return total > 0 ? hi / (total / G) : 0.0;
+}
+
 int stats_writer_append(stats_writer *w, int64_t step, const stats_row *rows) {
     hsize_t r = (hsize_t)w->rows;
     for (int l = 0; l < w->n; l++) {

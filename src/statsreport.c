@@ -177,19 +177,10 @@ static void print_layer_report(const stats_layer_data *L, const stats_data *r, i
     for (int j = 0; j < np; j++)
         printf("%s step %lld %.3f", j ? " |" : "", (long long)r->step[picks[j]], L->v[STATS_COL_CV][picks[j]]);
     if (L->groups > 0) { /* hierarchical MoE: the primary gate's load over its groups */
-        const int G = L->groups, b = L->nb / G;
-        printf("\n  groups    %d of %d %ss; group max/mean", G, b, L->bucket);
-        for (int j = 0; j < np; j++) {
-            const int64_t *t = L->tokens + picks[j] * L->nb;
-            double hi = 0.0, total = 0.0;
-            for (int g = 0; g < G; g++) {
-                double sg = 0.0;
-                for (int e = g * b; e < (g + 1) * b; e++) sg += (double)t[e];
-                hi = sg > hi ? sg : hi;
-                total += sg;
-            }
-            printf("%s step %lld %.3f", j ? " |" : "", (long long)r->step[picks[j]], total > 0 ? hi / (total / G) : 0.0);
-        }
+        printf("\n  groups    %d of %d %ss; group max/mean", L->groups, L->nb / L->groups, L->bucket);
+        for (int j = 0; j < np; j++)
+            printf("%s step %lld %.3f", j ? " |" : "", (long long)r->step[picks[j]],
+                   stats_group_max_over_mean(L->tokens + picks[j] * L->nb, L->nb, L->groups));
     }
     /* unused buckets */
     int never = 0;

@@ -25,5 +25,12 @@ refused_with() {
         fail "$name (exit $rc, want one line: $want)" "$out"
     fi
 }
+# "step N/M | loss X" lines of a training log from step $2 on, as "N/M X"
+steps_from() { grep '^step ' "$1" | awk -v s="$2" '{split($2, a, "/"); if (a[1] + 0 >= s) print $2, $5}'; }
+# params, m and v of two checkpoints equal bit for bit (the config attribute differs: output.dir)
+same_tensors() {
+    local g
+    for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
+}
 # name, expected text, command...: a non-zero exit with exactly one line holding the text
 refused() { refused_with nonzero "$@"; }

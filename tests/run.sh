@@ -270,14 +270,6 @@ train_to() { # log, ranks, config, args...
     shift 2
     "${MPIRUN[@]}" -np "$p" $INFMOE train "$@" > "$log" 2>&1
 }
-# "step N/M | loss X" lines from step $2 on, loss only
-steps_from() { grep '^step ' "$1" | awk -v s="$2" '{split($2, a, "/"); if (a[1] + 0 >= s) print $2, $5}'; }
-
-# params, m and v of two checkpoints equal bit for bit (the config attribute differs: output.dir)
-same_tensors() {
-    local g
-    for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
-}
 for name in tiny tiny-topk tiny-infinite tiny-infinite-balance tiny-topk-bias tiny-topk-hier; do
     cfg=tests/configs/$name.yaml
     train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"

@@ -11,7 +11,6 @@
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 losses() { grep '^step ' "$1" | sed 's/.*| loss \([0-9.]*\) |.*/\1/'; }
-steps_from() { grep '^step ' "$1" | awk -v s="$2" '{split($2, a, "/"); if (a[1] + 0 >= s) print $2, $5}'; }
 max_rel_diff() {
     paste <(echo "$1") <(echo "$2") |
         awk -v n="$(echo "$1" | wc -l)" 'BEGIN{w=0} {d=$1-$2; if(d<0)d=-d; r=d/$1; if(r>w)w=r} END{if(NR!=n || $2=="")w=1; printf "%.2e", w}'

@@ -57,11 +57,7 @@ on_one() { # log, train args...
     shift
     waited timeout 180 "${MPIRUN[@]}" -np 4 $INFMOE train "$@" > "$log" 2>&1
 }
-losses() { grep '^step ' "$1" | awk '{print $2, $5}'; }
-same_tensors() {
-    local g
-    for g in params adam_m adam_v; do h5diff -q "$1" "$2" "/$g" "/$g" >/dev/null || return 1; done
-}
+losses() { steps_from "$1" 1; }
 CFG=(tests/configs/tiny-topk.yaml --set parallel.ep=4 --set train.ckpt_every=10)
 
 # ---- 4 ranks on 2 nodes, ep 4 across them, equal the 1-node run ----
@@ -96,7 +92,7 @@ fi
 # ---- checkpoints move between layouts: 2 nodes -> 1 node and 1 node -> 2 nodes ----
 on_one "$TMP/from-two.log" "${CFG[@]}" --set output.dir="$TMP/from-two" --resume "$TMP/two/step_000010"
 on_nodes "$TMP/from-one.log" "${CFG[@]}" --set output.dir="$TMP/from-one" --resume "$TMP/one/step_000010"
-after10() { losses "$1" | awk '{split($1, a, "/"); if (a[1] + 0 > 10) print}'; }
+after10() { steps_from "$1" 11; }
 for way in "from-two:2 nodes, resumed on 1 node" "from-one:1 node, resumed on 2 nodes"; do
     d=${way%%:*}
     if grep -q "resumed from .*step_000010" "$TMP/$d.log" && [ "$(after10 "$TMP/$d.log" | wc -l)" -eq 10 ] &&

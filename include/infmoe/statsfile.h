@@ -68,6 +68,10 @@ typedef struct {
     double shared_share;                              /* where has_shared */
 } stats_row;
 
+/* Hierarchical MoE: max / mean over the G equal groups of tokens[nb] of their sums
+ * (0 when there are no tokens), the primary gate's balance. */
+double stats_group_max_over_mean(const int64_t *tokens, int nb, int G);
+
 /* ---- writer ---- */
 
 typedef struct stats_writer stats_writer;
