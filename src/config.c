@@ -41,6 +41,7 @@ const char *precision_name(precision_kind p) {
 static const char *const bool_names[] = {"false", "true", NULL};
 static const char *const moge_convention_names[] = {"mean", "official", NULL};
 static const char *const alltoall_names[] = {"flat", "node", NULL};
+static const char *const grad_reduce_names[] = {"blocking", "overlap", NULL};
 static const char *const tokenizer_names[] = {"byte", "gpt2", NULL};
 const char *tokenizer_name(tokenizer_kind t) {
     ALWAYS(t >= TOKENIZER_BYTE && t <= TOKENIZER_GPT2);
@@ -115,6 +116,8 @@ static const key_spec schema[] = {
     {"data", "vocab", KEY_STRING, OFF(data_vocab), 0, 0, NULL, "data/gpt2"},
     {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL, "1"},
     {"parallel", "alltoall", KEY_ENUM, OFF(alltoall_node), 0, 0, alltoall_names, "flat"},
+    {"parallel", "grad_reduce", KEY_ENUM, OFF(grad_overlap), 0, 0, grad_reduce_names, "overlap"},
+    {"parallel", "grad_bucket_mb", KEY_FLOAT, OFF(grad_bucket_mb), 0.0001, 1024, NULL, "4"},
     {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL, NULL},
 };
 #undef OFF

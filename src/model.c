@@ -128,8 +128,15 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     m->lnf_w = add(tab, "lnf.w", 0, 1, C, 0, 0, INIT_CONST, 1.0f);
     m->lnf_b = add(tab, "lnf.b", 0, 1, C, 0, 0, INIT_ZERO, 0);
     m->n_replicated = (tab->total + 15) / 16 * 16;
-    for (int l = 0; l < L; l++) ffn_register_sharded(&m->ffn[l], tab);
     if (tab->total < m->n_replicated) tab->total = m->n_replicated;
+    m->shard_seg = xcalloc((size_t)L + 1, sizeof(size_t));
+    for (int l = 0; l < L; l++) {
+        m->shard_seg[l] = tab->total;
+        ffn_register_sharded(&m->ffn[l], tab);
+    }
+    m->shard_seg[L] = tab->total;
+    m->bucket_floats = (size_t)((double)cfg->grad_bucket_mb * (1 << 20) / sizeof(float));
+    if (m->bucket_floats < 16) m->bucket_floats = 16;
     if (B == 0) return; /* the tensor table alone: global shapes for checkpoint tools */
 
     size_t P = tab->total;
@@ -310,6 +317,111 @@ void model_update(gpt_model *m, const run_config *cfg, float lr, int step, float
     m->wbf_fresh = m->bf16;
 }
 
+/*
+ * Gradient reduction behind backward (model_backward_overlapped): the
+ * replicated gradients of block l are [block[l].ln1_w, the next block's ln1_w
+ * or lnf_w); the final LayerNorm's run to n_replicated; wpe's lie between wte
+ * and block 0. Expert shards per layer are [shard_seg[l], shard_seg[l + 1]).
+ *
+ * wte (a third of GPT-2 small's gradient) is tied: the LM head's part is done
+ * first, the encoder's rows only at the very end. So the rows no rank's batch
+ * uses (the union of every rank's input tokens, gathered before backward) are
+ * reduced right after the LM head, the whole of wte in fact; the rows some
+ * batch uses are copied out first (wte_pack), the encoder adds into the copy,
+ * and only the copy is reduced at the end and put back. Each element is the
+ * same sum as in the blocking reduction, so the result is too, bit for bit.
+ */
+enum { SEG_EMBED = -1 };
+
+static void reduce_segment(gpt_model *m, int l, const dist_ctx *d) {
+    const float inv = 1.0f / (float)d->size;
+    size_t lo, hi;
+    if (l == SEG_EMBED) {
+        lo = 0;
+        hi = m->L > 0 ? m->block[0].ln1_w : m->lnf_w;
+    } else if (l == m->L) {
+        lo = m->lnf_w;
+        hi = m->n_replicated;
+    } else {
+        lo = m->block[l].ln1_w;
+        hi = l + 1 < m->L ? m->block[l + 1].ln1_w : m->lnf_w;
+        /* expert shards: summed over the shard's replicas, divided by the rank count */
+        if (m->shard_seg[l + 1] > m->shard_seg[l])
+            gradred_add(m->red_edp, m->grads + m->shard_seg[l], m->shard_seg[l + 1] - m->shard_seg[l],
+                        inv);
+    }
+    gradred_add(m->red_world, m->grads + lo, hi - lo, inv);
+}
+
+/* After backward has finished block l (or lnf, l = L): start its reduction. */
+static void backward_done(gpt_model *m, int l) {
+    if (m->reducing) reduce_segment(m, l, m->reducing);
+}
+
+/* Between the products of backward: let the reductions in flight move on. */
+static void backward_progress(gpt_model *m) {
+    if (!m->reducing) return;
+    gradred_progress(m->red_world);
+    gradred_progress(m->red_edp);
+}
+
+/* The LM head's backward is done: copy out the rows the encoder will add to, reduce wte. */
+static void lm_head_done(gpt_model *m) {
+    if (!m->reducing) return;
+    const int C = m->C;
+    float *G = m->grads + m->wte;
+#pragma omp parallel for
+    for (int i = 0; i < m->wte_rows; i++)
+        memcpy(m->wte_pack + (size_t)i * C, G + (size_t)m->wte_row[i] * C, (size_t)C * sizeof(float));
+    gradred_add(m->red_world, G, (size_t)m->Vp * C, 1.0f / (float)m->reducing->size);
+}
+
+/* The encoder's backward: into wte and wpe, or (reducing) into the copied rows and wpe. */
+static void embed_backward(gpt_model *m) {
+    float *G = m->grads;
+    if (!m->reducing) {
+        encoder_backward(G + m->wte, G + m->wpe, m->dres, m->inputs, m->B, m->T, m->C);
+        return;
+    }
+    encoder_backward(m->wte_pack, G + m->wpe, m->dres, m->wte_local, m->B, m->T, m->C);
+    const float inv = 1.0f / (float)m->reducing->size;
+    size_t wpe_end = m->L > 0 ? m->block[0].ln1_w : m->lnf_w;
+    gradred_add(m->red_world, G + m->wpe, wpe_end - m->wpe, inv);
+    gradred_add(m->red_world, m->wte_pack, (size_t)m->wte_rows * m->C, inv);
+}
+
+static void make_reducers(gpt_model *m, const dist_ctx *d) {
+    if (m->red_world) return;
+    /* in flight at once: about 64 MiB of buckets, at least 2 */
+    size_t slots = ((size_t)64 << 20) / (m->bucket_floats * sizeof(float));
+    if (slots < 2) slots = 2;
+    if (slots > 256) slots = 256;
+    m->red_world = gradred_create(d->world, m->bucket_floats, (int)slots);
+    m->red_edp = gradred_create(d->edp_comm, m->bucket_floats, (int)slots);
+    /* the rows of wte a step's batches can use: at most every token of every rank */
+    int64_t all = (int64_t)d->size * m->N, cap = all < m->Vp ? all : m->Vp;
+    m->wte_pack = xcalloc((size_t)cap * m->C, sizeof(float));
+    m->wte_row = xcalloc((size_t)cap, sizeof(int32_t));
+    m->wte_local = xcalloc((size_t)m->N, sizeof(int32_t));
+    m->wte_map = xcalloc((size_t)m->Vp, sizeof(int32_t));
+    m->all_inputs = xcalloc((size_t)all, sizeof(int32_t));
+}
+
+/* The union of every rank's input tokens, in token order (the same list on every rank). */
+static void gather_used_rows(gpt_model *m, const dist_ctx *d) {
+    MPI_CHECK(MPI_Allgather(m->inputs, (int)m->N, MPI_INT32_T, m->all_inputs, (int)m->N,
+                            MPI_INT32_T, d->world));
+    memset(m->wte_map, 0, (size_t)m->Vp * sizeof(int32_t));
+    for (int64_t i = 0; i < (int64_t)d->size * m->N; i++) m->wte_map[m->all_inputs[i]] = 1;
+    m->wte_rows = 0;
+    for (int v = 0; v < m->Vp; v++)
+        if (m->wte_map[v]) {
+            m->wte_map[v] = m->wte_rows;
+            m->wte_row[m->wte_rows++] = v;
+        }
+    for (int64_t i = 0; i < m->N; i++) m->wte_local[i] = m->wte_map[m->inputs[i]];
+}
+
 /* The bf16 backward (see forward_bf16). */
 static void backward_bf16(gpt_model *m) {
     const int B = m->B, T = m->T, C = m->C, NH = m->NH;
@@ -323,31 +435,37 @@ static void backward_bf16(gpt_model *m) {
     memset(m->dln, 0, nc);
     matmul_backward_bf16(m->dln, 0, G + m->wte, NULL, m->dlogits_h, m->lnf_h, W + m->wte, N, C,
                          m->Vp);
+    lm_head_done(m);
     const float *x_last = m->L > 0 ? m->acts[m->L - 1].res3 : m->encoded;
     memset(m->dres, 0, nc);
     layernorm_backward(m->dres, G + m->lnf_w, G + m->lnf_b, m->dln, x_last, P + m->lnf_w,
                        m->lnf_mean, m->lnf_rstd, N, C);
+    backward_done(m, m->L);
     for (int l = m->L - 1; l >= 0; l--) {
         const block_offsets *o = &m->block[l];
         block_acts *a = &m->acts[l];
         const float *x = l > 0 ? m->acts[l - 1].res3 : m->encoded;
         memset(m->dln, 0, nc);
         ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn, &m->ctx);
+        backward_progress(m);
         layernorm_backward(m->dres, G + o->ln2_w, G + o->ln2_b, m->dln, a->res2, P + o->ln2_w,
                            a->ln2_mean, a->ln2_rstd, N, C);
         bf16_from_f32(m->dres_h, m->dres, N * C);
         matmul_backward_bf16(m->datty_h, 1, G + o->proj_w, NULL, m->dres_h, a->atty_h,
                              W + o->proj_w, N, C, C);
         bias_backward(G + o->proj_b, m->dres, N, C);
+        backward_progress(m);
         attention_backward_bf16(m->dqkv_h, m->datt, m->datty_h, a->qkv_h, a->att_h, B, T, C, NH,
                                 m->att_threads);
+        backward_progress(m);
         memset(m->dln, 0, nc);
         matmul_backward_bf16(m->dln, 0, G + o->qkv_w, G + o->qkv_b, m->dqkv_h, a->ln1_h,
                              W + o->qkv_w, N, C, 3 * C);
         layernorm_backward(m->dres, G + o->ln1_w, G + o->ln1_b, m->dln, x, P + o->ln1_w,
                            a->ln1_mean, a->ln1_rstd, N, C);
+        backward_done(m, l);
     }
-    encoder_backward(G + m->wte, G + m->wpe, m->dres, m->inputs, B, T, C);
+    embed_backward(m);
 }
 
 void model_backward(gpt_model *m) {
@@ -365,10 +483,12 @@ void model_backward(gpt_model *m) {
     /* logits = lnf . wte^T */
     memset(m->dln, 0, nc);
     matmul_backward(m->dln, G + m->wte, NULL, dlogits, m->lnf, P + m->wte, N, C, m->Vp);
+    lm_head_done(m);
     const float *x_last = m->L > 0 ? m->acts[m->L - 1].res3 : m->encoded;
     memset(m->dres, 0, nc);
     layernorm_backward(m->dres, G + m->lnf_w, G + m->lnf_b, m->dln, x_last, P + m->lnf_w,
                        m->lnf_mean, m->lnf_rstd, N, C);
+    backward_done(m, m->L);
     for (int l = m->L - 1; l >= 0; l--) {
         const block_offsets *o = &m->block[l];
         block_acts *a = &m->acts[l];
@@ -376,35 +496,59 @@ void model_backward(gpt_model *m) {
         /* res3 = res2 + FFN(LN2(res2)): dres passes through and gains the FFN's share */
         memset(m->dln, 0, nc);
         ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn, &m->ctx);
+        backward_progress(m);
         layernorm_backward(m->dres, G + o->ln2_w, G + o->ln2_b, m->dln, a->res2, P + o->ln2_w,
                            a->ln2_mean, a->ln2_rstd, N, C);
         /* res2 = x + proj(attn(LN1(x))) */
         memset(m->datty, 0, nc);
         matmul_backward(m->datty, G + o->proj_w, G + o->proj_b, m->dres, a->atty, P + o->proj_w,
                         N, C, C);
+        backward_progress(m);
         memset(m->dqkv, 0, 3 * nc);
         attention_backward(m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
+        backward_progress(m);
         memset(m->dln, 0, nc);
         matmul_backward(m->dln, G + o->qkv_w, G + o->qkv_b, m->dqkv, a->ln1, P + o->qkv_w, N, C,
                         3 * C);
         layernorm_backward(m->dres, G + o->ln1_w, G + o->ln1_b, m->dln, x, P + o->ln1_w,
                            a->ln1_mean, a->ln1_rstd, N, C);
+        backward_done(m, l);
     }
-    encoder_backward(G + m->wte, G + m->wpe, m->dres, m->inputs, B, T, C);
+    embed_backward(m);
 }
 
-double model_reduce_gradients(gpt_model *m, const dist_ctx *d) {
-    size_t n_rep = m->n_replicated, n_exp = m->tensors.total - m->n_replicated;
-    dist_allreduce_mean(m->grads, n_rep, d->world);
-    if (n_exp > 0) {
-        float *g = m->grads + n_rep;
-        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, g, (int)n_exp, MPI_FLOAT, MPI_SUM, d->edp_comm));
-        float inv = 1.0f / (float)d->size;
-        for (size_t i = 0; i < n_exp; i++) g[i] *= inv;
+double model_finish_reduction(gpt_model *m, const dist_ctx *d) {
+    gradred_wait(m->red_world);
+    gradred_wait(m->red_edp);
+    if (m->wte_rows > 0) { /* the rows the encoder added to, reduced apart: put them back */
+        const int C = m->C;
+        float *G = m->grads + m->wte;
+#pragma omp parallel for
+        for (int i = 0; i < m->wte_rows; i++)
+            memcpy(G + (size_t)m->wte_row[i] * C, m->wte_pack + (size_t)i * C, (size_t)C * sizeof(float));
+        m->wte_rows = 0;
     }
+    size_t n_rep = m->n_replicated, n_exp = m->tensors.total - m->n_replicated;
     double sq_exp = optim_sum_squares(m->grads + n_rep, n_exp);
     dist_allreduce_sum_d(&sq_exp, 1, d->ep_comm);
     return sqrt(optim_sum_squares(m->grads, n_rep) + sq_exp);
+}
+
+double model_reduce_gradients(gpt_model *m, const dist_ctx *d) {
+    make_reducers(m, d);
+    /* the order backward_reduce finishes them in */
+    for (int l = m->L; l >= SEG_EMBED; l--) reduce_segment(m, l, d);
+    return model_finish_reduction(m, d);
+}
+
+void model_backward_overlapped(gpt_model *m, const dist_ctx *d) {
+    make_reducers(m, d);
+    if (d->size > 1) {
+        gather_used_rows(m, d);
+        m->reducing = d;
+    }
+    model_backward(m);
+    m->reducing = NULL;
 }
 
 double model_flops_per_token(const gpt_model *m) {
@@ -421,6 +565,14 @@ size_t model_num_params(const gpt_model *m) {
 }
 
 void model_free(gpt_model *m) {
+    gradred_free(m->red_world);
+    gradred_free(m->red_edp);
+    free(m->shard_seg);
+    free(m->wte_pack);
+    free(m->wte_row);
+    free(m->wte_local);
+    free(m->wte_map);
+    free(m->all_inputs);
     for (int l = 0; l < m->L; l++) ffn_free(&m->ffn[l]);
     free(m->ffn);
     free(m->block);

@@ -201,8 +201,14 @@ int train_main(int argc, char **argv) {
         model_set_step(&m, step, (int64_t)first * T, 1);
         double local_loss = model_forward(&m, inputs, targets);
         model_zero_grad(&m);
-        model_backward(&m);
-        double norm = model_reduce_gradients(&m, &d);
+        double norm;
+        if (cfg.grad_overlap) {
+            model_backward_overlapped(&m, &d);
+            norm = model_finish_reduction(&m, &d);
+        } else {
+            model_backward(&m);
+            norm = model_reduce_gradients(&m, &d);
+        }
         dist_allreduce_sum_d(&local_loss, 1, d.world);
         loss = (float)(local_loss / d.size);
         /* A nan or inf stops the run before the update: with fp32 master weights and no loss

@@ -262,6 +262,16 @@ for layout in "4 2" "4 2 strided" "6 3" "6 2 strided" "3 2"; do
     fi
 done
 
+# ---- the gradient reduction: rank-order sums, overlapped == blocking bit for bit ----
+for p in 1 2 3 4; do
+    if out=$(timeout 180 "${MPIRUN[@]}" -np "$p" build/tests/mpi_gradreduce 2>&1) &&
+        [ "$(printf '%s\n' "$out" | grep -c '^PASS gradreduce')" -eq 7 ]; then
+        pass "gradreduce at $p ranks: segments, and dense/topk/infinite models overlapped == blocking bitwise"
+    else
+        fail "gradreduce at $p ranks" "$(printf '%s\n' "$out" | grep -v '^PASS' | head -20)"
+    fi
+done
+
 # ---- checkpoints: resume, reshard, faults, damage ----
 CK="$TMP/ck"
 mkdir -p "$CK"

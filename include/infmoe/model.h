@@ -10,7 +10,7 @@
  * tensor table (see tensor.h); activations are one more buffer for the local
  * micro-batch of B sequences of T tokens. Nothing is allocated after build.
  * Replicated tensors come first ([0, n_replicated)), expert-sharded ones after,
- * so each region's gradients are reduced with one call over its communicator.
+ * each over its communicator, a layer's worth at a time (gradreduce.h).
  * The loss the model minimises is the mean cross-entropy plus every MoE layer's
  * aux loss.
  */
@@ -23,6 +23,7 @@
 #include "infmoe/config.h"
 #include "infmoe/dist.h"
 #include "infmoe/ffn.h"
+#include "infmoe/gradreduce.h"
 #include "infmoe/tensor.h"
 
 typedef struct {
@@ -74,6 +75,18 @@ typedef struct {
     double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */
     size_t n_replicated;  /* floats of the replicated region; the rest is expert-sharded */
     ffn_context ctx;      /* the step the FFN layers run in */
+    /* gradient reduction: layer l's expert-sharded gradients are [shard_seg[l], shard_seg[l+1]);
+     * the reducers over world (replicated) and edp (expert shards), made on first use */
+    size_t *shard_seg;
+    size_t bucket_floats;
+    grad_reducer *red_world, *red_edp;
+    const dist_ctx *reducing; /* set while model_backward_overlapped runs */
+    /* wte rows some rank's batch uses (wte_rows of them, ascending: wte_row), their
+     * gradients while the rest of wte is reduced (wte_pack), this rank's tokens as
+     * indices into that list (wte_local); scratch: wte_map (Vp), all_inputs (ranks x N) */
+    float *wte_pack;
+    int32_t *wte_row, *wte_local, *wte_map, *all_inputs;
+    int wte_rows;
 } gpt_model;
 
 /*
@@ -125,6 +138,14 @@ void model_backward(gpt_model *m);
  * summed over the shard's replicas (edp) and divided by the rank count.
  */
 double model_reduce_gradients(gpt_model *m, const dist_ctx *d);
+/*
+ * model_backward with each layer's gradients reduced (gradreduce.h) while the
+ * layers below it are still in backward; model_finish_reduction then waits for
+ * what is left and returns the norm. Together: model_backward plus
+ * model_reduce_gradients bit for bit, with less time waiting.
+ */
+void model_backward_overlapped(gpt_model *m, const dist_ctx *d);
+double model_finish_reduction(gpt_model *m, const dist_ctx *d);
 /* Training FLOPs per token (DESIGN.md 6): 6 x matmul params + 12 L T C. */
 double model_flops_per_token(const gpt_model *m);
 /* Parameters in the model (alignment gaps excluded). */
