@@ -53,6 +53,31 @@ refused "infmoe-mpirun: refuses parallel.ep: 4 from the config file on 2 ranks" 
     "infmoe-mpirun: parallel.ep=4 does not divide 2 ranks" \
     -n 2 -t 1 --oversubscribe "$TMP/ep4.yaml"
 
+# ---- (a2) the default layout rule, on nodes described by a stand-in lscpu and nproc ----
+fake_node() { # dir, CPUs, lscpu's NODE,SOCKET line for CPU $i (shell arithmetic on i)
+    mkdir -p "$1"
+    printf '#!/bin/sh\necho "# CPU,Node,Socket"\ni=0; while [ $i -lt %s ]; do echo "%s"; i=$((i + 1)); done\n' "$2" "$3" >"$1/lscpu"
+    printf '#!/bin/sh\necho %s\n' "$2" >"$1/nproc"
+    chmod +x "$1/lscpu" "$1/nproc"
+}
+rule_case() { # name, dir, expected text in the command and the summary line
+    local out
+    out=$(PATH="$2:$PATH" "$W" --dry-run tests/configs/tiny.yaml 2>&1)
+    if printf '%s\n' "$out" | grep -qF -- "$3" && printf '%s\n' "$out" | grep -qF -- "$4"; then
+        pass "infmoe-mpirun: default layout on $1: $(printf '%s\n' "$out" | sed -n 's/^infmoe-mpirun: //p')"
+    else
+        fail "infmoe-mpirun: default layout on $1 (want '$3' and '$4')" "$out"
+    fi
+}
+fake_node "$TMP/numa2" 16 '$((i / 8)),$((i / 8))'
+rule_case "2 NUMA domains x 8 CPUs" "$TMP/numa2" "--map-by numa:PE=8 --bind-to core -x OMP_PLACES=cores -x OMP_PROC_BIND=close" "2 ranks (2 per node on 1 node(s)) x 8 threads, one rank per numa domain"
+fake_node "$TMP/numa4" 32 '$((i / 8)),$((i / 16))'
+rule_case "4 NUMA domains in 2 sockets x 8 CPUs" "$TMP/numa4" "--map-by numa:PE=8" "4 ranks (4 per node on 1 node(s)) x 8 threads, one rank per numa domain"
+fake_node "$TMP/sock2" 8 ',$((i % 2))'
+rule_case "2 sockets, no NUMA domains named" "$TMP/sock2" "--map-by socket:PE=4" "2 ranks (2 per node on 1 node(s)) x 4 threads, one rank per socket domain"
+fake_node "$TMP/bare" 6 ','
+rule_case "a node lscpu cannot describe" "$TMP/bare" "--map-by slot:PE=6" "1 ranks (1 per node on 1 node(s)) x 6 threads, one rank per node"
+
 # ---- (b) the wrapper trains on 2 ranks ----
 over=()
 [ "$CORES" -lt 2 ] && over=(--oversubscribe)
@@ -62,6 +87,14 @@ if [ $rc -eq 0 ] && tail -1 "$TMP/w2.log" | grep -q '^done 20 steps .*| ranks 2 
     pass "infmoe-mpirun: tiny on 2 ranks ($(tail -1 "$TMP/w2.log" | sed 's/.*| ranks/ranks/'))"
 else
     fail "infmoe-mpirun: tiny on 2 ranks (exit $rc)" "$(cat "$TMP/w2.log")"
+fi
+
+"$W" tests/configs/tiny.yaml --set train.steps=5 --set output.dir="$TMP/wdef" >"$TMP/wdef.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && grep -q "one rank per" "$TMP/wdef.log" && tail -1 "$TMP/wdef.log" | grep -q '^done 5 steps'; then
+    pass "infmoe-mpirun: the default layout trains here ($(grep -o 'infmoe-mpirun: .*' "$TMP/wdef.log" | head -1 | sed 's/^infmoe-mpirun: //'))"
+else
+    fail "infmoe-mpirun: the default layout (exit $rc)" "$(cat "$TMP/wdef.log")"
 fi
 
 # ---- (c) a real SLURM: start a one-node cluster ----
