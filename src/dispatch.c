@@ -363,22 +363,37 @@ void dispatch_scatter(void *dst, int64_t dst_stride, const void *src, const int3
                elem * (size_t)width);
 }
 
+/*
+ * Rows repeat in idx (a token's choices add into its one row), so threads split
+ * the columns, not the rows: each element still gets its additions in row order,
+ * the same sums for any thread count.
+ */
+enum { SCATTER_COLS = 64 };
+
 void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
                           int64_t n, int width) {
-    for (int64_t r = 0; r < n; r++) {
-        float *o = dst + (int64_t)idx[r] * dst_stride;
-        const float *y = src + r * width;
+#pragma omp parallel for if (n * width > (1 << 15))
+    for (int c0 = 0; c0 < width; c0 += SCATTER_COLS) {
+        int c1 = c0 + SCATTER_COLS < width ? c0 + SCATTER_COLS : width;
+        for (int64_t r = 0; r < n; r++) {
+            float *o = dst + (int64_t)idx[r] * dst_stride;
+            const float *y = src + r * width;
 #pragma omp simd
-        for (int c = 0; c < width; c++) o[c] += y[c];
+            for (int c = c0; c < c1; c++) o[c] += y[c];
+        }
     }
 }
 
 void dispatch_scatter_add_bf16(float *dst, int64_t dst_stride, const bf16 *src, const int32_t *idx,
                                int64_t n, int width) {
-    for (int64_t r = 0; r < n; r++) {
-        float *o = dst + (int64_t)idx[r] * dst_stride;
-        const bf16 *y = src + r * width;
+#pragma omp parallel for if (n * width > (1 << 15))
+    for (int c0 = 0; c0 < width; c0 += SCATTER_COLS) {
+        int c1 = c0 + SCATTER_COLS < width ? c0 + SCATTER_COLS : width;
+        for (int64_t r = 0; r < n; r++) {
+            float *o = dst + (int64_t)idx[r] * dst_stride;
+            const bf16 *y = src + r * width;
 #pragma omp simd
-        for (int c = 0; c < width; c++) o[c] += bf16_float(y[c]);
+            for (int c = c0; c < c1; c++) o[c] += bf16_float(y[c]);
+        }
     }
 }

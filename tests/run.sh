@@ -272,6 +272,24 @@ for p in 1 2 3 4; do
     fi
 done
 
+# ---- threads: in fp32 one rank on 2 threads trains bitwise as on 1 (parallel loops split
+# rows or columns, never one element's sum; oneDNN's fp32 products split rows here) ----
+for name in tiny tiny-topk tiny-infinite tiny-topk-hier; do
+    for t in 1 2; do
+        OMP_NUM_THREADS=$t "${MPIRUN[@]}" -np 1 $INFMOE train tests/configs/$name.yaml --set train.steps=10 \
+            --set train.log_every=1 --set train.precision=fp32 --set output.dir="$TMP/thr-$name-$t" \
+            > "$TMP/thr-$name-$t.log" 2>&1
+    done
+    if grep -q "ranks 1 x threads 2" "$TMP/thr-$name-2.log" &&
+        [ -n "$(steps_from "$TMP/thr-$name-1.log" 1)" ] &&
+        [ "$(steps_from "$TMP/thr-$name-1.log" 1)" = "$(steps_from "$TMP/thr-$name-2.log" 1)" ] &&
+        same_tensors "$TMP/thr-$name-1/step_000010/model.h5" "$TMP/thr-$name-2/step_000010/model.h5"; then
+        pass "threads: $name fp32, 1 rank x 2 threads equals 1 thread bitwise (10 losses, params, m, v)"
+    else
+        fail "threads: $name fp32, 1 rank x 2 threads against 1 thread" "$(diff <(steps_from "$TMP/thr-$name-1.log" 1) <(steps_from "$TMP/thr-$name-2.log" 1) | head -5; tail -2 "$TMP/thr-$name-2.log")"
+    fi
+done
+
 # ---- checkpoints: resume, reshard, faults, damage ----
 CK="$TMP/ck"
 mkdir -p "$CK"
