@@ -162,7 +162,8 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     /* bf16 keeps the gradients of qkv and of the heads' outputs in bf16 (dqkv_h, datty_h) */
     m->att_threads = omp_get_max_threads();
     const size_t att_scratch =
-        m->bf16 ? attention_bf16_scratch_floats(T, C, m->NH, m->att_threads) : (size_t)T * T;
+        m->bf16 ? attention_bf16_scratch_floats(T, C, m->NH, m->att_threads)
+                : (size_t)T * T * (size_t)m->att_threads; /* a score gradient per thread */
     const size_t grad_parts[] = {nc, nc, m->bf16 ? 0 : 3 * nc, m->bf16 ? 0 : nc, att_scratch,
                                  ffn_scratch};
     size_t grad_total = 0;
@@ -505,7 +506,7 @@ void model_backward(gpt_model *m) {
                         N, C, C);
         backward_progress(m);
         memset(m->dqkv, 0, 3 * nc);
-        attention_backward(m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
+        attention_backward(m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH, m->att_threads);
         backward_progress(m);
         memset(m->dln, 0, nc);
         matmul_backward(m->dln, G + o->qkv_w, G + o->qkv_b, m->dqkv, a->ln1, P + o->qkv_w, N, C,

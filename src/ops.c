@@ -150,9 +150,14 @@ static inline float causal_softmax_row(float *row, int t, float scale) {
     return 1.0f / sum;
 }
 
+static int heads_in_parallel(int B, int NH, int threads);
+
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
     int hs = C / NH;
     float scale = 1.0f / sqrtf((float)hs);
+    /* heads in parallel, or one after another with threaded products: the same bits
+     * (oneDNN's fp32 products here split rows, not sums) */
+#pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, omp_get_max_threads()))
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             const float *q = qkv + (int64_t)b * T * 3 * C + h * hs;
@@ -173,9 +178,10 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
 }
 
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int C, int NH) {
+                        const float *att, int B, int T, int C, int NH, int threads) {
     int hs = C / NH;
     float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, threads))
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             int64_t off = (int64_t)b * T * 3 * C + h * hs;
@@ -183,7 +189,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
             float *dq = dqkv + off, *dk = dq + C, *dv = dq + 2 * C;
             const float *a = att + ((int64_t)b * NH + h) * T * T;
             const float *dy = dout + (int64_t)b * T * C + h * hs;
-            float *da = scratch;
+            float *da = scratch + (size_t)T * T * (size_t)omp_get_thread_num();
             /* datt (T,T) = dy (T,hs) . v^T ; dv (T,hs) += att^T . dy */
             gemm(0, 1, T, T, hs, dy, C, v, 3 * C, da, T, 0, NULL);
             gemm(1, 0, T, hs, T, a, T, dy, C, dv, 3 * C, 1, NULL);

@@ -122,7 +122,7 @@ static void attention_case(int B, int T, int C, int NH) {
     f32_from_bf16(qkv, qkv_h, (int64_t)nq);
     f32_from_bf16(dout, dout_h, (int64_t)no);
     attention_forward(out, att, qkv, B, T, C, NH);
-    attention_backward(dqkv, scratch, dout, qkv, att, B, T, C, NH);
+    attention_backward(dqkv, scratch, dout, qkv, att, B, T, C, NH, 1);
     attention_forward_bf16(out_h, att_h, s32, qkv_h, B, T, C, NH, nt);
     attention_backward_bf16(dqkv_h, s32, dout_h, qkv_h, att_h, B, T, C, NH, nt);
     f32_from_bf16(got, out_h, (int64_t)no);

@@ -111,7 +111,7 @@ static void check_attention(void) {
     c.att = zeros((long)c.B * c.NH * c.T * c.T);
     float *dqkv = zeros(3 * n), *scratch = zeros((long)c.T * c.T);
     at_obj(&c);
-    attention_backward(dqkv, scratch, c.R, c.qkv, c.att, c.B, c.T, c.C, c.NH);
+    attention_backward(dqkv, scratch, c.R, c.qkv, c.att, c.B, c.T, c.C, c.NH, 1);
     fd_check("attention d/dqkv", c.qkv, dqkv, 3 * n, at_obj, &c);
     /* causality: the output at t must not depend on tokens after t */
     float *before = xmalloc(sizeof(float) * n);

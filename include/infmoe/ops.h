@@ -72,9 +72,10 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
  * probabilities for backward; out (B,T,C) is the heads' outputs side by side.
  */
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
-/* dqkv (B,T,3C) += ; scratch holds T*T floats */
+/* dqkv (B,T,3C) += ; scratch holds threads x T*T floats (heads run in parallel, one a
+ * thread, when B*NH >= the OpenMP threads and those are at most `threads`) */
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int C, int NH);
+                        const float *att, int B, int T, int C, int NH, int threads);
 
 /* GELU, tanh form: out (N) = GELU(inp (N)); backward dinp += GELU'(inp) * dout */
 void gelu_forward(float *out, const float *inp, int64_t N);
