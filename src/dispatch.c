@@ -370,30 +370,33 @@ void dispatch_scatter(void *dst, int64_t dst_stride, const void *src, const int3
  */
 enum { SCATTER_COLS = 64 };
 
-void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
-                          int64_t n, int width) {
+/* rows of src as fp32 (f32) or bf16 (h16, f32 NULL) */
+static void scatter_add_rows(float *dst, int64_t dst_stride, const float *f32, const bf16 *h16,
+                             const int32_t *idx, int64_t n, int width) {
 #pragma omp parallel for if (n * width > (1 << 15))
     for (int c0 = 0; c0 < width; c0 += SCATTER_COLS) {
         int c1 = c0 + SCATTER_COLS < width ? c0 + SCATTER_COLS : width;
         for (int64_t r = 0; r < n; r++) {
             float *o = dst + (int64_t)idx[r] * dst_stride;
-            const float *y = src + r * width;
+            if (f32) {
+                const float *y = f32 + r * width;
 #pragma omp simd
-            for (int c = c0; c < c1; c++) o[c] += y[c];
+                for (int c = c0; c < c1; c++) o[c] += y[c];
+            } else {
+                const bf16 *y = h16 + r * width;
+#pragma omp simd
+                for (int c = c0; c < c1; c++) o[c] += bf16_float(y[c]);
+            }
         }
     }
 }
 
+void dispatch_scatter_add(float *dst, int64_t dst_stride, const float *src, const int32_t *idx,
+                          int64_t n, int width) {
+    scatter_add_rows(dst, dst_stride, src, NULL, idx, n, width);
+}
+
 void dispatch_scatter_add_bf16(float *dst, int64_t dst_stride, const bf16 *src, const int32_t *idx,
                                int64_t n, int width) {
-#pragma omp parallel for if (n * width > (1 << 15))
-    for (int c0 = 0; c0 < width; c0 += SCATTER_COLS) {
-        int c1 = c0 + SCATTER_COLS < width ? c0 + SCATTER_COLS : width;
-        for (int64_t r = 0; r < n; r++) {
-            float *o = dst + (int64_t)idx[r] * dst_stride;
-            const bf16 *y = src + r * width;
-#pragma omp simd
-            for (int c = c0; c < c1; c++) o[c] += bf16_float(y[c]);
-        }
-    }
+    scatter_add_rows(dst, dst_stride, NULL, src, idx, n, width);
 }

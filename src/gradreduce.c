@@ -50,8 +50,6 @@ grad_reducer *gradred_create(MPI_Comm comm, size_t bucket_floats, int slots) {
     return r;
 }
 
-long gradred_buckets(const grad_reducer *r) { return r->seq; }
-
 /* Piece q of a bucket of n floats: [first, first + len). */
 static size_t piece_first(size_t n, int P, int q) { return n * (size_t)q / (size_t)P; }
 static int piece_len(size_t n, int P, int q) {

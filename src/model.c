@@ -334,12 +334,15 @@ void model_update(gpt_model *m, const run_config *cfg, float lr, int step, float
  */
 enum { SEG_EMBED = -1 };
 
+/* The end of the embeddings' gradients (wte, wpe): where block 0 (or lnf) starts. */
+static size_t embed_end(const gpt_model *m) { return m->L > 0 ? m->block[0].ln1_w : m->lnf_w; }
+
 static void reduce_segment(gpt_model *m, int l, const dist_ctx *d) {
     const float inv = 1.0f / (float)d->size;
     size_t lo, hi;
     if (l == SEG_EMBED) {
         lo = 0;
-        hi = m->L > 0 ? m->block[0].ln1_w : m->lnf_w;
+        hi = embed_end(m);
     } else if (l == m->L) {
         lo = m->lnf_w;
         hi = m->n_replicated;
@@ -386,8 +389,7 @@ static void embed_backward(gpt_model *m) {
     }
     encoder_backward(m->wte_pack, G + m->wpe, m->dres, m->wte_local, m->B, m->T, m->C);
     const float inv = 1.0f / (float)m->reducing->size;
-    size_t wpe_end = m->L > 0 ? m->block[0].ln1_w : m->lnf_w;
-    gradred_add(m->red_world, G + m->wpe, wpe_end - m->wpe, inv);
+    gradred_add(m->red_world, G + m->wpe, embed_end(m) - m->wpe, inv);
     gradred_add(m->red_world, m->wte_pack, (size_t)m->wte_rows * m->C, inv);
 }
 
@@ -399,21 +401,23 @@ static void make_reducers(gpt_model *m, const dist_ctx *d) {
     if (slots > 256) slots = 256;
     m->red_world = gradred_create(d->world, m->bucket_floats, (int)slots);
     m->red_edp = gradred_create(d->edp_comm, m->bucket_floats, (int)slots);
-    /* the rows of wte a step's batches can use: at most every token of every rank */
-    int64_t all = (int64_t)d->size * m->N, cap = all < m->Vp ? all : m->Vp;
-    m->wte_pack = xcalloc((size_t)cap * m->C, sizeof(float));
-    m->wte_row = xcalloc((size_t)cap, sizeof(int32_t));
-    m->wte_local = xcalloc((size_t)m->N, sizeof(int32_t));
-    m->wte_map = xcalloc((size_t)m->Vp, sizeof(int32_t));
-    m->all_inputs = xcalloc((size_t)all, sizeof(int32_t));
 }
 
 /* The union of every rank's input tokens, in token order (the same list on every rank). */
 static void gather_used_rows(gpt_model *m, const dist_ctx *d) {
+    int64_t all = (int64_t)d->size * m->N;
+    if (!m->wte_pack) { /* the rows a step's batches can use: at most every token of every rank */
+        int64_t cap = all < m->Vp ? all : m->Vp;
+        m->wte_pack = xcalloc((size_t)cap * m->C, sizeof(float));
+        m->wte_row = xcalloc((size_t)cap, sizeof(int32_t));
+        m->wte_local = xcalloc((size_t)m->N, sizeof(int32_t));
+        m->wte_map = xcalloc((size_t)m->Vp, sizeof(int32_t));
+        m->all_inputs = xcalloc((size_t)all, sizeof(int32_t));
+    }
     MPI_CHECK(MPI_Allgather(m->inputs, (int)m->N, MPI_INT32_T, m->all_inputs, (int)m->N,
                             MPI_INT32_T, d->world));
     memset(m->wte_map, 0, (size_t)m->Vp * sizeof(int32_t));
-    for (int64_t i = 0; i < (int64_t)d->size * m->N; i++) m->wte_map[m->all_inputs[i]] = 1;
+    for (int64_t i = 0; i < all; i++) m->wte_map[m->all_inputs[i]] = 1;
     m->wte_rows = 0;
     for (int v = 0; v < m->Vp; v++)
         if (m->wte_map[v]) {
@@ -537,7 +541,7 @@ double model_finish_reduction(gpt_model *m, const dist_ctx *d) {
 
 double model_reduce_gradients(gpt_model *m, const dist_ctx *d) {
     make_reducers(m, d);
-    /* the order backward_reduce finishes them in */
+    /* in the order model_backward_overlapped queues them */
     for (int l = m->L; l >= SEG_EMBED; l--) reduce_segment(m, l, d);
     return model_finish_reduction(m, d);
 }

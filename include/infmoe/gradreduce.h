@@ -53,8 +53,6 @@ void gradred_add(grad_reducer *r, float *buf, size_t n, float scale);
 void gradred_progress(grad_reducer *r);
 /* Finish every queued segment. */
 void gradred_wait(grad_reducer *r);
-/* Buckets queued since the reducer was made (for tests and logs). */
-long gradred_buckets(const grad_reducer *r);
 /* Waits for what is in flight, then frees; NULL is fine. */
 void gradred_free(grad_reducer *r);
 
