@@ -7,6 +7,7 @@
 # unavailable. Run from anywhere: bash tests/suite_slurm.sh
 set -u
 cd "$(dirname "$0")/.." || exit 1
+. tests/lib.sh
 
 TMP=$(mktemp -d /tmp/infmoe-suite-slurm.XXXXXX)
 CLUSTER=""
@@ -114,16 +115,17 @@ CLUSTER=$TMP/slurm
 export SLURM_CONF=$CLUSTER/slurm.conf
 echo "slurm: local cluster up in $(($(date +%s) - START)) s ($CLUSTER)"
 
-mkdir -p "$TMP/out"
+OUT=$TMP/out
+mkdir -p "$OUT"
 submit() { # sbatch options... -- train.sbatch args...; prints the job id
     local opts=()
     while [ "$1" != -- ]; do opts+=("$1"); shift; done
     shift
-    sbatch --parsable --time=00:10:00 --output="$TMP/out/%j.out" "${opts[@]}" launch/slurm/train.sbatch "$@" 2>&1
+    sbatch --parsable --time=00:10:00 --output="$OUT/%j.out" "${opts[@]}" launch/slurm/train.sbatch "$@" 2>&1
 }
 # wait until job $1 has left the queue and its output has the batch shell's last line
 wait_job() { # jobid, timeout seconds
-    local out=$TMP/out/$1.out t0=$SECONDS
+    local out=$OUT/$1.out t0=$SECONDS
     while [ $((SECONDS - t0)) -lt "$2" ]; do
         if [ -z "$(squeue -h -j "$1" -o %i 2>/dev/null)" ] && grep -q '^train.sbatch: finished with status' "$out" 2>/dev/null; then
             return 0
@@ -133,17 +135,27 @@ wait_job() { # jobid, timeout seconds
     return 1
 }
 diag() { # jobid: the output and the controller's last lines
-    grep -v '^step ' "$TMP/out/$1.out" 2>/dev/null | tail -20
+    grep -v '^step ' "$OUT/$1.out" 2>/dev/null | tail -20
     squeue -j "$1" 2>&1 | tail -2
     tail -5 "$CLUSTER/log/slurmctld.log" 2>/dev/null
+}
+# usr1_when_training JOB: once JOB has logged 2 steps, SIGUSR1 to its batch shell
+usr1_when_training() {
+    [[ $1 =~ ^[0-9]+$ ]] || return 1
+    for _ in $(seq 600); do
+        [ "$(grep -c '^step ' "$OUT/$1.out" 2>/dev/null)" -ge 2 ] && break
+        grep -q '^train.sbatch: finished' "$OUT/$1.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    scancel --signal=USR1 --batch "$1"
 }
 last_loss() { grep "^step $2/$2 " "$1" | tail -1 | sed 's/.*| loss \([0-9.]*\) |.*/\1/'; }
 
 # a 20-step job through the mpirun launcher: done, checkpoint saved and verified
 t0=$SECONDS
 job=$(submit -- tests/configs/tiny.yaml --set output.dir="$TMP/sb-tiny")
-if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 90 && grep -q '^done 20 steps' "$TMP/out/$job.out" &&
-    grep -q '^train.sbatch: finished with status 0' "$TMP/out/$job.out" &&
+if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 90 && grep -q '^done 20 steps' "$OUT/$job.out" &&
+    grep -q '^train.sbatch: finished with status 0' "$OUT/$job.out" &&
     [ "$(cat "$TMP/sb-tiny/latest" 2>/dev/null)" = step_000020 ] &&
     vout=$($INFMOE ckpt verify "$TMP/sb-tiny/latest" 2>&1); then
     pass "slurm: sbatch train.sbatch tiny.yaml (mpirun, 2 ranks): done, step_000020 verified ($(printf '%s' "$vout" | sed 's/.*: ok: /ok: /' | head -1)) in $((SECONDS - t0)) s"
@@ -154,8 +166,8 @@ fi
 # the same through srun --mpi=pmix
 t0=$SECONDS
 job=$(submit --export=ALL,LAUNCHER=srun -- tests/configs/tiny.yaml --set output.dir="$TMP/sb-srun")
-if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 90 && grep -q '^done 20 steps .*| ranks 2 x threads 1$' "$TMP/out/$job.out" &&
-    [ "$(last_loss "$TMP/out/$job.out" 20)" = "$(last_loss "$TMP/w2.log" 20)" ]; then
+if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 90 && grep -q '^done 20 steps .*| ranks 2 x threads 1$' "$OUT/$job.out" &&
+    [ "$(last_loss "$OUT/$job.out" 20)" = "$(last_loss "$TMP/w2.log" 20)" ]; then
     pass "slurm: LAUNCHER=srun (srun --mpi=pmix, 2 ranks): done, final loss as infmoe-mpirun's in $((SECONDS - t0)) s"
 else
     fail "slurm: LAUNCHER=srun, job $job" "$(diag "$job")"
@@ -167,17 +179,9 @@ long=(tests/configs/tiny.yaml --set train.steps=$STEPS --set train.log_every=50)
 t0=$SECONDS
 job=$(submit -- "${long[@]}" --set output.dir="$TMP/sb-sig")
 signalled=0
-if [[ $job =~ ^[0-9]+$ ]]; then
-    for _ in $(seq 600); do
-        n=$(grep -c '^step ' "$TMP/out/$job.out" 2>/dev/null)
-        [ "${n:-0}" -ge 2 ] && break
-        grep -q '^train.sbatch: finished' "$TMP/out/$job.out" 2>/dev/null && break
-        sleep 0.1
-    done
-    scancel --signal=USR1 --batch "$job" && signalled=1
-fi
+usr1_when_training "$job" && signalled=1
 if [ $signalled -eq 1 ] && wait_job "$job" 150; then
-    out=$TMP/out/$job.out
+    out=$OUT/$job.out
     saved=$(sed -n 's/^signal 10: saved at step \([0-9]*\);.*/\1/p' "$out" | head -1)
     # the uninterrupted run, directly with mpirun
     mpi=(mpirun -np 2 --bind-to core)
@@ -197,6 +201,57 @@ if [ $signalled -eq 1 ] && wait_job "$job" 150; then
     fi
 else
     fail "slurm: USR1 -> save -> requeue -> resume: job $job did not finish (signalled: $signalled)" "$(diag "$job")"
+fi
+
+# ---- (e) two namespace nodes (local-cluster --nodes 2): sbatch -N 2, mpirun and srun, USR1 ----
+launch/slurm/local-cluster stop "$CLUSTER" >/dev/null 2>&1
+CLUSTER=""
+if [ -z "$(command -v ip)" ] || ! out=$(launch/slurm/local-cluster start "$TMP/slurm2" --nodes 2 2>&1); then
+    echo "SKIP slurm: a 2-node cluster cannot be made here: $(printf '%s\n' "${out:-ip not installed}" | tail -1)"
+    echo "slurm: suite took $(($(date +%s) - START)) s"
+    exit 0
+fi
+CLUSTER=$TMP/slurm2
+OUT=$TMP/out2 # job ids start again at 1
+mkdir -p "$OUT"
+export SLURM_CONF=$CLUSTER/slurm.conf
+on2() { launch/slurm/local-cluster run "$CLUSTER" -- "$@"; }
+squeue() { on2 squeue "$@"; }
+scancel() { on2 scancel "$@"; }
+sbatch() { on2 sbatch "$@"; }
+# 4 ranks on 2 shared cores talking TCP: yield while idle; Open MPI on the nodes' network only
+NET=10.213.7.0/24
+MN=(--nodes=2 --ntasks-per-node=2 --export=ALL,OMPI_MCA_mpi_yield_when_idle=1,OMPI_MCA_btl_tcp_if_include=$NET,OMPI_MCA_oob_tcp_if_include=$NET)
+CFG4=(tests/configs/tiny-topk.yaml --set parallel.ep=4)
+OMP_NUM_THREADS=1 mpirun -np 4 --oversubscribe --allow-run-as-root $INFMOE train "${CFG4[@]}" --set output.dir="$TMP/one4" >"$TMP/one4.log" 2>&1
+for launcher in mpirun srun; do
+    t0=$SECONDS
+    job=$(submit "${MN[@]/#--export=ALL,/--export=ALL,LAUNCHER=$launcher,}" -- "${CFG4[@]}" --set output.dir="$TMP/mn-$launcher")
+    if [[ $job =~ ^[0-9]+$ ]] && wait_job "$job" 120 && grep -q "^train.sbatch: job $job start 1 on node\[1-2\]" "$OUT/$job.out" &&
+        grep -q '^done 20 steps .*| ranks 4 x threads 1$' "$OUT/$job.out" &&
+        [ "$(steps_from "$OUT/$job.out" 1)" = "$(steps_from "$TMP/one4.log" 1)" ]; then
+        pass "slurm: sbatch -N 2 (2 namespace nodes x 2 ranks, LAUNCHER=$launcher), ep 4 across the nodes: the 20 losses of 4 ranks on one node, in $((SECONDS - t0)) s"
+    else
+        fail "slurm: sbatch -N 2 with LAUNCHER=$launcher, job $job" "$(diag "$job")"
+    fi
+done
+
+t0=$SECONDS
+job=$(submit "${MN[@]}" -- "${long[@]}" --set output.dir="$TMP/mn-sig")
+signalled=0
+usr1_when_training "$job" && signalled=1
+if [ $signalled -eq 1 ] && wait_job "$job" 240; then
+    out=$OUT/$job.out
+    saved=$(sed -n 's/^signal 10: saved at step \([0-9]*\);.*/\1/p' "$out" | head -1)
+    if [ -n "$saved" ] && grep -q "^train.sbatch: job $job start 2 on node\[1-2\]" "$out" &&
+        grep -q "^resumed from .*step_$(printf %06d "$saved"): step $saved," "$out" &&
+        grep -q "^done $STEPS steps .*| ranks 4 x threads 1$" "$out" && grep -q '^train.sbatch: finished with status 0' "$out"; then
+        pass "slurm: on 2 nodes, USR1 at step $saved: saved, requeued, resumed on both nodes, done $STEPS steps ($((SECONDS - t0)) s)"
+    else
+        fail "slurm: on 2 nodes, USR1 -> save -> requeue -> resume (saved at '${saved:-none}')" "$(diag "$job")"
+    fi
+else
+    fail "slurm: on 2 nodes, USR1: job $job did not finish (signalled: $signalled)" "$(diag "$job")"
 fi
 
 echo "slurm: suite took $(($(date +%s) - START)) s"
