@@ -143,7 +143,8 @@ diag() { # jobid: the output and the controller's last lines
 usr1_when_training() {
     [[ $1 =~ ^[0-9]+$ ]] || return 1
     for _ in $(seq 600); do
-        [ "$(grep -c '^step ' "$OUT/$1.out" 2>/dev/null)" -ge 2 ] && break
+        n=$(grep -c '^step ' "$OUT/$1.out" 2>/dev/null)
+        [ "${n:-0}" -ge 2 ] && break
         grep -q '^train.sbatch: finished' "$OUT/$1.out" 2>/dev/null && break
         sleep 0.1
     done
@@ -208,6 +209,7 @@ launch/slurm/local-cluster stop "$CLUSTER" >/dev/null 2>&1
 CLUSTER=""
 if [ -z "$(command -v ip)" ] || ! out=$(launch/slurm/local-cluster start "$TMP/slurm2" --nodes 2 2>&1); then
     echo "SKIP slurm: a 2-node cluster cannot be made here: $(printf '%s\n' "${out:-ip not installed}" | tail -1)"
+    printf '%s\n' "${out:-}" | tail -12 | sed 's/^/    /'
     echo "slurm: suite took $(($(date +%s) - START)) s"
     exit 0
 fi
