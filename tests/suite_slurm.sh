@@ -225,7 +225,7 @@ sbatch() { on2 sbatch "$@"; }
 NET=10.213.7.0/24
 MN=(--nodes=2 --ntasks-per-node=2 --export=ALL,OMPI_MCA_mpi_yield_when_idle=1,OMPI_MCA_btl_tcp_if_include=$NET,OMPI_MCA_oob_tcp_if_include=$NET)
 CFG4=(tests/configs/tiny-topk.yaml --set parallel.ep=4)
-OMP_NUM_THREADS=1 mpirun -np 4 --oversubscribe --allow-run-as-root $INFMOE train "${CFG4[@]}" --set output.dir="$TMP/one4" >"$TMP/one4.log" 2>&1
+"${MPIRUN[@]}" -np 4 $INFMOE train "${CFG4[@]}" --set output.dir="$TMP/one4" >"$TMP/one4.log" 2>&1
 for launcher in mpirun srun; do
     t0=$SECONDS
     job=$(submit "${MN[@]/#--export=ALL,/--export=ALL,LAUNCHER=$launcher,}" -- "${CFG4[@]}" --set output.dir="$TMP/mn-$launcher")
