@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bf16 precision (train.precision bf16), run by tests/run.sh from the repo root:
 # one PASS/FAIL line per test. Against fp32: 300-step training of dense, topk and
-# infinite ends within 0.02 nats; 1, 2 and 4 ranks give the same losses within
-# 1e-4 relative (fp32: 1e-5); resume is bit-exact; a bf16 checkpoint resumes in
+# infinite ends within 0.02 nats of validation loss; 1, 2 and 4 ranks give the
+# same losses within 1e-4 relative (fp32: 1e-5); resume is bit-exact; a bf16 checkpoint resumes in
 # fp32 and the reverse. With oneDNN held below AVX-512 BF16 (ONEDNN_MAX_CPU_ISA),
 # bf16 is refused in one line and auto falls back to fp32. The kernels and the
 # gradients are tests/test_gemm.c and tests/test_bf16.c. One rank on 2 threads (heads
@@ -54,18 +54,24 @@ else
 fi
 
 # ---- 300 steps: bf16 ends within 0.02 nats of fp32 ----
+# Compared on the final validation loss over 32 batches, not on step 300's
+# training loss: one batch of 256 tokens moves by a few hundredths from CPU to CPU
+# (the ∞-MoE windows start at floor of the sampled index, so rounding moves them),
+# while the validation mean is what "ends within" means and varies far less.
+val_loss() { sed -n 's/^done .*| val_loss \([0-9.]*\) |.*/\1/p' "$1"; }
 for name in tiny tiny-topk tiny-infinite; do
     cfg=tests/configs/$name.yaml
     for p in fp32 bf16; do
         run "$TMP/$name-300-$p.log" 1 "$cfg" --set train.steps=300 --set train.log_every=50 \
+            --set train.eval_every=300 --set train.eval_batches=32 \
             --set train.precision=$p --set output.dir="$TMP/$name-300-$p"
     done
-    a=$(losses "$TMP/$name-300-fp32.log" | tail -1)
-    b=$(losses "$TMP/$name-300-bf16.log" | tail -1)
+    a=$(val_loss "$TMP/$name-300-fp32.log")
+    b=$(val_loss "$TMP/$name-300-bf16.log")
     if [ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" 'BEGIN{d=a-b; if(d<0)d=-d; exit !(d <= 0.02)}'; then
-        pass "bf16: $name, 300 steps: final loss $b vs fp32 $a (within 0.02)"
+        pass "bf16: $name, 300 steps: final val loss (32 batches) $b vs fp32 $a (within 0.02)"
     else
-        fail "bf16: $name, 300 steps: final loss ${b:-none} vs fp32 ${a:-none}" "$(tail -3 "$TMP/$name-300-bf16.log")"
+        fail "bf16: $name, 300 steps: final val loss ${b:-none} vs fp32 ${a:-none}" "$(tail -3 "$TMP/$name-300-bf16.log")"
     fi
 done
 

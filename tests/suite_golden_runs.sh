@@ -9,7 +9,13 @@
 # (params, AdamW m and v, layer state). On the CPU the recording was made on
 # (tests/golden/runs/MACHINE) everything must be identical; on another CPU the
 # kernels oneDNN picks may round differently, so only the losses are compared,
-# to 1e-4 relative, and the line says so.
+# and the line says so: the first 10 to 1e-4 relative, all 20 to 5%. The later
+# steps get the looser bound because rounding differences grow with training:
+# an ∞-MoE window starts at floor(z) of the router's sampled index, a step
+# function, so a last-bit change in z can move a window by one block and the
+# runs part measurably (seen: identical to step 12, 3% apart at step 19 on a
+# batch whose gradient norm spikes). 5% still catches a broken build, whose
+# losses leave the recording's within a few steps.
 #
 #   bash tests/suite_golden_runs.sh            compare
 #   bash tests/suite_golden_runs.sh --record   write tests/golden/runs/ anew (after
@@ -97,13 +103,17 @@ for run in "${RUNS[@]}"; do
             fail "recorded run $name differs from $GOLD/$name.txt" "$(diff <(printf '%s\n' "$want") <(printf '%s\n' "$got") | head -20)"
         fi
     else
-        worst=$(paste <(printf '%s\n' "$want" | sed -n 's/^step .* | loss \([0-9.]*\) |.*/\1/p') \
-                      <(printf '%s\n' "$got" | sed -n 's/^step .* | loss \([0-9.]*\) |.*/\1/p') |
-            awk 'BEGIN{w=0} {if ($2 == "") {w = 1; next} d = $1 - $2; if (d < 0) d = -d; if (d / $1 > w) w = d / $1} END{if (NR != 20) w = 1; printf "%.2e", w}')
-        if awk -v w="$worst" 'BEGIN{exit !(w <= 1e-4)}'; then
-            pass "recorded run $name: another CPU than the recording's, so losses only: max rel diff $worst <= 1e-4"
+        losses=$(paste <(printf '%s\n' "$want" | sed -n 's/^step .* | loss \([0-9.]*\) |.*/\1/p') \
+                       <(printf '%s\n' "$got" | sed -n 's/^step .* | loss \([0-9.]*\) |.*/\1/p'))
+        # worst relative difference over the first 10 steps and over all 20
+        read -r early all <<< "$(printf '%s\n' "$losses" |
+            awk 'BEGIN{e=0; a=0} {if ($2 == "") {e = a = 1; next} d = $1 - $2; if (d < 0) d = -d; d /= $1
+                                 if (NR <= 10 && d > e) e = d; if (d > a) a = d}
+                 END{if (NR != 20) e = a = 1; printf "%.2e %.2e", e, a}')"
+        if awk -v e="$early" -v a="$all" 'BEGIN{exit !(e <= 1e-4 && a <= 0.05)}'; then
+            pass "recorded run $name: another CPU than the recording's, so losses only: max rel diff $early over steps 1-10 (<= 1e-4), $all over 1-20 (<= 5%)"
         else
-            fail "recorded run $name: losses differ from $GOLD/$name.txt by $worst (another CPU than the recording's)"
+            fail "recorded run $name: losses differ from $GOLD/$name.txt by $early over steps 1-10 (1e-4 allowed), $all over 1-20 (5% allowed) (another CPU than the recording's)"
         fi
     fi
 done
