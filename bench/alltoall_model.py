@@ -8,8 +8,9 @@ a_n, b_n: latency and per-byte time of a message between nodes (b_n is the
 rank's share of the node's link); a_s, b_s: the same within a node (shared
 memory). The two packing copies are taken to cost b_s a byte as well: on 2 x 2
 ranks only the flat and the node-aware slopes are measured, which cannot tell
-a copy from a shared-memory transfer. Forward and back are two exchanges. The terms are fitted (least squares) to bench/alltoall_nodes.sh's
-unshaped-veth figures on 2 x 2 ranks, then the model is evaluated for clusters.
+a copy from a shared-memory transfer. Forward and back are two exchanges.
+The terms are fitted (least squares) to bench/alltoall_nodes.sh's unshaped-veth
+figures on 2 x 2 ranks, then the model is evaluated for clusters.
 
     python3 bench/alltoall_model.py
 """

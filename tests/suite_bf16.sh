@@ -2,11 +2,12 @@
 # bf16 precision (train.precision bf16), run by tests/run.sh from the repo root:
 # one PASS/FAIL line per test. Against fp32: 300-step training of dense, topk and
 # infinite ends within 0.02 nats of validation loss; 1, 2 and 4 ranks give the
-# same losses within 1e-4 relative (fp32: 1e-5); resume is bit-exact; a bf16 checkpoint resumes in
-# fp32 and the reverse. With oneDNN held below AVX-512 BF16 (ONEDNN_MAX_CPU_ISA),
-# bf16 is refused in one line and auto falls back to fp32. The kernels and the
-# gradients are tests/test_gemm.c and tests/test_bf16.c. One rank on 2 threads (heads
-# and experts in parallel, one thread each) gives the 1-thread losses.
+# same losses within 1e-4 relative (fp32: 1e-5); resume is bit-exact; a bf16
+# checkpoint resumes in fp32 and the reverse. With oneDNN held below AVX-512
+# BF16 (ONEDNN_MAX_CPU_ISA), bf16 is refused in one line and auto falls back to
+# fp32. The kernels and the gradients are tests/test_gemm.c and
+# tests/test_bf16.c. One rank on 2 threads (heads and experts in parallel, one
+# thread each) gives the 1-thread losses.
 . tests/lib.sh
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
