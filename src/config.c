@@ -32,6 +32,7 @@ const char *ffn_kind_name(ffn_kind kind) {
     return ffn_kind_names[kind];
 }
 static const char *const mask_names[] = {"window", "learned", NULL};
+static const char *const sampling_names[] = {"iid", "stratified", NULL};
 static const char *const gate_names[] = {"noisy", "switch", NULL};
 static const char *const precision_names[] = {"fp32", "bf16", "auto", NULL};
 const char *precision_name(precision_kind p) {
@@ -92,6 +93,7 @@ static const key_spec schema[] = {
     {"ffn", "kl_weight", KEY_FLOAT, OFF(kl_weight), 0, 1e30, NULL, "0"},
     {"ffn", "sigma_min", KEY_FLOAT, OFF(sigma_min), 1e-6, 1, NULL, "1e-4"},
     {"ffn", "balance_rate", KEY_FLOAT, OFF(balance_rate), 0, 1, NULL, "0"},
+    {"ffn", "sampling", KEY_ENUM, OFF(stratified), 0, 0, sampling_names, "iid"},
     {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
     {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
     {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},
@@ -524,6 +526,11 @@ static void validate(run_config *cfg, load_ctx *ctx) {
             KEY_ERROR(ctx, "ffn", "balance_rate",
                       "ffn.balance_rate (%g) applies to ffn.mask: window (it evens out use of the ring)",
                       cfg->balance_rate);
+        if (cfg->stratified && cfg->latent_dim != 1)
+            KEY_ERROR(ctx, "ffn", "sampling",
+                      "ffn.sampling: stratified needs one latent dimension (ffn.latent_dim is %d): "
+                      "the strata are intervals of the Gaussian along it",
+                      cfg->latent_dim);
         if (cfg->mask == MASK_WINDOW && cfg->latent_dim != 1)
             KEY_ERROR(ctx, "ffn", "latent_dim",
                       "ffn.latent_dim (%d) must be 1 with ffn.mask: window (units sit on a ring)",

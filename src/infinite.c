@@ -62,6 +62,7 @@ struct inf_layer {
     int extra;              /* floats after u in a sent row: K z's, then (window) K norms */
     mask_rule mask;
     float tau, kl, sigma_min;
+    int stratified; /* ffn.sampling: stratified (dz = 1): sample k drawn from stratum k of K */
     /* ring balance (window rule, ffn.balance_rate > 0): z is warped through the
      * piecewise-linear map with knots warp[0..nw] (warp[j] at j / nw, 0 and 1 at
      * the ends), an average of the empirical CDF of the raw samples, so that the
@@ -157,6 +158,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->tau = cfg->tau;
     f->kl = cfg->kl_weight;
     f->sigma_min = cfg->sigma_min;
+    f->stratified = cfg->stratified;
     f->balance_rate = cfg->mask == MASK_WINDOW ? cfg->balance_rate : 0.0f;
     f->ep = ep;
     f->bf16 = ctx && ctx->bf16;
@@ -292,7 +294,10 @@ static void router_forward(inf_layer *f, const float *params, const float *in, i
             float sg = softplusf(f->spre[t * dz + d]) + f->sigma_min;
             f->sigma[t * dz + d] = sg;
             for (int k = 0; k < K; k++) {
-                float e = f->deterministic ? 0.0f : rng_key_normal(key + (uint64_t)(k * dz + d) * RNG_KEY_STRIDE);
+                uint64_t kd = key + (uint64_t)(k * dz + d) * RNG_KEY_STRIDE;
+                float e = f->deterministic ? 0.0f
+                          : f->stratified  ? rng_key_normal_stratum(kd, k, K)
+                                           : rng_key_normal(kd);
                 f->eps[(t * K + k) * dz + d] = e;
                 f->z[(t * K + k) * dz + d] = f->mu[t * dz + d] + sg * e;
             }

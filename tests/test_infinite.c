@@ -4,9 +4,13 @@
  *    multiplied by its weight) for mask_block 1, 16 and 64, both mask rules, K = 1, 2, 3;
  *  - finite-difference gradients of the output (and the KL aux loss) with respect
  *    to the input, the router MLP (mu and sigma heads), the learned scores P and q,
- *    and the unit weights, for both mask rules with fixed noise (K = 2).
+ *    and the unit weights, for both mask rules with fixed noise (K = 2);
+ *  - stratified sampling: the normal quantile against erfc, each draw inside its
+ *    stratum, the strata's mean unbiased; the layer with it against the reference
+ *    and finite differences.
  * Probes whose perturbation changes a kept block are skipped and counted.
  */
+#include <math.h>
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,6 +79,45 @@ static void check_balance_update(void) {
     CHECK(fabs(w[1] - 0.475) < 1e-15, "no counts must leave the knots");
 }
 
+/* normal_quantile inverts the CDF 0.5 erfc(-x / sqrt 2) to 1e-12 over (1e-12, 1 - 1e-12),
+ * tails included; a stratified draw lies in its stratum's quantile interval; the mean of
+ * K stratified draws has the variance of the stratified estimator (far below 1 / K). */
+static void check_stratified_draws(void) {
+    double worst = 0;
+    for (int i = 1; i < 2000; i++) {
+        double p = i < 1000 ? pow(10.0, -12.0 + 12.0 * i / 1000.0) * 0.5 : (i - 1000 + 0.5) / 1000.0;
+        double x = normal_quantile(p), back = 0.5 * erfc(-x / sqrt(2.0));
+        double err = fabs(back - p) / fmin(p, 1 - p);
+        if (err > worst) worst = err;
+    }
+    CHECK(worst < 1e-12, "normal_quantile: relative CDF error %g", worst);
+    CHECK(normal_quantile(0.5) == 0.0 || fabs(normal_quantile(0.5)) < 1e-15, "quantile at 0.5: %g",
+          normal_quantile(0.5));
+    CHECK(fabs(normal_quantile(0.975) - 1.959963984540054) < 1e-12, "quantile at 0.975: %.15g",
+          normal_quantile(0.975));
+    const int K = 4, N = 20000;
+    double sum = 0, sum2 = 0;
+    int outside = 0;
+    for (int t = 0; t < N; t++) {
+        uint64_t key = rng_token_key(5, 1000, 3, 3, t);
+        double mean = 0;
+        for (int k = 0; k < K; k++) {
+            float e = rng_key_normal_stratum(key + (uint64_t)k * RNG_KEY_STRIDE, k, K);
+            double lo = k ? normal_quantile((double)k / K) : -INFINITY;
+            double hi = k < K - 1 ? normal_quantile((double)(k + 1) / K) : INFINITY;
+            if (!(e >= lo - 1e-6 && e <= hi + 1e-6)) outside++;
+            mean += e / K;
+        }
+        sum += mean;
+        sum2 += mean * mean;
+    }
+    double m = sum / N, var = sum2 / N - m * m;
+    CHECK(outside == 0, "%d stratified draws outside their stratum", outside);
+    CHECK(fabs(m) < 4.0 * sqrt(var / N), "stratified mean %g (standard error %g)", m, sqrt(var / N));
+    /* iid: var of the mean 1/K = 0.25; stratified over 4 strata: about 0.035 */
+    CHECK(var > 0.03 && var < 0.04, "variance of the stratified mean %g, want ~0.035", var);
+}
+
 /* A probe at least, and not many more skipped than checked (z moves with mu). */
 static int enough(int checked, int skipped) { return checked >= 1 && skipped <= checked + 2; }
 
@@ -120,6 +163,13 @@ int main(int argc, char **argv) {
     c.balance_rate = 0.1f;
     check_reference("window, block 16, K 2, ring balance", c);
     check_balance_update();
+    check_stratified_draws();
+    c = base(128, 16, MASK_WINDOW, 3);
+    c.stratified = 1;
+    check_reference("window, block 16, K 3, stratified", c);
+    c = base(64, 4, MASK_WINDOW, 2);
+    c.stratified = 1;
+    check_gradients("window (blocks of 4, K 2, stratified)", c);
     c = base(32, 1, MASK_LEARNED, 2);
     c.kl_weight = 0.5f;
     check_gradients("learned (per unit, K 2, KL)", c);

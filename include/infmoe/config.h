@@ -73,6 +73,7 @@ typedef struct {
     int32_t inf_units, samples, mask_block, latent_dim, router_hidden;
     float keep, tau, kl_weight, sigma_min, balance_rate;
     mask_rule mask;
+    int32_t stratified; /* ∞-MoE sampling: 0 iid draws; 1 one draw in each of K equal-probability strata */
     /* train */
     int32_t steps, batch_size, warmup;
     int32_t warmup_clamped_from; /* the warmup asked for when above steps (then warmup = steps), else 0 */

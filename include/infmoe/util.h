@@ -106,6 +106,12 @@ uint64_t rng_token_key(uint64_t seed, int layer, int step, int purpose, int64_t 
 /* Uniform in [0, 1) with 24 bits, and a standard normal (Box-Muller), from a key. */
 float rng_key_uniform(uint64_t key);
 float rng_key_normal(uint64_t key);
+/* A standard normal restricted to stratum k of K equal-probability strata: the
+ * quantile at (k + u) / K, u uniform in (0, 1) from the key. Over k = 0..K-1 the K
+ * draws are an unbiased stratified sample of N(0, 1). */
+float rng_key_normal_stratum(uint64_t key, int k, int K);
+/* The standard normal quantile (inverse CDF) at p in (0, 1), to ~1e-15 relative. */
+double normal_quantile(double p);
 
 /*
  * One allocation for many buffers (a size table): each part names the pointer
