@@ -62,7 +62,7 @@ int main(int argc, char **argv) {
                    "       [--experts E --k K --expert-hidden HE --ep EP [--force-balance]\n"
                    "        [--expert-bias RATE] [--groups G --group-k GK]] [--shared-hidden HS]\n"
                    "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
-                   "       [--grad-reduce overlap|blocking] [--bucket-mb MB]\n"
+                   "       [--grad-reduce overlap|blocking] [--bucket-mb MB] [--attention fused|stored]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
                    "--experts, or ∞-MoE with --units); defaults: GPT-2 small, T=256, B=4, fp32,\n"
                    "3 timed steps after one warm-up. MFU is against the peak of the precision;\n"
@@ -134,6 +134,12 @@ int main(int argc, char **argv) {
             if (strcmp(argv[i + 1], "overlap") == 0) cfg.grad_overlap = 1;
             else if (strcmp(argv[i + 1], "blocking") == 0) cfg.grad_overlap = 0;
             else infmoe_die_all("--grad-reduce takes overlap or blocking, not '%s'", argv[i + 1]);
+        }
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--attention") == 0) {
+            if (strcmp(argv[i + 1], "fused") == 0) cfg.att_stored = 0;
+            else if (strcmp(argv[i + 1], "stored") == 0) cfg.att_stored = 1;
+            else infmoe_die_all("--attention takes fused or stored, not '%s'", argv[i + 1]);
         }
     for (int i = 1; i + 1 < argc; i++)
         if (strcmp(argv[i], "--bucket-mb") == 0) cfg.grad_bucket_mb = (float)atof(argv[i + 1]);
@@ -228,10 +234,11 @@ int main(int argc, char **argv) {
                cfg.n_layer, cfg.n_embd, cfg.n_head, T, cfg.vocab_size, cfg.ffn_hidden,
                cfg.batch_size, d.size, omp_get_max_threads());
         if (cfg.shared_hidden > 0) printf("  shared FFN of %d units in every routed layer\n", cfg.shared_hidden);
-        printf("  params %.1fM | %.2f GFLOP/token | precision %s | peak %.0f GFLOP/s %s (%d cores "
-               "in use)\n",
-               (double)model_num_params(&m) / 1e6, flops / 1e9, m.bf16 ? "bf16" : "fp32", peak,
-               m.bf16 ? "bf16" : "fp32", d.size * omp_get_max_threads());
+        printf("  params %.1fM | %.2f GFLOP/token | precision %s | attention %s | peak %.0f GFLOP/s "
+               "%s (%d cores in use)\n",
+               (double)model_num_params(&m) / 1e6, flops / 1e9, m.bf16 ? "bf16" : "fp32",
+               m.att_fused ? "fused" : "stored", peak, m.bf16 ? "bf16" : "fp32",
+               d.size * omp_get_max_threads());
         printf("  ms/step %.1f | tok/s %.0f | mfu %.1f%% | peak RSS %.0f MiB per rank\n", ms, tok_s,
                tok_s * flops / (peak * 1e9) * 100, rss_mib);
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% (%s, buckets %.3g MiB; "

@@ -39,6 +39,7 @@ const char *precision_name(precision_kind p) {
     ALWAYS(p >= PRECISION_FP32 && p <= PRECISION_AUTO);
     return precision_names[p];
 }
+static const char *const attention_names[] = {"fused", "stored", NULL};
 static const char *const bool_names[] = {"false", "true", NULL};
 static const char *const moge_convention_names[] = {"mean", "official", NULL};
 static const char *const alltoall_names[] = {"flat", "node", NULL};
@@ -106,6 +107,7 @@ static const key_spec schema[] = {
     {"train", "eps", KEY_FLOAT, OFF(adam_eps), 1e-30, 1, NULL, "1e-8"},
     {"train", "seed", KEY_INT64, OFF(seed), 0, 9.2e18, NULL, "1337"},
     {"train", "precision", KEY_ENUM, OFF(precision), 0, 0, precision_names, "fp32"},
+    {"train", "attention", KEY_ENUM, OFF(att_stored), 0, 0, attention_names, "fused"},
     {"train", "log_every", KEY_INT, OFF(log_every), 1, INT_MAX, NULL, "10"},
     {"train", "eval_every", KEY_INT, OFF(eval_every), 0, INT_MAX, NULL, "0"},
     {"train", "eval_batches", KEY_INT, OFF(eval_batches), 1, INT_MAX, NULL, "4"},

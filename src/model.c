@@ -61,7 +61,10 @@ static void build_bf16_acts(gpt_model *m) {
         PART(a->res3, nc);
         PART(a->ln1_h, nc);
         PART(a->qkv_h, 3 * nc);
-        PART(a->att_h, att);
+        if (m->att_fused)
+            PART(a->att_stats, (size_t)m->B * (size_t)m->NH * (size_t)T * 2);
+        else
+            PART(a->att_h, att);
         PART(a->atty_h, nc);
     }
     PART(m->encoded, nc);
@@ -88,6 +91,7 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     int precision = B > 0 ? model_precision(cfg, msg, sizeof msg) : PRECISION_FP32;
     if (precision < 0) INFMOE_FAIL("%s", msg);
     m->bf16 = precision == PRECISION_BF16;
+    m->att_fused = m->bf16 && !cfg->att_stored;
     ctx->bf16 = m->bf16;
     ctx->world = d ? d->world : MPI_COMM_NULL;
     ctx->ep_comm = d ? d->ep_comm : MPI_COMM_NULL;
@@ -162,8 +166,9 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     /* bf16 keeps the gradients of qkv and of the heads' outputs in bf16 (dqkv_h, datty_h) */
     m->att_threads = omp_get_max_threads();
     const size_t att_scratch =
-        m->bf16 ? attention_bf16_scratch_floats(T, C, m->NH, m->att_threads)
-                : (size_t)T * T * (size_t)m->att_threads; /* a score gradient per thread */
+        m->att_fused ? attention_fused_scratch_floats(T, C, m->NH, m->att_threads)
+        : m->bf16    ? attention_bf16_scratch_floats(T, C, m->NH, m->att_threads)
+                     : (size_t)T * T * (size_t)m->att_threads; /* a score gradient per thread */
     const size_t grad_parts[] = {nc, nc, m->bf16 ? 0 : 3 * nc, m->bf16 ? 0 : nc, att_scratch,
                                  ffn_scratch};
     size_t grad_total = 0;
@@ -251,7 +256,12 @@ static void forward_bf16(gpt_model *m) {
                           C);
         bf16_from_f32(a->ln1_h, m->ln_out, N * C);
         matmul_forward_bf16(a->qkv_h, 1, a->ln1_h, W + o->qkv_w, P + o->qkv_b, N, C, 3 * C, 0);
-        attention_forward_bf16(a->atty_h, a->att_h, m->datt, a->qkv_h, B, T, C, NH, m->att_threads);
+        if (m->att_fused)
+            attention_forward_bf16_fused(a->atty_h, a->att_stats, m->datt, a->qkv_h, B, T, C, NH,
+                                         m->att_threads);
+        else
+            attention_forward_bf16(a->atty_h, a->att_h, m->datt, a->qkv_h, B, T, C, NH,
+                                   m->att_threads);
         memcpy(a->res2, x, (size_t)(N * C) * sizeof(float));
         matmul_forward_bf16(a->res2, 0, a->atty_h, W + o->proj_w, P + o->proj_b, N, C, C, 1);
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, P + o->ln2_w, P + o->ln2_b,
@@ -460,8 +470,12 @@ static void backward_bf16(gpt_model *m) {
                              W + o->proj_w, N, C, C);
         bias_backward(G + o->proj_b, m->dres, N, C);
         backward_progress(m);
-        attention_backward_bf16(m->dqkv_h, m->datt, m->datty_h, a->qkv_h, a->att_h, B, T, C, NH,
-                                m->att_threads);
+        if (m->att_fused)
+            attention_backward_bf16_fused(m->dqkv_h, m->datt, m->datty_h, a->qkv_h, a->att_stats, B,
+                                          T, C, NH, m->att_threads);
+        else
+            attention_backward_bf16(m->dqkv_h, m->datt, m->datty_h, a->qkv_h, a->att_h, B, T, C,
+                                    NH, m->att_threads);
         backward_progress(m);
         memset(m->dln, 0, nc);
         matmul_backward_bf16(m->dln, 0, G + o->qkv_w, G + o->qkv_b, m->dqkv_h, a->ln1_h,

@@ -135,6 +135,22 @@ void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
 
 /* Row t of causal attention scores: scaled, max-shifted and exponentiated in place
  * over [0, t]; returns 1 / their sum (the caller normalises). */
+static inline float causal_softmax_row_max(float *row, int t, float scale, float *max_out) {
+    float max = -INFINITY;
+    for (int j = 0; j <= t; j++) {
+        row[j] *= scale;
+        if (row[j] > max) max = row[j];
+    }
+    /* summed in order j = 0, 1, ...: what the stored bf16 path's loop compiles to */
+    float sum = 0.0f;
+    for (int j = 0; j <= t; j++) {
+        row[j] = exp_fast(row[j] - max);
+        sum += row[j];
+    }
+    *max_out = max;
+    return 1.0f / sum;
+}
+
 static inline float causal_softmax_row(float *row, int t, float scale) {
     float max = -INFINITY;
     for (int j = 0; j <= t; j++) {
@@ -351,18 +367,6 @@ static void head_forward_bf16(bf16 *out, bf16 *a, float *scores, const bf16 *q, 
     }
 }
 
-void attention_forward_bf16(bf16 *out, bf16 *att, float *scratch, const bf16 *qkv, int B, int T,
-                            int C, int NH, int threads) {
-    const int hs = C / NH;
-    const size_t per = head_scratch_floats(T, C, NH);
-#pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, threads))
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++)
-            head_forward_bf16(out + (int64_t)b * T * C + h * hs, att + ((int64_t)b * NH + h) * T * T,
-                              scratch + per * (size_t)omp_get_thread_num(),
-                              qkv + (int64_t)b * T * 3 * C + h * hs, T, C, hs);
-}
-
 static void head_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const bf16 *q,
                                const bf16 *a, int T, int C, int hs) {
     const bf16 *k = q + C, *v = q + 2 * C;
@@ -405,18 +409,162 @@ static void head_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const b
     bf16_from_f32_rows(dv, 3 * C, dv_acc, hs, T, hs);
 }
 
-void attention_backward_bf16(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
-                             const bf16 *att, int B, int T, int C, int NH, int threads) {
+/*
+ * Fused bf16 attention: the same row blocks, but each block's scores and
+ * probabilities live only in a per-thread scratch of ATT_BLOCK x T; what is kept
+ * for backward is each row's softmax max and 1/sum (stats, 2 floats a row). The
+ * backward recomputes a block's scores with the same product, and its
+ * probabilities from them with the same operations, so every value (and the
+ * order of every sum) is the stored path's: the two agree bit for bit.
+ */
+/* s (r1 - r0 rows, ld T) = q[r0, r1) . k[0, r1)^T: one row block's scores, fp32 */
+static inline void block_scores_bf16(float *s, const bf16 *q, const bf16 *k, int r0, int r1, int T,
+                                     int C, int hs) {
+    gemm_bf16(0, 1, r1 - r0, r1, hs, q + (int64_t)r0 * 3 * C, 3 * C, k, 3 * C, s, T, 0, 0, NULL);
+}
+
+static size_t head_fused_scratch_floats(int T, int C, int NH) {
+    /* scores / their gradient (fp32), probabilities and score gradient (bf16), dk and dv sums */
+    return (size_t)ATT_BLOCK * T + (size_t)ATT_BLOCK * T + 2 * (size_t)T * (C / NH);
+}
+
+size_t attention_fused_scratch_floats(int T, int C, int NH, int threads) {
+    return head_fused_scratch_floats(T, C, NH) * (size_t)(threads > 0 ? threads : 1);
+}
+
+static void head_fused_forward_bf16(bf16 *out, float *st, float *scratch, const bf16 *q, int T,
+                                    int C, int hs) {
+    const bf16 *k = q + C, *v = q + 2 * C;
+    float scale = 1.0f / sqrtf((float)hs);
+    float *s = scratch;
+    bf16 *p = (bf16 *)(s + (size_t)ATT_BLOCK * T);
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int r1 = att_block_end(r0, T);
+        block_scores_bf16(s, q, k, r0, r1, T, C, hs);
+#pragma omp parallel for
+        for (int t = r0; t < r1; t++) {
+            float *row = s + (int64_t)(t - r0) * T;
+            bf16 *ar = p + (int64_t)(t - r0) * T;
+            float max, inv = causal_softmax_row_max(row, t, scale, &max);
+            st[2 * (int64_t)t] = max;
+            st[2 * (int64_t)t + 1] = inv;
+#pragma omp simd
+            for (int j = 0; j <= t; j++) ar[j] = bf16_round(row[j] * inv);
+            for (int j = t + 1; j < r1; j++) ar[j] = 0;
+        }
+        gemm_bf16(0, 0, r1 - r0, hs, r1, p, T, v, 3 * C, out + (int64_t)r0 * C, C, 1, 0, NULL);
+    }
+}
+
+static void head_fused_backward_bf16(bf16 *dq, float *scratch, const bf16 *dy, const bf16 *q,
+                                     const float *st, int T, int C, int hs) {
+    const bf16 *k = q + C, *v = q + 2 * C;
+    bf16 *dk = dq + C, *dv = dq + 2 * C;
+    float scale = 1.0f / sqrtf((float)hs);
+    float *s = scratch;
+    bf16 *p = (bf16 *)(s + (size_t)ATT_BLOCK * T), *ds = p + (size_t)ATT_BLOCK * T;
+    float *dk_acc = s + 2 * (size_t)ATT_BLOCK * T, *dv_acc = dk_acc + (size_t)T * hs;
+    memset(dv_acc, 0, sizeof(float) * (size_t)T * hs);
+    memset(dk_acc, 0, sizeof(float) * (size_t)T * hs);
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int r1 = att_block_end(r0, T);
+        /* the forward's probabilities again: scores, scaled, exp(. - max) * (1/sum) */
+        block_scores_bf16(s, q, k, r0, r1, T, C, hs);
+#pragma omp parallel for
+        for (int t = r0; t < r1; t++) {
+            float *row = s + (int64_t)(t - r0) * T;
+            bf16 *pr = p + (int64_t)(t - r0) * T;
+            const float max = st[2 * (int64_t)t], inv = st[2 * (int64_t)t + 1];
+            for (int j = 0; j <= t; j++) row[j] *= scale;
+#pragma omp simd
+            for (int j = 0; j <= t; j++) {
+                float e = exp_fast(row[j] - max);
+                pr[j] = bf16_round(e * inv);
+            }
+            for (int j = t + 1; j < r1; j++) pr[j] = 0;
+        }
+        /* datt = dy . v^T (into the scores' place) ; dv += att^T . dy */
+        gemm_bf16(0, 1, r1 - r0, r1, hs, dy + (int64_t)r0 * C, C, v, 3 * C, s, T, 0, 0, NULL);
+        gemm_bf16(1, 0, r1, hs, r1 - r0, p, T, dy + (int64_t)r0 * C, C, dv_acc, hs, 0, 1, NULL);
+#pragma omp parallel for
+        for (int t = r0; t < r1; t++) {
+            const bf16 *ar = p + (int64_t)(t - r0) * T;
+            const float *dr = s + (int64_t)(t - r0) * T;
+            bf16 *dsr = ds + (int64_t)(t - r0) * T;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int j = 0; j <= t; j++) dot += bf16_float(ar[j]) * dr[j];
+#pragma omp simd
+            for (int j = 0; j <= t; j++)
+                dsr[j] = bf16_round(bf16_float(ar[j]) * (dr[j] - dot) * scale);
+            for (int j = t + 1; j < r1; j++) dsr[j] = 0;
+        }
+        /* dq = dscores . k ; dk += dscores^T . q */
+        gemm_bf16(0, 0, r1 - r0, hs, r1, ds, T, k, 3 * C, dq + (int64_t)r0 * 3 * C, 3 * C, 1, 0,
+                  NULL);
+        gemm_bf16(1, 0, r1, hs, r1 - r0, ds, T, q + (int64_t)r0 * 3 * C, 3 * C, dk_acc, hs, 0, 1,
+                  NULL);
+    }
+    bf16_from_f32_rows(dk, 3 * C, dk_acc, hs, T, hs);
+    bf16_from_f32_rows(dv, 3 * C, dv_acc, hs, T, hs);
+}
+
+/* Every (sequence, head) of one of the four: stored (att) or fused (stats) probabilities. */
+static void heads_forward_bf16(bf16 *out, bf16 *att, float *stats, float *scratch, const bf16 *qkv,
+                               int B, int T, int C, int NH, int threads) {
     const int hs = C / NH;
-    const size_t per = head_scratch_floats(T, C, NH);
+    const size_t per = att ? head_scratch_floats(T, C, NH) : head_fused_scratch_floats(T, C, NH);
 #pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, threads))
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
-            int64_t off = (int64_t)b * T * 3 * C + h * hs;
-            head_backward_bf16(dqkv + off, scratch + per * (size_t)omp_get_thread_num(),
-                               dout + (int64_t)b * T * C + h * hs, qkv + off,
-                               att + ((int64_t)b * NH + h) * T * T, T, C, hs);
+            int64_t bh = (int64_t)b * NH + h;
+            bf16 *o = out + (int64_t)b * T * C + h * hs;
+            float *sc = scratch + per * (size_t)omp_get_thread_num();
+            const bf16 *q = qkv + (int64_t)b * T * 3 * C + h * hs;
+            if (att)
+                head_forward_bf16(o, att + bh * T * T, sc, q, T, C, hs);
+            else
+                head_fused_forward_bf16(o, stats + bh * 2 * T, sc, q, T, C, hs);
         }
+}
+
+static void heads_backward_bf16(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
+                                const bf16 *att, const float *stats, int B, int T, int C, int NH,
+                                int threads) {
+    const int hs = C / NH;
+    const size_t per = att ? head_scratch_floats(T, C, NH) : head_fused_scratch_floats(T, C, NH);
+#pragma omp parallel for collapse(2) schedule(dynamic) if (heads_in_parallel(B, NH, threads))
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            int64_t off = (int64_t)b * T * 3 * C + h * hs, bh = (int64_t)b * NH + h;
+            float *sc = scratch + per * (size_t)omp_get_thread_num();
+            const bf16 *dy = dout + (int64_t)b * T * C + h * hs;
+            if (att)
+                head_backward_bf16(dqkv + off, sc, dy, qkv + off, att + bh * T * T, T, C, hs);
+            else
+                head_fused_backward_bf16(dqkv + off, sc, dy, qkv + off, stats + bh * 2 * T, T, C,
+                                         hs);
+        }
+}
+
+void attention_forward_bf16(bf16 *out, bf16 *att, float *scratch, const bf16 *qkv, int B, int T,
+                            int C, int NH, int threads) {
+    heads_forward_bf16(out, att, NULL, scratch, qkv, B, T, C, NH, threads);
+}
+
+void attention_backward_bf16(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
+                             const bf16 *att, int B, int T, int C, int NH, int threads) {
+    heads_backward_bf16(dqkv, scratch, dout, qkv, att, NULL, B, T, C, NH, threads);
+}
+
+void attention_forward_bf16_fused(bf16 *out, float *stats, float *scratch, const bf16 *qkv, int B,
+                                  int T, int C, int NH, int threads) {
+    heads_forward_bf16(out, NULL, stats, scratch, qkv, B, T, C, NH, threads);
+}
+
+void attention_backward_bf16_fused(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
+                                   const float *stats, int B, int T, int C, int NH, int threads) {
+    heads_backward_bf16(dqkv, scratch, dout, qkv, NULL, stats, B, T, C, NH, threads);
 }
 
 void gelu_forward_bf16(bf16 *out, const float *inp, int64_t N) {

@@ -174,13 +174,14 @@ int train_main(int argc, char **argv) {
         dist_log("train.warmup %d is above train.steps %d: warming up over all %d steps\n",
                  cfg.warmup_clamped_from, cfg.steps, cfg.warmup);
     dist_log("infmoe train %s | ranks %d x threads %d | ep %d | params %.2fM | "
-             "batch %d x %d tokens | data %llu sequences | precision %s%s | peak %.0f GFLOP/s %s\n",
+             "batch %d x %d tokens | data %llu sequences | precision %s%s | peak %.0f GFLOP/s %s%s\n",
              config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,
              cfg.batch_size, T, (unsigned long long)train.n_windows, m.bf16 ? "bf16" : "fp32",
              cfg.precision == PRECISION_AUTO ? (m.bf16 ? " (auto: AVX-512 BF16)"
                                                        : " (auto: no AVX-512 BF16 here)")
                                              : "",
-             peak, m.bf16 ? "bf16" : "fp32");
+             peak, m.bf16 ? "bf16" : "fp32",
+             m.bf16 ? (m.att_fused ? " | attention fused" : " | attention stored") : "");
 
     if (ckpt_path[0])
         dist_log("resumed from %s: step %lld, %lld sequences seen\n", ckpt_path,

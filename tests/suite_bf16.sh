@@ -148,3 +148,26 @@ for name in tiny tiny-topk; do
         fail "bf16: $name, 1 rank x 2 threads against 1 thread (max rel diff $worst)" "$(tail -3 "$TMP/$name-t2.log")"
     fi
 done
+
+# ---- fused attention (row statistics, probabilities made again in backward) against
+#      stored probabilities: the same bits over whole runs, 1 and 2 threads ----
+for name in tiny-topk tiny-infinite; do
+    for t in 1 2; do
+        for a in fused stored; do
+            OMP_NUM_THREADS=$t $INFMOE train tests/configs/$name.yaml --set train.precision=bf16 \
+                --set train.steps=12 --set train.attention=$a --set output.dir="$TMP/att-$name-$t-$a" \
+                > "$TMP/att-$name-$t-$a.log" 2>&1
+            build/tests/tool_ckhash "$TMP/att-$name-$t-$a/step_000012/model.h5" > "$TMP/att-$name-$t-$a.hash" 2>&1
+        done
+        if grep -q "attention fused" "$TMP/att-$name-$t-fused.log" &&
+            grep -q "attention stored" "$TMP/att-$name-$t-stored.log" &&
+            [ -s "$TMP/att-$name-$t-fused.hash" ] &&
+            [ "$(losses "$TMP/att-$name-$t-fused.log")" = "$(losses "$TMP/att-$name-$t-stored.log")" ] &&
+            cmp -s "$TMP/att-$name-$t-fused.hash" "$TMP/att-$name-$t-stored.hash"; then
+            pass "bf16: $name, $t thread(s): fused attention trains bitwise as stored (losses, params, m, v)"
+        else
+            fail "bf16: $name, $t thread(s): fused attention differs from stored" \
+                "$(diff "$TMP/att-$name-$t-fused.hash" "$TMP/att-$name-$t-stored.hash" | head -5)"
+        fi
+    done
+done

@@ -132,6 +132,16 @@ static void attention_case(int B, int T, int C, int NH) {
     double cg = cosine_of(got, dqkv, nq);
     CHECK(co > 0.9999 && cg > 0.999, "bf16 attention B%d T%d C%d NH%d: cosine output %.6f, dqkv %.6f",
           B, T, C, NH, co, cg);
+    /* the fused ops (row statistics kept, probabilities recomputed): the stored ops' bits */
+    bf16 *out_f = xmalloc(sizeof(bf16) * no), *dqkv_f = xmalloc(sizeof(bf16) * nq);
+    float *stats = xmalloc(sizeof(float) * (size_t)B * NH * T * 2);
+    float *sf = xmalloc(sizeof(float) * attention_fused_scratch_floats(T, C, NH, nt));
+    attention_forward_bf16_fused(out_f, stats, sf, qkv_h, B, T, C, NH, nt);
+    attention_backward_bf16_fused(dqkv_f, sf, dout_h, qkv_h, stats, B, T, C, NH, nt);
+    CHECK(!memcmp(out_f, out_h, sizeof(bf16) * no) && !memcmp(dqkv_f, dqkv_h, sizeof(bf16) * nq),
+          "fused bf16 attention B%d T%d C%d NH%d, %d threads: output and dqkv bitwise the stored "
+          "attention's", B, T, C, NH, nt);
+    free(out_f), free(dqkv_f), free(stats), free(sf);
     printf("attention B%d T%d C%d NH%d, %d threads (causal blocks%s): cosine with fp32 output %.6f, "
            "dqkv %.6f\n", B, T, C, NH, nt, nt > 1 && B * NH >= nt ? ", heads in parallel" : "", co, cg);
     free(qkv), free(out), free(att), free(dout), free(dqkv), free(scratch), free(qkv_h), free(out_h);
@@ -149,6 +159,7 @@ int main(int argc, char **argv) {
     }
     attention_case(2, 300, 32, 2);
     attention_case(1, 128, 16, 1);
+    attention_case(1, 129, 64, 1);
     run_config cfg;
     config_defaults(&cfg);
     compare("dense", cfg, &d);

@@ -80,6 +80,7 @@ typedef struct {
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2, adam_eps;
     int64_t seed;
     precision_kind precision; /* as written; precision_resolve() says what runs */
+    int32_t att_stored; /* bf16 attention: 0 fused (row statistics kept), 1 stored probabilities */
     int32_t log_every, eval_every, eval_batches, ckpt_every, stats_every, keep_last;
     /* data */
     char data_train[1024], data_val[1024];

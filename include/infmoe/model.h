@@ -41,6 +41,7 @@ typedef struct {
     /* bf16 precision: what only feeds products is kept in bf16 instead (the fp32
      * ln1, qkv, att and atty above are then NULL) */
     bf16 *ln1_h, *qkv_h, *att_h, *atty_h;
+    float *att_stats;                 /* bf16 fused attention: (B,NH,T,2) row max and 1/sum (att_h NULL) */
 } block_acts;
 
 typedef struct {
@@ -70,6 +71,7 @@ typedef struct {
     void *bf16_mem;
     float *ln_out;        /* (N,C) fp32 LayerNorm output before its bf16 rounding */
     bf16 *lnf_h, *dlogits_h, *dres_h, *datty_h, *dqkv_h;
+    int att_fused;        /* bf16 attention keeps row statistics, not probabilities */
     int att_threads;      /* threads the bf16 attention scratch (datt) is sized for */
     float mean_loss;      /* mean cross-entropy of the last forward with targets */
     double aux_loss;      /* sum of the MoE layers' aux losses (training forwards) */

@@ -123,6 +123,18 @@ void attention_forward_bf16(bf16 *out, bf16 *att, float *scratch, const bf16 *qk
 /* dqkv (B,T,3C) = (written); the same scratch */
 void attention_backward_bf16(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
                              const bf16 *att, int B, int T, int C, int NH, int threads);
+/*
+ * The same bf16 attention without the (B,NH,T,T) probabilities: stats (B,NH,T,2)
+ * keeps each row's softmax max and 1/sum, and the backward recomputes each row
+ * block's scores and probabilities from q, k and them (one more product per block).
+ * Outputs and gradients are bitwise those of the stored ops above. scratch:
+ * attention_fused_scratch_floats(T, C, NH, threads) floats (ATT_BLOCK rows a head).
+ */
+size_t attention_fused_scratch_floats(int T, int C, int NH, int threads);
+void attention_forward_bf16_fused(bf16 *out, float *stats, float *scratch, const bf16 *qkv, int B,
+                                  int T, int C, int NH, int threads);
+void attention_backward_bf16_fused(bf16 *dqkv, float *scratch, const bf16 *dout, const bf16 *qkv,
+                                   const float *stats, int B, int T, int C, int NH, int threads);
 /* out (N) = GELU(inp) in bf16; dinp (N) = GELU'(inp) * dout in bf16 (written) */
 void gelu_forward_bf16(bf16 *out, const float *inp, int64_t N);
 void gelu_backward_bf16(bf16 *dinp, const float *inp, const float *dout, int64_t N);
