@@ -4,7 +4,8 @@
 # GPT-2 small training steps (B=4 T=1024) on 1 rank x 2 threads and 2 ranks x 1 thread in fp32 and bf16 with
 # MFU against the peak of the precision measured in the same process, MoE (8
 # experts top-2, equal active FLOPs) and ∞-MoE against dense in bf16, peak RSS,
-# and the PyTorch peer (bf16 autocast) on the same model in the same run.
+# fused against stored bf16 attention, and the PyTorch peer (bf16 autocast) on
+# the same model in the same run.
 # Quote ratios; absolute times on shared machines drift.
 set -eu
 cd "$(dirname "$0")/.."
@@ -61,7 +62,15 @@ echo "== GPT-2 small training step, B=4 T=1024, fp32 and bf16 (bench/bench_step,
 layout "1 rank x $CORES threads" 1 "$CORES" 1
 if [ "$CORES" -ge 2 ]; then
     layout "2 ranks x 1 thread" 2 1 2
+    if [ $BF16 -eq 1 ]; then
+        one="1 rank x $CORES threads"
+        two="2 ranks x 1 thread"
+        echo "== bf16 step, $one / $two: dense $(ratio "$(ms "$OUT/$one bf16 dense")" "$(ms "$OUT/$two bf16 dense")") | MoE $(ratio "$(ms "$OUT/$one bf16 MoE")" "$(ms "$OUT/$two bf16 MoE")") | ∞-MoE $(ratio "$(ms "$OUT/$one bf16 inf")" "$(ms "$OUT/$two bf16 inf")") =="
+    fi
 fi
+echo
+echo "== bf16 attention, fused (row statistics) against stored probabilities (bench/attention.sh) =="
+bash bench/attention.sh
 
 # The PyTorch peer on the same model and batch, in the same run (torch's bf16 autocast).
 PEER=${PEER:-../shared/peers/torch_peer.sh}

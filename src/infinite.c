@@ -85,6 +85,7 @@ struct inf_layer {
     float *pre_r, *r, *mu, *spre, *sigma, *eps, *z; /* (n,R) (n,R) (n,dz) x3, (n,K,dz) x2 */
     int32_t *blocks_of;                              /* (n,K,kb) kept blocks per sample */
     int32_t *row_token;                              /* (n*ep) token of each sent row */
+    int32_t *row_of;                                 /* (n*ep) sent row of token t for shard r at t*ep + r, or -1 */
     int32_t *need;                                   /* (n*ep) shard r at t*ep + r if token t needs it, else -1 */
     uint8_t *seen;                                   /* (nb) diagnostics: blocks a token uses */
     float *Atot, *Stot;                              /* (n,K,dz), (n,K) backward sums over shards */
@@ -209,7 +210,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     const mem_part parts[] = {
         MEM_PART(f->pre_r, n * R),      MEM_PART(f->r, n * R),          MEM_PART(f->mu, n * dz),
         MEM_PART(f->spre, n * dz),      MEM_PART(f->sigma, n * dz),     MEM_PART(f->row_token, n * ep),
-        MEM_PART(f->need, n * ep),      MEM_PART(f->seen, f->nb),
+        MEM_PART(f->row_of, n * ep),    MEM_PART(f->need, n * ep),      MEM_PART(f->seen, f->nb),
         MEM_PART(f->dy_send, n * ep * C), MEM_PART(f->wrow, M * Hl),    MEM_PART(f->used, M * ncl),
         MEM_PART(f->Wt, M * Hl),        MEM_PART(f->Hp, M * Hl),        MEM_PART(f->Ac, M * Hl),
         MEM_PART(f->rows_out, M * C),   MEM_PART(f->xg, M * C),         MEM_PART(f->yg, M * C),
@@ -528,7 +529,8 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
         }
     }
     /* one row per (token, shard), grouped by shard: [u | z_1 .. z_K | norms (window)] */
-    int64_t rows = dispatch_order(&f->plan, need, n * ep, ep, 1, NULL, f->row_token);
+    int64_t rows = dispatch_order(&f->plan, need, n * ep, ep, 1, f->row_of, f->row_token);
+#pragma omp parallel for
     for (int64_t i = 0; i < rows; i++) {
         int64_t t = f->row_token[i] / ep;
         f->row_token[i] = (int32_t)t;
@@ -726,6 +728,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     /* 1. dy to the shards along the forward plan */
     inf_stats *st = &f->stats;
     double t0 = wall_time();
+#pragma omp parallel for
     for (int64_t i = 0; i < rows; i++) {
         const float *d = dout + (int64_t)f->row_token[i] * C;
         if (bf)
@@ -754,23 +757,28 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     float *Atot = f->Atot, *Stot = f->Stot;
     memset(Atot, 0, sizeof(float) * (size_t)(n * K * dz));
     memset(Stot, 0, sizeof(float) * (size_t)(n * K));
-    for (int64_t i = 0; i < rows; i++) {
-        int64_t t = f->row_token[i];
-        float sums[K * dz + K];
-        const float *as; /* A (K*dz), then S (K) */
-        if (bf) {
-            const bf16 *bh = (const bf16 *)f->back + i * WBh;
-            for (int c = 0; c < C; c++) din[t * C + c] += bf16_float(bh[c]);
-            memcpy(sums, bh + C, sizeof sums);
-            as = sums;
-        } else {
-            const float *bk = f->back + i * WB;
-            for (int c = 0; c < C; c++) din[t * C + c] += bk[c];
-            as = bk + C;
+    /* token by token, its rows in send order (ascending shard): the serial order */
+    const int ep = f->ep;
+#pragma omp parallel for
+    for (int64_t t = 0; t < n; t++)
+        for (int r = 0; r < ep; r++) {
+            const int64_t i = f->row_of[t * ep + r];
+            if (i < 0) continue;
+            float sums[K * dz + K];
+            const float *as; /* A (K*dz), then S (K) */
+            if (bf) {
+                const bf16 *bh = (const bf16 *)f->back + i * WBh;
+                for (int c = 0; c < C; c++) din[t * C + c] += bf16_float(bh[c]);
+                memcpy(sums, bh + C, sizeof sums);
+                as = sums;
+            } else {
+                const float *bk = f->back + i * WB;
+                for (int c = 0; c < C; c++) din[t * C + c] += bk[c];
+                as = bk + C;
+            }
+            for (int j = 0; j < K * dz; j++) Atot[t * K * dz + j] += as[j];
+            for (int k = 0; k < K; k++) Stot[t * K + k] += as[K * dz + k];
         }
-        for (int j = 0; j < K * dz; j++) Atot[t * K * dz + j] += as[j];
-        for (int k = 0; k < K; k++) Stot[t * K + k] += as[K * dz + k];
-    }
     bias_backward(grads + f->b2, dout, n, C);
     /* 3. d z = A - n_keep S sum_{kept} p de/dz (window: the shards did the second term);
      * learned: the S share of d/dP, d/dq */
