@@ -264,7 +264,7 @@ done
 
 # ---- the gradient reduction: rank-order sums, overlapped == blocking bit for bit ----
 for p in 1 2 3 4; do
-    if out=$(timeout 180 "${MPIRUN[@]}" -np "$p" build/tests/mpi_gradreduce 2>&1) &&
+    if out=$(timeout 400 "${MPIRUN[@]}" -np "$p" build/tests/mpi_gradreduce 2>&1) &&
         [ "$(printf '%s\n' "$out" | grep -c '^PASS gradreduce')" -eq 7 ]; then
         pass "gradreduce at $p ranks: segments, and dense/topk/infinite models overlapped == blocking bitwise"
     else
