@@ -141,7 +141,9 @@ static inline float causal_softmax_row_max(float *row, int t, float scale, float
         row[j] *= scale;
         if (row[j] > max) max = row[j];
     }
-    /* summed in order j = 0, 1, ...: what the stored bf16 path's loop compiles to */
+    /* summed in order j = 0, 1, ...: what the stored bf16 path's loop compiles to (its
+     * clamps keep gcc from vectorising it); tests/test_bf16.c holds the two paths to
+     * the same bits, so a compiler that orders that sum otherwise shows there */
     float sum = 0.0f;
     for (int j = 0; j <= t; j++) {
         row[j] = exp_fast(row[j] - max);
