@@ -134,16 +134,17 @@ void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
 }
 
 /* Row t of causal attention scores: scaled, max-shifted and exponentiated in place
- * over [0, t]; returns 1 / their sum (the caller normalises). */
+ * over [0, t]; returns 1 / their sum (the caller normalises) and the max in *max_out. */
 static inline float causal_softmax_row_max(float *row, int t, float scale, float *max_out) {
     float max = -INFINITY;
     for (int j = 0; j <= t; j++) {
         row[j] *= scale;
         if (row[j] > max) max = row[j];
     }
-    /* summed in order j = 0, 1, ...: what the stored bf16 path's loop compiles to (its
-     * clamps keep gcc from vectorising it); tests/test_bf16.c holds the two paths to
-     * the same bits, so a compiler that orders that sum otherwise shows there */
+    /* summed in order j = 0, 1, ..., with no simd reduction: one order for every path
+     * (fp32, bf16 stored, bf16 fused, which recomputes from the max and 1/sum) and
+     * every compiler; it is also the order the vectorised loop used to compile to
+     * here (exp_fast's clamps kept gcc from vectorising it), so the bits stay */
     float sum = 0.0f;
     for (int j = 0; j <= t; j++) {
         row[j] = exp_fast(row[j] - max);
@@ -154,18 +155,8 @@ static inline float causal_softmax_row_max(float *row, int t, float scale, float
 }
 
 static inline float causal_softmax_row(float *row, int t, float scale) {
-    float max = -INFINITY;
-    for (int j = 0; j <= t; j++) {
-        row[j] *= scale;
-        if (row[j] > max) max = row[j];
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j <= t; j++) {
-        row[j] = exp_fast(row[j] - max);
-        sum += row[j];
-    }
-    return 1.0f / sum;
+    float max;
+    return causal_softmax_row_max(row, t, scale, &max);
 }
 
 static int heads_in_parallel(int B, int NH, int threads);
