@@ -82,7 +82,7 @@ if [ $BF16 -eq 1 ] && [ -x "$PEER" ] && /usr/bin/python3 -c 'import torch' 2>/de
     pms=$(printf '%s\n' "$peer" | sed -n 's/.*"ms_median": *\([0-9.]*\).*/\1/p')
     for l in "1 rank x $CORES threads" "2 ranks x 1 thread"; do
         [ -e "$OUT/$l bf16 dense" ] || continue
-        echo "== $l: infmoe bf16 dense is $(ratio "$pms" "$(ms "$OUT/$l bf16 dense")")x the speed of PyTorch bf16 autocast =="
+        echo "== $l: infmoe dense is $(ratio "$pms" "$(ms "$OUT/$l bf16 dense")")x the speed of PyTorch bf16 autocast in bf16, $(ratio "$pms" "$(ms "$OUT/$l fp32 dense")")x in fp32 (train.precision auto picks $(sed -n 's/.*(auto: \([a-z0-9]*\)).*/\1/p' "$OUT/$l bf16 dense") here) =="
     done
 else
     echo "== PyTorch peer not run (needs AVX-512 BF16, $PEER and apt-get install python3-torch) =="

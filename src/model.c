@@ -10,6 +10,7 @@
 #include "infmoe/gemm.h"
 #include "infmoe/ops.h"
 #include "infmoe/optim.h"
+#include "infmoe/peak.h"
 #include "infmoe/util.h"
 
 static size_t add(tensor_table *tab, const char *fmt, int layer, int ndim, int64_t d0, int64_t d1,
@@ -27,10 +28,35 @@ static float *carve(float **cursor, size_t n) {
 
 static void build_fp32_acts(gpt_model *m);
 
+/* auto: bf16 where oneDNN runs it natively and its products are clearly faster
+ * than fp32 ones (AMX tiles, or vdpbf16ps at this many times the FMA rate: the
+ * casts, and the fp32 work bf16 leaves, take back what a smaller gain brings). */
+#define AUTO_BF16_RATIO 1.25
+
+static int auto_amx(void) { return strcmp(gemm_isa_name(), "avx512_core_amx") == 0; }
+
+static int auto_bf16(void) {
+    return gemm_bf16_native() && (auto_amx() || peak_bf16_ratio() >= AUTO_BF16_RATIO);
+}
+
+int model_bf16_pays(void) { return auto_bf16(); }
+
+void model_precision_auto_note(char *buf, size_t cap) {
+    if (!gemm_bf16_native())
+        snprintf(buf, cap, "auto: no AVX-512 BF16 here");
+    else if (auto_amx())
+        snprintf(buf, cap, "auto: AMX");
+    else if (peak_bf16_ratio() >= AUTO_BF16_RATIO)
+        snprintf(buf, cap, "auto: AVX-512 BF16 products at %.2fx the fp32 rate", peak_bf16_ratio());
+    else
+        snprintf(buf, cap, "auto: AVX-512 BF16 products at only %.2fx the fp32 rate here",
+                 peak_bf16_ratio());
+}
+
 int model_precision(const run_config *cfg, char *msg, size_t cap) {
     if (cfg->precision == PRECISION_FP32) return PRECISION_FP32;
+    if (cfg->precision == PRECISION_AUTO) return auto_bf16() ? PRECISION_BF16 : PRECISION_FP32;
     int native = gemm_bf16_native();
-    if (cfg->precision == PRECISION_AUTO) return native ? PRECISION_BF16 : PRECISION_FP32;
     if (native) return PRECISION_BF16;
     snprintf(msg, cap,
              "train.precision bf16 needs a CPU with AVX-512 BF16, and oneDNN runs %s here%s "
@@ -90,6 +116,9 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     char msg[512];
     int precision = B > 0 ? model_precision(cfg, msg, sizeof msg) : PRECISION_FP32;
     if (precision < 0) INFMOE_FAIL("%s", msg);
+    /* auto rests on a measurement: every rank takes rank 0's choice */
+    if (B > 0 && cfg->precision == PRECISION_AUTO && d && d->world != MPI_COMM_NULL)
+        MPI_Bcast(&precision, 1, MPI_INT, 0, d->world);
     m->bf16 = precision == PRECISION_BF16;
     m->att_fused = m->bf16 && !cfg->att_stored;
     ctx->bf16 = m->bf16;

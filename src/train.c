@@ -170,6 +170,16 @@ int train_main(int argc, char **argv) {
     const double flops_per_token = model_flops_per_token(&m);
     const double tokens_per_step = (double)cfg.batch_size * T;
 
+    char auto_note[128] = "";
+    if (cfg.precision == PRECISION_AUTO) {
+        char why[112];
+        model_precision_auto_note(why, sizeof why);
+        snprintf(auto_note, sizeof auto_note, " (%s)", why);
+    }
+    if (m.bf16 && cfg.precision == PRECISION_BF16 && !model_bf16_pays())
+        dist_log("warning: train.precision bf16 on a CPU whose bf16 products run at %.2fx the fp32 "
+                 "rate: fp32 (or auto) trains faster here\n",
+                 peak_bf16_ratio());
     if (cfg.warmup_clamped_from)
         dist_log("train.warmup %d is above train.steps %d: warming up over all %d steps\n",
                  cfg.warmup_clamped_from, cfg.steps, cfg.warmup);
@@ -177,9 +187,7 @@ int train_main(int argc, char **argv) {
              "batch %d x %d tokens | data %llu sequences | precision %s%s | peak %.0f GFLOP/s %s%s\n",
              config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,
              cfg.batch_size, T, (unsigned long long)train.n_windows, m.bf16 ? "bf16" : "fp32",
-             cfg.precision == PRECISION_AUTO ? (m.bf16 ? " (auto: AVX-512 BF16)"
-                                                       : " (auto: no AVX-512 BF16 here)")
-                                             : "",
+             auto_note,
              peak, m.bf16 ? "bf16" : "fp32",
              m.bf16 ? (m.att_fused ? " | attention fused" : " | attention stored") : "");
 

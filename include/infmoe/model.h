@@ -92,12 +92,19 @@ typedef struct {
 } gpt_model;
 
 /*
- * The precision cfg asks for on this machine: PRECISION_FP32 or PRECISION_BF16
- * (auto: bf16 when oneDNN runs bf16 natively here), or -1 with a message in msg
- * when bf16 is asked for and the CPU lacks AVX-512 BF16. Any ONEDNN_MAX_CPU_ISA
- * limit counts (it is what oneDNN will run).
+ * The precision cfg asks for on this machine: PRECISION_FP32 or PRECISION_BF16,
+ * or -1 with a message in msg when bf16 is asked for and the CPU lacks AVX-512
+ * BF16. auto is bf16 where oneDNN runs bf16 natively and its products are faster:
+ * AMX, or AVX-512 BF16 dot products measured at >= 1.25x the fp32 FMA rate (Zen 4
+ * and 5: ~2x; Intel cores without AMX: ~0.5x, so fp32 there). model_build makes
+ * every rank take rank 0's measurement. Any ONEDNN_MAX_CPU_ISA limit counts (it is
+ * what oneDNN will run).
  */
 int model_precision(const run_config *cfg, char *msg, size_t cap);
+/* Why auto chose what it did, for the log: "auto: ..." (measures on first use). */
+void model_precision_auto_note(char *buf, size_t cap);
+/* Whether auto would choose bf16 here (bf16 products faster than fp32 ones). */
+int model_bf16_pays(void);
 
 /*
  * Size the model from cfg for B local sequences and allocate every buffer.

@@ -16,5 +16,9 @@ int peak_fma_lanes(void);
 /* The bf16 peak the same way (0 where the CPU has no AVX-512 BF16). */
 double peak_bf16_gflops(double seconds);
 int peak_has_bf16(void);
+/* The bf16 dot-product rate over the fp32 FMA rate on one thread (0 without
+ * AVX-512 BF16): ~2 where vdpbf16ps issues like an FMA, ~0.5 where it has one port.
+ * Measured once per process (~0.1 s) and kept. */
+double peak_bf16_ratio(void);
 
 #endif
