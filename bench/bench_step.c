@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
             printf("usage: mpirun -np P bench_step [--layers L] [--embd C] [--heads NH] [--seq T]\n"
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
                    "       [--experts E --k K --expert-hidden HE --ep EP [--force-balance]\n"
-                   "        [--expert-bias RATE] [--groups G --group-k GK]] [--shared-hidden HS]\n"
+                   "        [--expert-bias RATE] [--groups G --group-k GK] [--chunks D]] [--shared-hidden HS]\n"
                    "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
                    "       [--grad-reduce overlap|blocking] [--bucket-mb MB] [--attention fused|stored]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
@@ -106,6 +106,9 @@ int main(int argc, char **argv) {
         cfg.ep = arg_int(argc, argv, "--ep", 1);
         if (cfg.experts % cfg.ep || d.size % cfg.ep)
             infmoe_die_all("--ep must divide --experts and the rank count");
+        cfg.alltoall_chunks = arg_int(argc, argv, "--chunks", 1);
+        if (cfg.alltoall_chunks < 1 || cfg.alltoall_chunks > cfg.experts / cfg.ep)
+            infmoe_die_all("--chunks must be 1 to the experts of a rank (--experts / --ep)");
         dist_set_layout(&d, cfg.ep);
         for (int i = 1; i < argc; i++)
             if (strcmp(argv[i], "--force-balance") == 0) cfg.force_balance = 1;
@@ -255,9 +258,9 @@ int main(int argc, char **argv) {
         if (cfg.groups > 0)
             snprintf(hier, sizeof hier, " in top-%d of %d groups", cfg.group_k, cfg.groups);
         if (n_moe > 0)
-            printf("  moe E%d top-%d%s width %d ep %d%s%s | routing %.1f%% | dispatch %.1f%% | "
+            printf("  moe E%d top-%d%s width %d ep %d chunks %d%s%s | routing %.1f%% | dispatch %.1f%% | "
                    "all-to-all %.1f%% | expert GEMMs %.1f%% at %.1f%% of peak (%.0f rows/expert/layer)\n",
-                   cfg.experts, cfg.top_k, hier, cfg.expert_hidden, cfg.ep,
+                   cfg.experts, cfg.top_k, hier, cfg.expert_hidden, cfg.ep, cfg.alltoall_chunks,
                    cfg.force_balance ? " forced balance" : "", cfg.expert_bias_rate > 0 ? " expert bias" : "",
                    100 * moe_t[0] / t_total,
                    100 * moe_t[1] / t_total, 100 * moe_t[2] / t_total, 100 * moe_t[3] / t_total,

@@ -120,6 +120,7 @@ static const key_spec schema[] = {
     {"data", "vocab", KEY_STRING, OFF(data_vocab), 0, 0, NULL, "data/gpt2"},
     {"parallel", "ep", KEY_INT, OFF(ep), 1, 1 << 20, NULL, "1"},
     {"parallel", "alltoall", KEY_ENUM, OFF(alltoall_node), 0, 0, alltoall_names, "flat"},
+    {"parallel", "alltoall_chunks", KEY_INT, OFF(alltoall_chunks), 1, 1 << 20, NULL, "1"},
     {"parallel", "grad_reduce", KEY_ENUM, OFF(grad_overlap), 0, 0, grad_reduce_names, "overlap"},
     {"parallel", "grad_bucket_mb", KEY_FLOAT, OFF(grad_bucket_mb), 0.0001, 1024, NULL, "4"},
     {"output", "dir", KEY_STRING, OFF(output_dir), 0, 0, NULL, NULL},
@@ -518,6 +519,11 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                   "(it goes in layers every-1, 2 every-1, ...); for a dense model use "
                   "ffn.kind: dense",
                   cfg->ffn_every, cfg->n_layer, ffn_kind_name(cfg->ffn_kind));
+    if (cfg->alltoall_chunks > 1 && (cfg->ffn_kind == FFN_DENSE || cfg->ffn_kind == FFN_INFINITE))
+        KEY_ERROR(ctx, "parallel", "alltoall_chunks",
+                  "parallel.alltoall_chunks (%d) applies to the discrete MoE kinds (it splits a "
+                  "rank's experts into groups); ffn.kind %s exchanges in one piece",
+                  cfg->alltoall_chunks, ffn_kind_name(cfg->ffn_kind));
     if (cfg->ffn_kind == FFN_INFINITE) {
         if (cfg->inf_units == 0) cfg->inf_units = 2 * cfg->ffn_hidden;
         if (!(cfg->keep > 0.0f && cfg->keep <= 1.0f))
@@ -551,6 +557,16 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                       "ffn.experts (%d) must be divisible by parallel.ep (%d): each rank of an "
                       "expert group holds experts/ep experts",
                       cfg->experts, cfg->ep);
+        if (cfg->alltoall_chunks > cfg->experts / cfg->ep)
+            KEY_ERROR(ctx, "parallel", "alltoall_chunks",
+                      "parallel.alltoall_chunks (%d) exceeds the experts each rank holds (%d = "
+                      "ffn.experts / parallel.ep): the chunks split a rank's experts into groups",
+                      cfg->alltoall_chunks, cfg->experts / cfg->ep);
+        if (cfg->alltoall_chunks > 1 && cfg->alltoall_node)
+            KEY_ERROR(ctx, "parallel", "alltoall_chunks",
+                      "parallel.alltoall_chunks (%d) needs parallel.alltoall: flat (the node-aware "
+                      "exchange runs in one piece)",
+                      cfg->alltoall_chunks);
         /* as wide as the dense FFN over the token's choices (group_k x k with groups) */
         const int32_t choices = cfg->groups > 0 ? cfg->group_k * cfg->top_k : cfg->top_k;
         if (cfg->expert_hidden == 0) cfg->expert_hidden = (cfg->ffn_hidden + choices - 1) / choices;

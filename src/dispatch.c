@@ -111,8 +111,38 @@ void dispatch_init_nodes(dispatch_plan *p, MPI_Comm comm, MPI_Comm node_comm) {
     p->nodes = nodes_make(comm, node);
 }
 
+static void flight_free(dispatch_flight *f) {
+    free(f->count);
+    free(f->displ);
+    free(f->rcount);
+    free(f->rdispl);
+    free(f->req);
+}
+
+void dispatch_set_chunks(dispatch_plan *p, int chunks) {
+    ALWAYS(chunks >= 1 && !p->send_rows_c);
+    ALWAYS(chunks == 1 || !p->nodes); /* the node-aware exchange runs in one piece */
+    p->chunks = chunks;
+    size_t n = (size_t)(p->size > 0 ? p->size : 1) * (size_t)chunks;
+    p->send_rows_c = xcalloc(n, sizeof(int));
+    p->recv_rows_c = xcalloc(n, sizeof(int));
+    p->rstart = xcalloc((size_t)chunks + 1, sizeof(int64_t));
+    for (int d = 0; d < 2; d++) {
+        dispatch_flight *f = &p->flight[d];
+        int **a[] = {&f->count, &f->displ, &f->rcount, &f->rdispl};
+        for (int i = 0; i < 4; i++) *a[i] = xcalloc(n, sizeof(int));
+        f->req = xmalloc(sizeof(MPI_Request) * (size_t)chunks);
+        for (int g = 0; g < chunks; g++) f->req[g] = MPI_REQUEST_NULL;
+    }
+}
+
 void dispatch_free(dispatch_plan *p) {
     nodes_free(p->nodes);
+    free(p->send_rows_c);
+    free(p->recv_rows_c);
+    free(p->rstart);
+    flight_free(&p->flight[0]);
+    flight_free(&p->flight[1]);
     free(p->send_rows);
     free(p->recv_rows);
     free(p->scount);
@@ -151,15 +181,29 @@ static int64_t sort_by_bucket(const int32_t *bucket, int64_t n, int nb, int64_t 
 int64_t dispatch_order(dispatch_plan *p, const int32_t *bucket, int64_t n_items, int n_buckets,
                        int buckets_per_rank, int32_t *slot, int32_t *item) {
     ALWAYS(p->comm != MPI_COMM_NULL && n_buckets == buckets_per_rank * p->size);
+    if (!p->send_rows_c) dispatch_set_chunks(p, 1);
+    ALWAYS(p->chunks <= buckets_per_rank);
+    p->buckets_per_rank = buckets_per_rank;
     int64_t *start = xmalloc(sizeof(int64_t) * ((size_t)n_buckets + 1));
     int64_t n_send = sort_by_bucket(bucket, n_items, n_buckets, start, slot, item);
     for (int r = 0; r < p->size; r++) {
         int64_t rows = start[(r + 1) * buckets_per_rank] - start[r * buckets_per_rank];
         if (rows > INT_MAX) INFMOE_FAIL("dispatch of %lld rows to one rank exceeds MPI's int counts", (long long)rows);
         p->send_rows[r] = (int)rows;
+        for (int g = 0; g < p->chunks; g++) {
+            int lo, hi;
+            dispatch_chunk_buckets(p, g, &lo, &hi);
+            p->send_rows_c[r * p->chunks + g] =
+                (int)(start[r * buckets_per_rank + hi] - start[r * buckets_per_rank + lo]);
+        }
     }
     free(start);
     return n_send;
+}
+
+void dispatch_chunk_buckets(const dispatch_plan *p, int chunk, int *lo, int *hi) {
+    *lo = (int)((int64_t)chunk * p->buckets_per_rank / p->chunks);
+    *hi = (int)((int64_t)(chunk + 1) * p->buckets_per_rank / p->chunks);
 }
 
 /* Element counts and displacements for rows of `width` (MPI counts are int). */
@@ -289,6 +333,10 @@ int64_t dispatch_send(dispatch_plan *p, const void *send, void *recv, int width,
     if (p->n_recv > max_recv)
         INFMOE_FAIL("%lld rows arrive for this rank's experts or units, more than the %lld planned",
                     (long long)p->n_recv, (long long)max_recv);
+    if (p->rstart) { /* one chunk: all of them */
+        p->rstart[0] = 0;
+        p->rstart[1] = p->n_recv;
+    }
     dispatch_forward(p, send, recv, width, elem);
     return p->n_recv;
 }
@@ -309,6 +357,121 @@ void dispatch_reverse(dispatch_plan *p, const void *back, void *out, int width, 
     g_bytes_sent += p->n_recv * width * (int64_t)elem;
 }
 
+/* ---- chunked exchanges ---- */
+
+static int fit_int(int64_t v) {
+    if (v > INT_MAX) INFMOE_FAIL("dispatch of %lld elements exceeds MPI's int counts", (long long)v);
+    return (int)v;
+}
+
+/* Chunk g's rows per peer r at the out exchange's receiver (rows, first row) and
+ * at its sender. */
+static void chunk_rows(const dispatch_plan *p, int g, int r, int64_t *rrows, int64_t *roff,
+                       int64_t *srows, int64_t *soff) {
+    const int D = p->chunks;
+    *roff = p->rstart[g];
+    for (int q = 0; q < r; q++) *roff += p->recv_rows_c[q * D + g];
+    *rrows = p->recv_rows_c[r * D + g];
+    *soff = 0;
+    for (int q = 0; q < r; q++) *soff += p->send_rows[q];
+    for (int h = 0; h < g; h++) *soff += p->send_rows_c[r * D + h];
+    *srows = p->send_rows_c[r * D + g];
+}
+
+/* Chunk g's counts and displacements in f, rows of `width`: out (the rows the
+ * sender sent to their receiver) or back (the same rows turned around). Returns
+ * the rows this rank sends. */
+static int64_t chunk_counts(const dispatch_plan *p, dispatch_flight *f, int g, int width, int back) {
+    int64_t sent = 0;
+    for (int r = 0; r < p->size; r++) {
+        int i = g * p->size + r;
+        int64_t rrows, roff, srows, soff;
+        chunk_rows(p, g, r, &rrows, &roff, &srows, &soff);
+        if (back) { /* what came from r goes back into the rows r sent */
+            int64_t t = rrows;
+            rrows = srows, srows = t;
+            t = roff, roff = soff, soff = t;
+        }
+        f->count[i] = fit_int(srows * width);
+        f->displ[i] = fit_int(soff * width);
+        f->rcount[i] = fit_int(rrows * width);
+        f->rdispl[i] = fit_int(roff * width);
+        sent += srows;
+    }
+    return sent;
+}
+
+/* Post chunk g's exchange in direction d (0 out, 1 back). */
+static void post_chunk(dispatch_plan *p, int d, int g, const void *send, void *recv, int width,
+                       size_t elem) {
+    dispatch_flight *f = &p->flight[d];
+    int64_t rows = chunk_counts(p, f, g, width, d);
+    const int P = p->size;
+    MPI_Datatype t = elem_type(elem);
+    MPI_CHECK(MPI_Ialltoallv(send, f->count + g * P, f->displ + g * P, t, recv, f->rcount + g * P,
+                             f->rdispl + g * P, t, p->comm, &f->req[g]));
+    g_bytes_sent += rows * width * (int64_t)elem;
+}
+
+/* Post every chunk's exchange out (send in send order -> recv in chunked received
+ * order). The sender's rows of chunk g for peer r follow its rows of the chunks
+ * before g within r's segment. */
+static void post_out(dispatch_plan *p, const void *send, void *recv, int width, size_t elem) {
+    for (int g = 0; g < p->chunks; g++) post_chunk(p, 0, g, send, recv, width, elem);
+}
+
+int64_t dispatch_send_start(dispatch_plan *p, const void *send, void *recv, int width, size_t elem,
+                            int64_t max_recv) {
+    if (p->chunks == 1) return dispatch_send(p, send, recv, width, elem, max_recv);
+    const int D = p->chunks, P = p->size;
+    MPI_CHECK(MPI_Alltoall(p->send_rows_c, D, MPI_INT, p->recv_rows_c, D, MPI_INT, p->comm));
+    p->n_send = p->n_recv = 0;
+    for (int r = 0; r < P; r++) {
+        p->send_rows[r] = p->recv_rows[r] = 0;
+        for (int g = 0; g < D; g++) {
+            p->send_rows[r] += p->send_rows_c[r * D + g];
+            p->recv_rows[r] += p->recv_rows_c[r * D + g];
+        }
+        p->n_send += p->send_rows[r];
+        p->n_recv += p->recv_rows[r];
+    }
+    if (p->n_recv > max_recv)
+        INFMOE_FAIL("%lld rows arrive for this rank's experts or units, more than the %lld planned",
+                    (long long)p->n_recv, (long long)max_recv);
+    p->rstart[0] = 0;
+    for (int g = 0; g < D; g++) {
+        p->rstart[g + 1] = p->rstart[g];
+        for (int r = 0; r < P; r++) p->rstart[g + 1] += p->recv_rows_c[r * D + g];
+    }
+    post_out(p, send, recv, width, elem);
+    return p->n_recv;
+}
+
+void dispatch_forward_start(dispatch_plan *p, const void *send, void *recv, int width, size_t elem) {
+    if (p->chunks == 1) dispatch_forward(p, send, recv, width, elem);
+    else post_out(p, send, recv, width, elem);
+}
+
+void dispatch_wait_out(dispatch_plan *p, int chunk) {
+    if (p->chunks > 1) MPI_CHECK(MPI_Wait(&p->flight[0].req[chunk], MPI_STATUS_IGNORE));
+}
+
+void dispatch_reverse_chunk(dispatch_plan *p, int chunk, const void *back, void *out, int width,
+                            size_t elem) {
+    if (p->chunks == 1) dispatch_reverse(p, back, out, width, elem);
+    else post_chunk(p, 1, chunk, back, out, width, elem);
+}
+
+void dispatch_wait_back(dispatch_plan *p) {
+    if (p->chunks > 1) MPI_CHECK(MPI_Waitall(p->chunks, p->flight[1].req, MPI_STATUSES_IGNORE));
+}
+
+void dispatch_progress(dispatch_plan *p) {
+    if (p->chunks == 1) return;
+    int flag;
+    for (int d = 0; d < 2; d++) MPI_CHECK(MPI_Testall(p->chunks, p->flight[d].req, &flag, MPI_STATUSES_IGNORE));
+}
+
 void dispatch_groups_init(dispatch_groups *g, int n_buckets, int64_t cap) {
     g->n_buckets = n_buckets;
     g->cap = cap;
@@ -326,6 +489,23 @@ void dispatch_group_by_id(dispatch_groups *g, const int32_t *bucket, int64_t n_r
     ALWAYS(n_rows <= g->cap);
     for (int64_t i = 0; i < n_rows; i++) ALWAYS(bucket[i] >= 0); /* every received row has one */
     sort_by_bucket(bucket, n_rows, g->n_buckets, g->start, NULL, g->row);
+}
+
+void dispatch_group_by_id_range(dispatch_groups *g, const int32_t *bucket, int64_t r0, int64_t r1,
+                                int b0, int b1) {
+    ALWAYS(r1 <= g->cap && 0 <= b0 && b0 <= b1 && b1 <= g->n_buckets);
+    const int nb = b1 - b0;
+    int32_t *rel = xmalloc(sizeof(int32_t) * (size_t)(r1 > r0 ? r1 - r0 : 1));
+    for (int64_t i = r0; i < r1; i++) {
+        ALWAYS(bucket[i] >= b0 && bucket[i] < b1);
+        rel[i - r0] = bucket[i] - b0;
+    }
+    int64_t *start = xmalloc(sizeof(int64_t) * ((size_t)nb + 1));
+    sort_by_bucket(rel, r1 - r0, nb, start, NULL, g->row + r0);
+    for (int b = 0; b <= nb; b++) g->start[b0 + b] = r0 + start[b];
+    for (int64_t i = r0; i < r1; i++) g->row[i] += (int32_t)r0;
+    free(start);
+    free(rel);
 }
 
 void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t n_rows) {

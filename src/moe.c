@@ -210,6 +210,7 @@ moe_layer *moe_create(const run_config *cfg, int layer, tensor_table *tab, int64
     m->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
     dispatch_groups_init(&m->by_expert, m->E_local, R);
     dispatch_init(&m->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL, cfg->alltoall_node);
+    dispatch_set_chunks(&m->plan, cfg->alltoall_chunks > 0 ? cfg->alltoall_chunks : 1);
     return m;
 }
 
@@ -650,6 +651,64 @@ static double reduce_aux(moe_layer *m, int64_t n, const ffn_context *ctx) {
 
 /* ---- forward ---- */
 
+/* Wait for chunk g's rows; its local experts [e0, e1) and positions [q0, q1). */
+static void chunk_in(moe_layer *m, int g, int *e0, int *e1, int64_t *q0, int64_t *q1) {
+    dispatch_wait_out(&m->plan, g);
+    dispatch_chunk_buckets(&m->plan, g, e0, e1);
+    *q0 = m->plan.rstart[g];
+    *q1 = m->plan.rstart[g + 1];
+}
+
+/* Chunk g's results (Y at positions [q0, q1)) to received order in back, and posted
+ * back to the token owners' rows; adds the seconds of each part to *t_disp, *t_a2a. */
+static void chunk_out(moe_layer *m, int g, int64_t q0, int64_t q1, void *rows, double *t_disp,
+                      double *t_a2a) {
+    const size_t es = m->bf16 ? sizeof(bf16) : sizeof(float);
+    double t0 = wall_time();
+    dispatch_scatter(m->back, m->C, (char *)m->Y + (size_t)(q0 * m->C) * es, m->by_expert.row + q0,
+                     q1 - q0, m->C, es);
+    double t1 = wall_time();
+    dispatch_reverse_chunk(&m->plan, g, m->back, rows, m->C, es);
+    *t_disp += t1 - t0;
+    *t_a2a += wall_time() - t1;
+}
+
+/* The expert-ordered positions [q0, q1) of local experts [e0, e1): up GEMM, GELU,
+ * down GEMM per expert (X -> Y), MPI moved between experts (dispatch_progress). */
+static void expert_forward(moe_layer *m, const float *params, const bf16 *wbf, int e0, int e1,
+                           int64_t q0, int64_t q1) {
+    const int C = m->C, He = m->He;
+    const int64_t *l_start = m->by_expert.start;
+    if (m->bf16) {
+        const bf16 *X = (const bf16 *)m->X;
+        bf16 *A = (bf16 *)m->A, *Y = (bf16 *)m->Y;
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
+        for (int e = e0; e < e1; e++) {
+            int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+            gemm_var_bf16(0, 1, rows, He, C, X + r0 * C, C, wbf + m->w1 + (size_t)e * He * C, C,
+                          m->Hpre + r0 * He, He, 0, 0, params + m->b1 + (size_t)e * He);
+            gelu_forward_bf16(A + r0 * He, m->Hpre + r0 * He, rows * He);
+            gemm_var_bf16(0, 1, rows, C, He, A + r0 * He, He, wbf + m->w2 + (size_t)e * C * He,
+                          He, Y + r0 * C, C, 1, 0, params + m->b2 + (size_t)e * C);
+            if (omp_get_thread_num() == 0) dispatch_progress(&m->plan);
+        }
+        return;
+    }
+    for (int e = e0; e < e1; e++) {
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        gemm_var(0, 1, rows, He, C, m->X + r0 * C, C, params + m->w1 + (size_t)e * He * C, C,
+                 m->Hpre + r0 * He, He, 0, params + m->b1 + (size_t)e * He);
+        dispatch_progress(&m->plan);
+    }
+    gelu_forward(m->A + q0 * He, m->Hpre + q0 * He, (q1 - q0) * He);
+    for (int e = e0; e < e1; e++) {
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        gemm_var(0, 1, rows, C, He, m->A + r0 * He, He, params + m->w2 + (size_t)e * C * He, He,
+                 m->Y + r0 * C, C, 0, params + m->b2 + (size_t)e * C);
+        dispatch_progress(&m->plan);
+    }
+}
+
 double moe_forward(moe_layer *m, const float *params, float *out, const float *in, int64_t n,
                    const ffn_context *ctx) {
     ALWAYS(n <= m->max_tokens);
@@ -725,55 +784,40 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
         }
     }
 
-    /* 4. rows to the expert ranks */
+    /* 4. rows to the expert ranks, chunk by chunk (parallel.alltoall_chunks: groups of
+     * a rank's experts): a chunk's experts start once its rows are in, while later
+     * chunks travel and earlier ones go back. Every expert sees the rows of the
+     * one-piece exchange in the same order, so the bits do not depend on the chunks. */
     double t2 = wall_time();
-    m->n_recv = dispatch_send(&m->plan, m->send, m->recv, W, es, m->max_rows);
+    m->n_recv = dispatch_send_start(&m->plan, m->send, m->recv, W, es, m->max_rows);
     double t3 = wall_time();
     st->t_alltoall += t3 - t2;
-
-    /* 5. group received rows by local expert, one GEMM pair per expert */
-    const int El = m->E_local, He = m->He;
-    for (int64_t i = 0; i < m->n_recv; i++)
-        memcpy(&m->recv_expert[i], (const char *)m->recv + (size_t)(i * W + C) * es, sizeof(int32_t));
-    dispatch_group_by_id(&m->by_expert, m->recv_expert, m->n_recv);
-    const int64_t *l_start = m->by_expert.start;
-    const int32_t *from = m->by_expert.row; /* received row at each expert-ordered position */
-    dispatch_gather(m->X, m->recv, W, from, m->n_recv, C, es);
-    double t4 = wall_time();
-    if (bf) {
-        const bf16 *X = (const bf16 *)m->X;
-        bf16 *A = (bf16 *)m->A, *Y = (bf16 *)m->Y;
-#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
-        for (int e = 0; e < El; e++) {
-            int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
-            gemm_var_bf16(0, 1, rows, He, C, X + r0 * C, C, wbf + m->w1 + (size_t)e * He * C, C,
-                          m->Hpre + r0 * He, He, 0, 0, params + m->b1 + (size_t)e * He);
-            gelu_forward_bf16(A + r0 * He, m->Hpre + r0 * He, rows * He);
-            gemm_var_bf16(0, 1, rows, C, He, A + r0 * He, He, wbf + m->w2 + (size_t)e * C * He,
-                          He, Y + r0 * C, C, 1, 0, params + m->b2 + (size_t)e * C);
-        }
-    } else {
-    for (int e = 0; e < El; e++) {
-        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
-        gemm_var(0, 1, rows, He, C, m->X + r0 * C, C, params + m->w1 + (size_t)e * He * C, C,
-                 m->Hpre + r0 * He, He, 0, params + m->b1 + (size_t)e * He);
+    for (int g = 0; g < m->plan.chunks; g++) {
+        double ta = wall_time();
+        int e0, e1;
+        int64_t q0, q1;
+        chunk_in(m, g, &e0, &e1, &q0, &q1);
+        double tb = wall_time();
+        /* 5. group the chunk's rows by local expert, one GEMM pair per expert */
+        for (int64_t i = q0; i < q1; i++)
+            memcpy(&m->recv_expert[i], (const char *)m->recv + (size_t)(i * W + C) * es, sizeof(int32_t));
+        dispatch_group_by_id_range(&m->by_expert, m->recv_expert, q0, q1, e0, e1);
+        const int32_t *from = m->by_expert.row; /* received row at each expert-ordered position */
+        dispatch_gather((char *)m->X + (size_t)(q0 * C) * es, m->recv, W, from + q0, q1 - q0, C, es);
+        double tc = wall_time();
+        expert_forward(m, params, wbf, e0, e1, q0, q1);
+        double td = wall_time();
+        /* 6. the chunk's outputs back to the token owners */
+        chunk_out(m, g, q0, q1, m->yrows, &st->t_dispatch, &st->t_alltoall);
+        st->t_alltoall += tb - ta;
+        st->t_expert += td - tc;
+        st->t_dispatch += tc - tb;
     }
-    gelu_forward(m->A, m->Hpre, m->n_recv * He);
-    for (int e = 0; e < El; e++) {
-        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
-        gemm_var(0, 1, rows, C, He, m->A + r0 * He, He, params + m->w2 + (size_t)e * C * He, He,
-                 m->Y + r0 * C, C, 0, params + m->b2 + (size_t)e * C);
-    }
-    }
-    double t5 = wall_time();
-    st->t_expert += t5 - t4;
-    dispatch_scatter(m->back, C, m->Y, from, m->n_recv, C, es);
-
-    /* 6. outputs back to the token owners, combined with their gates */
     double t6 = wall_time();
-    dispatch_reverse(&m->plan, m->back, m->yrows, C, es);
+    dispatch_wait_back(&m->plan);
     double t7 = wall_time();
     st->t_alltoall += t7 - t6;
+    /* combined with their gates */
 #pragma omp parallel for
     for (int64_t t = 0; t < n; t++)
         for (int j = 0; j < k; j++) {
@@ -790,7 +834,7 @@ double moe_forward(moe_layer *m, const float *params, float *out, const float *i
             }
         }
     double t8 = wall_time();
-    st->t_dispatch += (t2 - t1) + (t4 - t3) + (t6 - t5) + (t8 - t7);
+    st->t_dispatch += (t2 - t1) + (t8 - t7);
     double aux = ctx->training ? reduce_aux(m, n, ctx) : 0.0;
     st->t_route += wall_time() - t8;
     return aux;
@@ -934,16 +978,15 @@ static void gate_backward_hier(moe_layer *m, int64_t t, const float *dgate, cons
  * m->Y) -> the weight and bias gradients, and dX in bf16 back in m->Y. The GELU
  * output (m->A) feeds the weight gradient first, then holds dH.
  */
-static void expert_backward_bf16(moe_layer *m, const float *params, const bf16 *wbf,
-                                 float *grads) {
-    const int C = m->C, El = m->E_local, He = m->He;
+/* bf16 expert backward of local experts [e0, e1) (dY in Y; dX into Y) */
+static void expert_backward_bf16(moe_layer *m, const bf16 *wbf, float *grads, int e0, int e1) {
+    const int C = m->C, He = m->He;
     const int64_t *l_start = m->by_expert.start;
     bf16 *dY = (bf16 *)m->Y, *A = (bf16 *)m->A, *X = (bf16 *)m->X;
     float *dA = m->dA;
-    (void)params;
     /* experts are independent (their gradients are disjoint) */
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
-    for (int e = 0; e < El; e++) {
+    for (int e = e0; e < e1; e++) {
         int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
         const bf16 *W2 = wbf + m->w2 + (size_t)e * C * He;
         gemm_var_bf16(0, 0, rows, He, C, dY + r0 * C, C, W2, He, dA + r0 * He, He, 0, 0, NULL);
@@ -957,13 +1000,43 @@ static void expert_backward_bf16(moe_layer *m, const float *params, const bf16 *
                       grads + m->w1 + (size_t)e * He * C, C, 0, 1, NULL);
         bias_backward_bf16(grads + m->b1 + (size_t)e * He, dH + r0 * He, rows, He);
         gemm_var_bf16(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 1, 0, NULL);
+        if (omp_get_thread_num() == 0) dispatch_progress(&m->plan);
+    }
+}
+
+/* fp32 expert backward of local experts [e0, e1), positions [q0, q1) */
+static void expert_backward(moe_layer *m, const float *params, float *grads, int e0, int e1,
+                            int64_t q0, int64_t q1) {
+    const int C = m->C, He = m->He;
+    const int64_t *l_start = m->by_expert.start;
+    float *dY = m->Y, *dA = m->dA, *dH = m->A; /* GELU outputs are consumed by the weight gradient first */
+    for (int e = e0; e < e1; e++) {
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        const float *W2 = params + m->w2 + (size_t)e * C * He;
+        gemm_var(0, 0, rows, He, C, dY + r0 * C, C, W2, He, dA + r0 * He, He, 0, NULL);
+        gemm_var(1, 0, C, He, rows, dY + r0 * C, C, m->A + r0 * He, He,
+                 grads + m->w2 + (size_t)e * C * He, He, 1, NULL);
+        bias_backward(grads + m->b2 + (size_t)e * C, dY + r0 * C, rows, C);
+        dispatch_progress(&m->plan);
+    }
+    memset(dH + q0 * He, 0, sizeof(float) * (size_t)((q1 - q0) * He));
+    gelu_backward(dH + q0 * He, m->Hpre + q0 * He, dA + q0 * He, (q1 - q0) * He);
+    float *dX = m->Y; /* dY has been used */
+    for (int e = e0; e < e1; e++) {
+        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
+        const float *W1 = params + m->w1 + (size_t)e * He * C;
+        gemm_var(1, 0, He, C, rows, dH + r0 * He, He, m->X + r0 * C, C,
+                 grads + m->w1 + (size_t)e * He * C, C, 1, NULL);
+        bias_backward(grads + m->b1 + (size_t)e * He, dH + r0 * He, rows, He);
+        gemm_var(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 0, NULL);
+        dispatch_progress(&m->plan);
     }
 }
 
 void moe_backward(moe_layer *m, const float *params, float *grads, float *din, const float *dout,
                   const float *in, int64_t n, const ffn_context *ctx) {
     ALWAYS(n == m->n);
-    const int E = m->E, k = m->k, C = m->C, El = m->E_local, He = m->He;
+    const int E = m->E, k = m->k, C = m->C;
     const int bf = m->bf16;
     const size_t es = bf ? sizeof(bf16) : sizeof(float);
     moe_stats *st = &m->stats;
@@ -994,47 +1067,34 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
         }
         dgate[i] = dot;
     }
-    /* 2. row gradients to the experts along the forward plan */
+    /* 2. row gradients to the experts along the forward plan, chunk by chunk as in
+     * forward; 3. the chunk's expert backward; 4. its input gradients back */
     double t1 = wall_time();
-    dispatch_forward(&m->plan, m->dx_rows, m->back, C, es);
+    dispatch_forward_start(&m->plan, m->dx_rows, m->back, C, es);
     double t2 = wall_time();
     st->t_alltoall += t2 - t1;
-    float *dY = m->Y; /* the forward outputs are no longer needed */
-    const int64_t *l_start = m->by_expert.start;
     const int32_t *from = m->by_expert.row;
-    dispatch_gather(dY, m->back, C, from, m->n_recv, C, es);
-    /* 3. expert backward, one GEMM group per local expert */
-    float *dA = m->dA, *dH = m->A; /* GELU outputs are consumed by the weight gradient first */
-    double t3 = wall_time();
-    if (bf) {
-        expert_backward_bf16(m, params, ctx->wbf, grads);
-    } else {
-    for (int e = 0; e < El; e++) {
-        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
-        const float *W2 = params + m->w2 + (size_t)e * C * He;
-        gemm_var(0, 0, rows, He, C, dY + r0 * C, C, W2, He, dA + r0 * He, He, 0, NULL);
-        gemm_var(1, 0, C, He, rows, dY + r0 * C, C, m->A + r0 * He, He,
-                 grads + m->w2 + (size_t)e * C * He, He, 1, NULL);
-        bias_backward(grads + m->b2 + (size_t)e * C, dY + r0 * C, rows, C);
+    double t_mid = 0.0;
+    for (int g = 0; g < m->plan.chunks; g++) {
+        double ta = wall_time();
+        int e0, e1;
+        int64_t q0, q1;
+        chunk_in(m, g, &e0, &e1, &q0, &q1);
+        double tb = wall_time();
+        /* dY in Y: the forward outputs are no longer needed */
+        dispatch_gather((char *)m->Y + (size_t)(q0 * C) * es, m->back, C, from + q0, q1 - q0, C, es);
+        double tc = wall_time();
+        if (bf) expert_backward_bf16(m, ctx->wbf, grads, e0, e1);
+        else expert_backward(m, params, grads, e0, e1, q0, q1);
+        double td = wall_time();
+        /* dX in Y: dY has been used */
+        chunk_out(m, g, q0, q1, m->dx_rows, &t_mid, &st->t_alltoall);
+        st->t_alltoall += tb - ta;
+        st->t_expert += td - tc;
+        t_mid += tc - tb;
     }
-    memset(dH, 0, sizeof(float) * (size_t)(m->n_recv * He));
-    gelu_backward(dH, m->Hpre, dA, m->n_recv * He);
-    float *dX = m->Y; /* dY has been used */
-    for (int e = 0; e < El; e++) {
-        int64_t r0 = l_start[e], rows = l_start[e + 1] - r0;
-        const float *W1 = params + m->w1 + (size_t)e * He * C;
-        gemm_var(1, 0, He, C, rows, dH + r0 * He, He, m->X + r0 * C, C,
-                 grads + m->w1 + (size_t)e * He * C, C, 1, NULL);
-        bias_backward(grads + m->b1 + (size_t)e * He, dH + r0 * He, rows, He);
-        gemm_var(0, 0, rows, C, He, dH + r0 * He, He, W1, C, dX + r0 * C, C, 0, NULL);
-    }
-    }
-    double t4 = wall_time();
-    st->t_expert += t4 - t3;
-    dispatch_scatter(m->back, C, m->Y, from, m->n_recv, C, es);
-    /* 4. input gradients back to the token owners */
     double t5 = wall_time();
-    dispatch_reverse(&m->plan, m->back, m->dx_rows, C, es);
+    dispatch_wait_back(&m->plan);
     double t6 = wall_time();
     st->t_alltoall += t6 - t5;
 #pragma omp parallel for
@@ -1051,7 +1111,7 @@ void moe_backward(moe_layer *m, const float *params, float *grads, float *din, c
             }
         }
     double t7 = wall_time();
-    st->t_dispatch += (t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6);
+    st->t_dispatch += (t1 - t0) + t_mid + (t7 - t6);
     /* 5. gates and aux losses into the router. Aux losses are over the global batch;
      * dense gradients are averaged over world_size ranks afterwards, so scale up. */
     double N = ctx->training ? SUM_TOKENS(m) : (double)n, scale_n = ctx->world_size / N;

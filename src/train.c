@@ -183,9 +183,12 @@ int train_main(int argc, char **argv) {
     if (cfg.warmup_clamped_from)
         dist_log("train.warmup %d is above train.steps %d: warming up over all %d steps\n",
                  cfg.warmup_clamped_from, cfg.steps, cfg.warmup);
-    dist_log("infmoe train %s | ranks %d x threads %d | ep %d | params %.2fM | "
+    char chunks_note[48] = "";
+    if (cfg.alltoall_chunks > 1)
+        snprintf(chunks_note, sizeof chunks_note, " (all-to-all in %d chunks)", cfg.alltoall_chunks);
+    dist_log("infmoe train %s | ranks %d x threads %d | ep %d%s | params %.2fM | "
              "batch %d x %d tokens | data %llu sequences | precision %s%s | peak %.0f GFLOP/s %s%s\n",
-             config_path, d.size, threads, cfg.ep, (double)model_num_params(&m) / 1e6,
+             config_path, d.size, threads, cfg.ep, chunks_note, (double)model_num_params(&m) / 1e6,
              cfg.batch_size, T, (unsigned long long)train.n_windows, m.bf16 ? "bf16" : "fp32",
              auto_note,
              peak, m.bf16 ? "bf16" : "fp32",

@@ -86,9 +86,11 @@ typedef struct {
     char data_train[1024], data_val[1024];
     tokenizer_kind tokenizer; /* what the shards hold; sample encodes and decodes with it */
     char data_vocab[1024];    /* gpt2: the directory of encoder.json and vocab.bpe */
-    /* parallel: expert group size; the all-to-all's scheme (0 flat, 1 node-aware); the
-     * gradient reduction (0 after backward, 1 overlapped with it) and its bucket size */
-    int32_t ep, alltoall_node, grad_overlap;
+    /* parallel: expert group size; the all-to-all's scheme (0 flat, 1 node-aware) and
+     * its chunks (MoE: exchanges split by groups of a rank's experts, pipelined with
+     * their GEMMs); the gradient reduction (0 after backward, 1 overlapped with it) and
+     * its bucket size */
+    int32_t ep, alltoall_node, alltoall_chunks, grad_overlap;
     float grad_bucket_mb;
     /* output */
     char output_dir[1024];

@@ -43,10 +43,23 @@ typedef struct {
     size_t cap[2];
 } dispatch_nodes;
 
+/* One direction of a chunked exchange in flight: counts, displacements and a
+ * request per chunk (an MPI_Ialltoallv's arrays must stay put until it ends). */
+typedef struct {
+    int *count, *displ, *rcount, *rdispl; /* (chunks, size) elements */
+    MPI_Request *req;                     /* (chunks) */
+} dispatch_flight;
+
 typedef struct {
     MPI_Comm comm;
     int size;
     dispatch_nodes *nodes;          /* NULL: the flat exchange */
+    /* chunks (parallel.alltoall_chunks): a rank's buckets in `chunks` groups of
+     * consecutive ones, each group's rows in an exchange of its own */
+    int chunks, buckets_per_rank;
+    int *send_rows_c, *recv_rows_c; /* (size, chunks) rows per peer and chunk */
+    int64_t *rstart;                /* (chunks + 1) first received row of each chunk */
+    dispatch_flight flight[2];      /* out (to the buckets) and back */
     int *send_rows, *recv_rows;     /* per peer: of the last dispatch_order, of its dispatch_send */
     int *scount, *sdispl, *rcount, *rdispl; /* in elements, for the current width */
     int64_t n_send, n_recv;         /* total rows */
@@ -83,6 +96,36 @@ int64_t dispatch_send(dispatch_plan *p, const void *send, void *recv, int width,
 void dispatch_forward(dispatch_plan *p, const void *send, void *recv, int width, size_t elem);
 /* The way back: back (n_recv, width) in received order -> out (n_send, width) in sent order. */
 void dispatch_reverse(dispatch_plan *p, const void *back, void *out, int width, size_t elem);
+/*
+ * Chunked exchanges, pipelined with the receivers' work (parallel.alltoall_chunks,
+ * Tutel's overlap degree). dispatch_set_chunks(p, D) splits each rank's buckets into
+ * D groups of consecutive buckets (chunk g: local buckets [g B / D, (g + 1) B / D)),
+ * before the plan's first dispatch_order. Chunk g's rows go by an MPI_Ialltoallv of
+ * their own and arrive chunk by chunk: received rows are ordered by chunk, then by
+ * source rank, then in send order, so chunk g holds received rows [rstart[g],
+ * rstart[g + 1]); with D = 1 that is the order of dispatch_send, and the exchanges
+ * below are dispatch_send/forward/reverse themselves (node-aware included). Every
+ * bucket's rows are those of the unchunked exchange in the same order, so work
+ * done per bucket gives the same bits for any D.
+ *   dispatch_send_start / dispatch_forward_start  post every chunk's exchange out
+ *   dispatch_wait_out(p, g)                       chunk g has arrived
+ *   dispatch_reverse_chunk(p, g, ...)             post chunk g's rows back
+ *   dispatch_wait_back(p)                         every chunk is back
+ *   dispatch_progress(p)                          let MPI move the posted ones
+ *                                                 (call between GEMMs; main thread)
+ */
+void dispatch_set_chunks(dispatch_plan *p, int chunks);
+int64_t dispatch_send_start(dispatch_plan *p, const void *send, void *recv, int width, size_t elem,
+                            int64_t max_recv);
+void dispatch_forward_start(dispatch_plan *p, const void *send, void *recv, int width, size_t elem);
+void dispatch_wait_out(dispatch_plan *p, int chunk);
+void dispatch_reverse_chunk(dispatch_plan *p, int chunk, const void *back, void *out, int width,
+                            size_t elem);
+void dispatch_wait_back(dispatch_plan *p);
+void dispatch_progress(dispatch_plan *p);
+/* The local buckets [*lo, *hi) of chunk g. */
+void dispatch_chunk_buckets(const dispatch_plan *p, int chunk, int *lo, int *hi);
+
 /* Bytes of rows this process has sent through every exchange so far (tests, benchmarks). */
 int64_t dispatch_bytes_sent(void);
 
@@ -102,6 +145,11 @@ void dispatch_groups_init(dispatch_groups *g, int n_buckets, int64_t cap);
 void dispatch_groups_free(dispatch_groups *g);
 /* bucket (n_rows): each row's bucket in [0, n_buckets). */
 void dispatch_group_by_id(dispatch_groups *g, const int32_t *bucket, int64_t n_rows);
+/* The same for rows [r0, r1) only, whose buckets are [b0, b1) and whose positions
+ * are [r0, r1) (a chunk's rows): start[b0..b1] and row[r0..r1) are set as
+ * dispatch_group_by_id over all rows would set them. */
+void dispatch_group_by_id_range(dispatch_groups *g, const int32_t *bucket, int64_t r0, int64_t r1,
+                                int b0, int b1);
 /* member (n_rows, n_buckets): nonzero where the row belongs to the bucket. */
 void dispatch_group_by_flags(dispatch_groups *g, const uint8_t *member, int64_t n_rows);
 
