@@ -342,6 +342,7 @@ int64_t dispatch_send(dispatch_plan *p, const void *send, void *recv, int width,
 }
 
 void dispatch_forward(dispatch_plan *p, const void *send, void *recv, int width, size_t elem) {
+    ALWAYS(p->chunks <= 1); /* chunked plans: dispatch_forward_start */
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
     MPI_Datatype t = elem_type(elem);
@@ -350,6 +351,7 @@ void dispatch_forward(dispatch_plan *p, const void *send, void *recv, int width,
 }
 
 void dispatch_reverse(dispatch_plan *p, const void *back, void *out, int width, size_t elem) {
+    ALWAYS(p->chunks <= 1); /* chunked plans: dispatch_reverse_chunk */
     set_counts(p->scount, p->sdispl, p->send_rows, p->size, width);
     set_counts(p->rcount, p->rdispl, p->recv_rows, p->size, width);
     MPI_Datatype t = elem_type(elem);
@@ -405,6 +407,7 @@ static int64_t chunk_counts(const dispatch_plan *p, dispatch_flight *f, int g, i
 static void post_chunk(dispatch_plan *p, int d, int g, const void *send, void *recv, int width,
                        size_t elem) {
     dispatch_flight *f = &p->flight[d];
+    ALWAYS(f->req[g] == MPI_REQUEST_NULL); /* its last exchange has ended */
     int64_t rows = chunk_counts(p, f, g, width, d);
     const int P = p->size;
     MPI_Datatype t = elem_type(elem);

@@ -369,6 +369,12 @@ int gemm_bf16_native(void) {
            (unsigned)dnnl_cpu_isa_avx512_core_bf16;
 }
 
+int gemm_bf16_amx(void) {
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    return ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) ==
+           (unsigned)dnnl_cpu_isa_avx512_core_amx;
+}
+
 const char *gemm_isa_name(void) {
     switch (dnnl_get_effective_cpu_isa()) {
     case dnnl_cpu_isa_sse41: return "sse41";

@@ -67,8 +67,11 @@ static void load_model(const char *arg, int B, int ep, const char *extra_set, di
     /* the checkpoint's config with this job's ep: config checks what ep must divide */
     char set_ep[48];
     snprintf(set_ep, sizeof set_ep, "parallel.ep=%d", ep);
-    char *sets[2] = {set_ep, (char *)extra_set};
-    config_load_text(cfg, path, text, extra_set ? 2 : 1, sets, d->rank != 0);
+    /* the exchange in one piece: the chunks the run trained with need not fit this
+     * job's ep (they are a speed setting, the results are the same) */
+    char one_piece[] = "parallel.alltoall_chunks=1";
+    char *sets[3] = {set_ep, one_piece, (char *)extra_set};
+    config_load_text(cfg, path, text, extra_set ? 3 : 2, sets, d->rank != 0);
     free(text);
     config_check_ep(cfg, d->size, d->rank != 0);
     dist_set_layout(d, cfg->ep);

@@ -33,10 +33,9 @@ static void build_fp32_acts(gpt_model *m);
  * casts, and the fp32 work bf16 leaves, take back what a smaller gain brings). */
 #define AUTO_BF16_RATIO 1.25
 
-static int auto_amx(void) { return strcmp(gemm_isa_name(), "avx512_core_amx") == 0; }
 
 static int auto_bf16(void) {
-    return gemm_bf16_native() && (auto_amx() || peak_bf16_ratio() >= AUTO_BF16_RATIO);
+    return gemm_bf16_native() && (gemm_bf16_amx() || peak_bf16_ratio() >= AUTO_BF16_RATIO);
 }
 
 int model_bf16_pays(void) { return auto_bf16(); }
@@ -44,7 +43,7 @@ int model_bf16_pays(void) { return auto_bf16(); }
 void model_precision_auto_note(char *buf, size_t cap) {
     if (!gemm_bf16_native())
         snprintf(buf, cap, "auto: no AVX-512 BF16 here");
-    else if (auto_amx())
+    else if (gemm_bf16_amx())
         snprintf(buf, cap, "auto: AMX");
     else if (peak_bf16_ratio() >= AUTO_BF16_RATIO)
         snprintf(buf, cap, "auto: AVX-512 BF16 products at %.2fx the fp32 rate", peak_bf16_ratio());
@@ -116,9 +115,14 @@ void model_build(gpt_model *m, const run_config *cfg, int B, const dist_ctx *d) 
     char msg[512];
     int precision = B > 0 ? model_precision(cfg, msg, sizeof msg) : PRECISION_FP32;
     if (precision < 0) INFMOE_FAIL("%s", msg);
-    /* auto rests on a measurement: every rank takes rank 0's choice */
-    if (B > 0 && cfg->precision == PRECISION_AUTO && d && d->world != MPI_COMM_NULL)
+    /* auto rests on a measurement: every rank takes rank 0's choice, and fp32 where
+     * any rank lacks native bf16 (mixed nodes, a rank's ONEDNN_MAX_CPU_ISA) */
+    if (B > 0 && cfg->precision == PRECISION_AUTO && d && d->world != MPI_COMM_NULL) {
+        int native = gemm_bf16_native();
         MPI_Bcast(&precision, 1, MPI_INT, 0, d->world);
+        MPI_Allreduce(MPI_IN_PLACE, &native, 1, MPI_INT, MPI_MIN, d->world);
+        if (!native) precision = PRECISION_FP32;
+    }
     m->bf16 = precision == PRECISION_BF16;
     m->att_fused = m->bf16 && !cfg->att_stored;
     ctx->bf16 = m->bf16;

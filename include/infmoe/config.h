@@ -36,7 +36,7 @@ typedef enum {
 typedef enum {
     PRECISION_FP32 = 0, /* every product in fp32 */
     PRECISION_BF16,     /* GEMMs on bf16 operands, fp32 sums, weights and optimizer */
-    PRECISION_AUTO,     /* bf16 where the CPU has AVX-512 BF16, fp32 elsewhere */
+    PRECISION_AUTO,     /* bf16 where its products outrun fp32 ones (model_precision) */
 } precision_kind;
 const char *precision_name(precision_kind p);
 

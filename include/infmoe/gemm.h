@@ -62,6 +62,8 @@ void gemm_naive_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, 
  * within any ONEDNN_MAX_CPU_ISA limit), and the name of the ISA it uses.
  */
 int gemm_bf16_native(void);
+/* Whether oneDNN runs AMX tiles here (bf16 products far above the vector rate). */
+int gemm_bf16_amx(void);
 const char *gemm_isa_name(void);
 
 /* Number of primitives created so far (tests check that the cache is hit). */
