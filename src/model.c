@@ -33,12 +33,9 @@ static void build_fp32_acts(gpt_model *m);
  * casts, and the fp32 work bf16 leaves, take back what a smaller gain brings). */
 #define AUTO_BF16_RATIO 1.25
 
-
-static int auto_bf16(void) {
+int model_bf16_pays(void) {
     return gemm_bf16_native() && (gemm_bf16_amx() || peak_bf16_ratio() >= AUTO_BF16_RATIO);
 }
-
-int model_bf16_pays(void) { return auto_bf16(); }
 
 void model_precision_auto_note(char *buf, size_t cap) {
     if (!gemm_bf16_native())
@@ -54,7 +51,7 @@ void model_precision_auto_note(char *buf, size_t cap) {
 
 int model_precision(const run_config *cfg, char *msg, size_t cap) {
     if (cfg->precision == PRECISION_FP32) return PRECISION_FP32;
-    if (cfg->precision == PRECISION_AUTO) return auto_bf16() ? PRECISION_BF16 : PRECISION_FP32;
+    if (cfg->precision == PRECISION_AUTO) return model_bf16_pays() ? PRECISION_BF16 : PRECISION_FP32;
     int native = gemm_bf16_native();
     if (native) return PRECISION_BF16;
     snprintf(msg, cap,

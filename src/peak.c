@@ -100,8 +100,27 @@ static double measure_loop(float (*loop)(long), double flops_per_iter, double se
     return total;
 }
 
+/* the best of five rounds: another process on the cores lowers a round, never raises it */
+static double best_of_five(float (*loop)(long), double flops_per_iter, double seconds, int all) {
+    double best = 0.0;
+    for (int r = 0; r < 5; r++) {
+        double g = measure_loop(loop, flops_per_iter, seconds / 5, all);
+        if (g > best) best = g;
+    }
+    return best;
+}
+
+double peak_fma_gflops(double seconds) { return best_of_five(fma_loop, 2.0 * ACC * LANES, seconds, 1); }
+
+double peak_bf16_gflops(double seconds) {
+#ifdef HAVE_BF16_LOOP
+    if (peak_has_bf16()) return best_of_five(dpbf16_loop, 64.0 * ACC, seconds, 1);
+#endif
+    return 0.0;
+}
+
 /*
- * bf16 products against fp32 ones on one thread: the best of five rounds of each,
+ * bf16 products against fp32 ones on one thread, each the best of five rounds,
  * measured once per process. Where vdpbf16ps issues on one port only (Intel cores
  * before AMX) it reads ~0.5; where it issues like an FMA (AMD Zen 4 and 5) ~2.0.
  */
@@ -111,34 +130,9 @@ double peak_bf16_ratio(void) {
     ratio = 0.0;
 #ifdef HAVE_BF16_LOOP
     if (peak_has_bf16()) {
-        double f = 0.0, b = 0.0;
-        for (int r = 0; r < 5; r++) {
-            double g = measure_loop(fma_loop, 2.0 * ACC * LANES, 0.01, 0);
-            if (g > f) f = g;
-            g = measure_loop(dpbf16_loop, 64.0 * ACC, 0.01, 0);
-            if (g > b) b = g;
-        }
-        ratio = f > 0.0 ? b / f : 0.0;
+        double f = best_of_five(fma_loop, 2.0 * ACC * LANES, 0.05, 0);
+        ratio = f > 0.0 ? best_of_five(dpbf16_loop, 64.0 * ACC, 0.05, 0) / f : 0.0;
     }
 #endif
     return ratio;
-}
-
-/* the best of five rounds: another process on the cores lowers a round, never raises it */
-static double best_of_five(float (*loop)(long), double flops_per_iter, double seconds) {
-    double best = 0.0;
-    for (int r = 0; r < 5; r++) {
-        double g = measure_loop(loop, flops_per_iter, seconds / 5, 1);
-        if (g > best) best = g;
-    }
-    return best;
-}
-
-double peak_fma_gflops(double seconds) { return best_of_five(fma_loop, 2.0 * ACC * LANES, seconds); }
-
-double peak_bf16_gflops(double seconds) {
-#ifdef HAVE_BF16_LOOP
-    if (peak_has_bf16()) return best_of_five(dpbf16_loop, 64.0 * ACC, seconds);
-#endif
-    return 0.0;
 }
