@@ -19,12 +19,18 @@ echo "== fp32 FMA and bf16 dot-product peaks (bench/fma_peak) =="
 OMP_NUM_THREADS=$CORES build/bench/fma_peak
 echo
 echo "== oneDNN GEMM efficiency at GPT-2 small shapes, 4 x 256 tokens (bench/bench_gemm) =="
-OMP_NUM_THREADS=1 build/bench/bench_gemm
-if [ "$CORES" -ge 2 ]; then
+GEMM_THREADS=1
+[ "$CORES" -ge 2 ] && GEMM_THREADS="1 2"
+for t in $GEMM_THREADS; do
+    OMP_NUM_THREADS=$t build/bench/bench_gemm
     echo
-    OMP_NUM_THREADS=2 build/bench/bench_gemm
+done
+if grep -qw avx512_bf16 /proc/cpuinfo; then
+    for t in $GEMM_THREADS; do
+        OMP_NUM_THREADS=$t build/bench/bench_gemm --bf16
+        echo
+    done
 fi
-echo
 echo "== prep throughput: MB/s of text, byte-level and GPT-2 BPE (bench/prep.sh) =="
 bash bench/prep.sh
 ms() { sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$1"; }

@@ -62,6 +62,12 @@ void dist_init(dist_ctx *d, int *argc, char ***argv) {
     infmoe_abort_hook = abort_all;
     infmoe_exit_hook = finalize_quietly;
     infmoe_quiet_rank = d->rank != 0;
+    /* Threads compute, only the main thread calls MPI (progress calls between GEMMs
+     * included): an MPI built without that level would be unsafe even so. */
+    if (provided < MPI_THREAD_FUNNELED)
+        infmoe_die_all("this MPI library gives thread level %d, below MPI_THREAD_FUNNELED (%d), "
+                       "which infmoe's OpenMP threads need; use an MPI built with thread support",
+                       provided, MPI_THREAD_FUNNELED);
     dist_set_layout(d, 1);
 }
 

@@ -101,7 +101,7 @@ struct inf_layer {
     dispatch_groups by_chunk;    /* received rows grouped by the local chunks they use */
     float *Wt, *Hp, *Ac;         /* (chunk positions, cu) weights, pre-activations, GELU */
     float *rows_out, *rows_back; /* (max_recv, C), (max_recv, C+K*dz+K) */
-    float *xg, *yg, *aw, *daw;   /* gather buffers (max_recv, C) x2, (max_recv, b) x2 */
+    int chunks_parallel;         /* unit chunks run on threads of their own (chunks_in_parallel) */
     /* backward scratch (owner) */
     float *dmu, *dsig, *dr;      /* (n,dz) x2, (n,R) */
     dispatch_plan plan;
@@ -113,6 +113,51 @@ struct inf_layer {
 /* Window rule: what the owner sends with each sample, so that a shard computes only its
  * own units of the arc: the softmax's max and 1 / sum, and Q = sum p de/dz (infmask.h). */
 #define NORM 3
+
+/*
+ * The unit chunks' gather buffers, one set per thread, shared by every layer of the
+ * process (layers run one at a time): xg and yg (max_recv, C), aw and daw (max_recv,
+ * cu). A chunk reads and writes only its own thread's set.
+ */
+typedef struct {
+    float *xg, *yg, *aw, *daw;
+} chunk_buf;
+static struct {
+    chunk_buf *buf;
+    void **mem;
+    int threads, users;
+    int64_t rows_c, rows_cu; /* floats in xg / yg, and in aw / daw */
+} g_chunk;
+
+static void chunk_bufs_reserve(int threads, int64_t rows_c, int64_t rows_cu) {
+    g_chunk.users++;
+    if (threads <= g_chunk.threads && rows_c <= g_chunk.rows_c && rows_cu <= g_chunk.rows_cu) return;
+    for (int t = 0; t < g_chunk.threads; t++) free(g_chunk.mem[t]);
+    free(g_chunk.mem);
+    free(g_chunk.buf);
+    if (threads < g_chunk.threads) threads = g_chunk.threads;
+    if (rows_c < g_chunk.rows_c) rows_c = g_chunk.rows_c;
+    if (rows_cu < g_chunk.rows_cu) rows_cu = g_chunk.rows_cu;
+    g_chunk.threads = threads;
+    g_chunk.rows_c = rows_c;
+    g_chunk.rows_cu = rows_cu;
+    g_chunk.buf = xcalloc((size_t)threads, sizeof(chunk_buf));
+    g_chunk.mem = xcalloc((size_t)threads, sizeof(void *));
+    for (int t = 0; t < threads; t++) {
+        chunk_buf *b = &g_chunk.buf[t];
+        const mem_part parts[] = {MEM_PART(b->xg, rows_c), MEM_PART(b->yg, rows_c),
+                                  MEM_PART(b->aw, rows_cu), MEM_PART(b->daw, rows_cu)};
+        g_chunk.mem[t] = mem_carve(parts, sizeof parts / sizeof parts[0]);
+    }
+}
+
+static void chunk_bufs_release(void) {
+    if (--g_chunk.users > 0) return;
+    for (int t = 0; t < g_chunk.threads; t++) free(g_chunk.mem[t]);
+    free(g_chunk.mem);
+    free(g_chunk.buf);
+    memset(&g_chunk, 0, sizeof g_chunk);
+}
 
 /* ---- construction ---- */
 
@@ -213,8 +258,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
         MEM_PART(f->row_of, n * ep),    MEM_PART(f->need, n * ep),      MEM_PART(f->seen, f->nb),
         MEM_PART(f->dy_send, n * ep * C), MEM_PART(f->wrow, M * Hl),    MEM_PART(f->used, M * ncl),
         MEM_PART(f->Wt, M * Hl),        MEM_PART(f->Hp, M * Hl),        MEM_PART(f->Ac, M * Hl),
-        MEM_PART(f->rows_out, M * C),   MEM_PART(f->xg, M * C),         MEM_PART(f->yg, M * C),
-        MEM_PART(f->aw, M * f->cu),     MEM_PART(f->daw, M * f->cu),    MEM_PART(f->dmu, n * dz),
+        MEM_PART(f->rows_out, M * C),   MEM_PART(f->dmu, n * dz),
         MEM_PART(f->dsig, n * dz),      MEM_PART(f->dr, n * R),
         MEM_PART(f->stats.block_tokens, f->nb), MEM_PART(f->stats.z_hist, Z_BINS),
         MEM_PART(f->stats.sigma_hist, SIGMA_BINS), MEM_PART(f->sums, f->nb + Z_BINS + 5 + SIGMA_BINS + f->nw),
@@ -227,6 +271,14 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     dispatch_groups_init(&f->by_chunk, f->nc_local, M * ncl);
     dispatch_init(&f->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL, cfg->alltoall_node);
     f->n_threads = omp_get_max_threads();
+    /*
+     * With at least as many local chunks as threads, each thread runs whole chunks
+     * alone (a chunk's products, a few hundred units wide, split badly over threads)
+     * and the chunks' row sums are added in chunk order, so the bits are those of one
+     * thread; otherwise chunks run one after another on every thread.
+     */
+    f->chunks_parallel = f->n_threads > 1 && f->nc_local >= f->n_threads;
+    chunk_bufs_reserve(f->chunks_parallel ? f->n_threads : 1, M * C, M * f->cu);
     f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
     f->mk = (inf_mask){f->mask, H, f->b, f->nb, f->kb, f->n_keep, dz, f->tau, f->P, f->q};
     for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_init(&f->mk, &f->scratch[t]);
@@ -254,6 +306,7 @@ void inf_free(inf_layer *f) {
     if (!f) return;
     for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_free(&f->scratch[t]);
     free(f->scratch);
+    chunk_bufs_release();
     dispatch_groups_free(&f->by_chunk);
     dispatch_free(&f->plan);
     free(f->local_of);
@@ -397,36 +450,56 @@ static void build_block_lists(inf_layer *f, const float *params) {
             memcpy(f->Wt + pos * cu, f->wrow + (int64_t)g->row[pos] * Hl + c * cu, sizeof(float) * cu);
 }
 
-/* Receiver: one GEMM pair per local chunk on the rows that use it. */
-static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
+/* Chunk ch's GEMM pair on the rows that use it (positions base..base+rows): the
+ * rows' output share into cb->yg. */
+static void chunk_forward(inf_layer *f, const float *params, const bf16 *wbf, chunk_buf *cb, int ch,
+                          int64_t base, int64_t rows) {
     const int C = f->C, cu = f->cu, W = send_width(f);
-    memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
-    for (int ch = 0; ch < f->nc_local; ch++) {
-        int64_t base = f->by_chunk.start[ch], rows = f->by_chunk.start[ch + 1] - base;
-        if (rows == 0) continue;
-        const int32_t *rl = f->by_chunk.row + base;
-        float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
-        if (f->bf16) {
-            bf16 *xg = (bf16 *)f->xg, *aw = (bf16 *)f->aw;
-            dispatch_gather(xg, f->recv, W, rl, rows, C, sizeof(bf16));
-            gemm_var_bf16(0, 1, rows, cu, C, xg, C, wbf + f->W1 + (size_t)ch * cu * C, C, Hp, cu,
-                          0, 0, params + f->b1 + (size_t)ch * cu);
-            gelu_forward(Ac, Hp, rows * cu);
-#pragma omp parallel for simd
-            for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
-            gemm_var_bf16(0, 0, rows, C, cu, aw, cu, wbf + f->W2 + (size_t)ch * cu * C, C, f->yg,
-                          C, 0, 0, NULL);
-            dispatch_scatter_add(f->rows_out, C, f->yg, rl, rows, C);
-            continue;
-        }
-        dispatch_gather(f->xg, f->recv, W, rl, rows, C, sizeof(float));
-        gemm_var(0, 1, rows, cu, C, f->xg, C, params + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0,
-                 params + f->b1 + (size_t)ch * cu);
+    const int32_t *rl = f->by_chunk.row + base;
+    float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
+    if (f->bf16) {
+        bf16 *xg = (bf16 *)cb->xg, *aw = (bf16 *)cb->aw;
+        dispatch_gather(xg, f->recv, W, rl, rows, C, sizeof(bf16));
+        gemm_var_bf16(0, 1, rows, cu, C, xg, C, wbf + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0, 0,
+                      params + f->b1 + (size_t)ch * cu);
         gelu_forward(Ac, Hp, rows * cu);
 #pragma omp parallel for simd
-        for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
-        gemm_var(0, 0, rows, C, cu, f->aw, cu, params + f->W2 + (size_t)ch * cu * C, C, f->yg, C, 0, NULL);
-        dispatch_scatter_add(f->rows_out, C, f->yg, rl, rows, C);
+        for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
+        gemm_var_bf16(0, 0, rows, C, cu, aw, cu, wbf + f->W2 + (size_t)ch * cu * C, C, cb->yg, C, 0,
+                      0, NULL);
+        return;
+    }
+    dispatch_gather(cb->xg, f->recv, W, rl, rows, C, sizeof(float));
+    gemm_var(0, 1, rows, cu, C, cb->xg, C, params + f->W1 + (size_t)ch * cu * C, C, Hp, cu, 0,
+             params + f->b1 + (size_t)ch * cu);
+    gelu_forward(Ac, Hp, rows * cu);
+#pragma omp parallel for simd
+    for (int64_t i = 0; i < rows * cu; i++) cb->aw[i] = Ac[i] * Wt[i];
+    gemm_var(0, 0, rows, C, cu, cb->aw, cu, params + f->W2 + (size_t)ch * cu * C, C, cb->yg, C, 0, NULL);
+}
+
+/* Receiver: one GEMM pair per local chunk on the rows that use it, the chunks' shares
+ * added into rows_out in chunk order (chunks on threads of their own: docs/infinite.md). */
+static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
+    const int C = f->C;
+    const int64_t *start = f->by_chunk.start;
+    memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
+    if (!f->chunks_parallel) {
+        for (int ch = 0; ch < f->nc_local; ch++) {
+            int64_t base = start[ch], rows = start[ch + 1] - base;
+            if (rows == 0) continue;
+            chunk_forward(f, params, wbf, &g_chunk.buf[0], ch, base, rows);
+            dispatch_scatter_add(f->rows_out, C, g_chunk.buf[0].yg, f->by_chunk.row + base, rows, C);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, 1) ordered num_threads(f->n_threads)
+    for (int ch = 0; ch < f->nc_local; ch++) {
+        int64_t base = start[ch], rows = start[ch + 1] - base;
+        chunk_buf *cb = &g_chunk.buf[omp_get_thread_num()];
+        if (rows > 0) chunk_forward(f, params, wbf, cb, ch, base, rows);
+#pragma omp ordered
+        if (rows > 0) dispatch_scatter_add(f->rows_out, C, cb->yg, f->by_chunk.row + base, rows, C);
     }
 }
 
@@ -578,13 +651,13 @@ double inf_forward(inf_layer *f, const float *params, float *out, const float *i
 
 /* From daw = d loss / d (a w) of a chunk's rows: d loss / d w into wrow, and daw
  * becomes d loss / d a. */
-static void weight_gradients(inf_layer *f, int ch, const int32_t *rl, int64_t rows, const float *Ac,
-                             const float *Wt) {
+static void weight_gradients(inf_layer *f, float *daw, int ch, const int32_t *rl, int64_t rows,
+                             const float *Ac, const float *Wt) {
     const int Hl = f->H_local, cu = f->cu;
 #pragma omp parallel for
     for (int64_t r = 0; r < rows; r++) {
         float *g = f->wrow + (int64_t)rl[r] * Hl + ch * cu;
-        float *da = f->daw + r * cu;
+        float *da = daw + r * cu;
         const float *ac = Ac + r * cu, *wt = Wt + r * cu;
 #pragma omp simd
         for (int u = 0; u < cu; u++) {
@@ -594,65 +667,76 @@ static void weight_gradients(inf_layer *f, int ch, const int32_t *rl, int64_t ro
     }
 }
 
-/* One chunk's backward in bf16 (see blocks_backward): the rows rl of the chunk
- * (positions base..base+rows), their output gradients in the bf16 rows dY. */
-static void chunk_backward_bf16(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
-                                const void *dY, int ch, int64_t base, int64_t rows) {
-    const int C = f->C, cu = f->cu, WB = C + f->K * f->dz + f->K;
+/* One chunk's backward (see blocks_backward): the rows rl of the chunk (positions
+ * base..base+rows), their output gradients in the rows dY; the chunk's weight and
+ * bias gradients, d loss / d weight into wrow, and the rows' input gradients into
+ * cb->yg. */
+static void chunk_backward(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
+                           const void *dY, chunk_buf *cb, int ch, int64_t base, int64_t rows) {
+    const int C = f->C, cu = f->cu;
     const int32_t *rl = f->by_chunk.row + base;
     const float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
-    const bf16 *W1 = wbf + f->W1 + (size_t)ch * cu * C, *W2 = wbf + f->W2 + (size_t)ch * cu * C;
-    bf16 *dy = (bf16 *)f->yg, *aw = (bf16 *)f->aw, *xg = (bf16 *)f->xg;
-    (void)params;
-    dispatch_gather(dy, dY, C, rl, rows, C, sizeof(bf16));
+    if (f->bf16) {
+        const bf16 *W1 = wbf + f->W1 + (size_t)ch * cu * C, *W2 = wbf + f->W2 + (size_t)ch * cu * C;
+        bf16 *dy = (bf16 *)cb->yg, *aw = (bf16 *)cb->aw, *xg = (bf16 *)cb->xg;
+        dispatch_gather(dy, dY, C, rl, rows, C, sizeof(bf16));
 #pragma omp parallel for simd
-    for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
-    gemm_var_bf16(0, 1, rows, cu, C, dy, C, W2, C, f->daw, cu, 0, 0, NULL);
-    gemm_var_bf16(1, 0, cu, C, rows, aw, cu, dy, C, grads + f->W2 + (size_t)ch * cu * C, C, 0, 1,
-                  NULL);
-    weight_gradients(f, ch, rl, rows, Ac, Wt);
-    gelu_backward_bf16(aw, Hp, f->daw, rows * cu); /* aw <- GELU'(Hp) * daw */
-    dispatch_gather(xg, f->recv, send_width(f), rl, rows, C, sizeof(bf16));
-    gemm_var_bf16(1, 0, cu, C, rows, aw, cu, xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 0, 1,
-                  NULL);
-    bias_backward_bf16(grads + f->b1 + (size_t)ch * cu, aw, rows, cu);
-    gemm_var_bf16(0, 0, rows, C, cu, aw, cu, W1, C, f->yg, C, 0, 0, NULL);
-    dispatch_scatter_add(f->rows_back, WB, f->yg, rl, rows, C);
+        for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
+        gemm_var_bf16(0, 1, rows, cu, C, dy, C, W2, C, cb->daw, cu, 0, 0, NULL);
+        gemm_var_bf16(1, 0, cu, C, rows, aw, cu, dy, C, grads + f->W2 + (size_t)ch * cu * C, C, 0, 1,
+                      NULL);
+        weight_gradients(f, cb->daw, ch, rl, rows, Ac, Wt);
+        gelu_backward_bf16(aw, Hp, cb->daw, rows * cu); /* aw <- GELU'(Hp) * daw */
+        dispatch_gather(xg, f->recv, send_width(f), rl, rows, C, sizeof(bf16));
+        gemm_var_bf16(1, 0, cu, C, rows, aw, cu, xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 0, 1,
+                      NULL);
+        bias_backward_bf16(grads + f->b1 + (size_t)ch * cu, aw, rows, cu);
+        gemm_var_bf16(0, 0, rows, C, cu, aw, cu, W1, C, cb->yg, C, 0, 0, NULL);
+        return;
+    }
+    (void)wbf;
+    const float *W1 = params + f->W1 + (size_t)ch * cu * C, *W2 = params + f->W2 + (size_t)ch * cu * C;
+    dispatch_gather(cb->yg, dY, C, rl, rows, C, sizeof(float));
+#pragma omp parallel for simd
+    for (int64_t i = 0; i < rows * cu; i++) cb->aw[i] = Ac[i] * Wt[i];
+    gemm_var(0, 1, rows, cu, C, cb->yg, C, W2, C, cb->daw, cu, 0, NULL);
+    gemm_var(1, 0, cu, C, rows, cb->aw, cu, cb->yg, C, grads + f->W2 + (size_t)ch * cu * C, C, 1, NULL);
+    weight_gradients(f, cb->daw, ch, rl, rows, Ac, Wt);
+    /* GELU backward: aw <- GELU'(Hp) * daw */
+    memset(cb->aw, 0, sizeof(float) * (size_t)(rows * cu));
+    gelu_backward(cb->aw, Hp, cb->daw, rows * cu);
+    dispatch_gather(cb->xg, f->recv, send_width(f), rl, rows, C, sizeof(float));
+    gemm_var(1, 0, cu, C, rows, cb->aw, cu, cb->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
+    bias_backward(grads + f->b1 + (size_t)ch * cu, cb->aw, rows, cu);
+    gemm_var(0, 0, rows, C, cu, cb->aw, cu, W1, C, cb->yg, C, 0, NULL);
 }
 
 /* Receiver: block GEMMs backward; fills rows_back with [d u | A_k | S_k] per row. */
 static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
                             const void *dY) {
-    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local, W = send_width(f);
-    const int WB = C + K * dz + K, cu = f->cu;
-    const int64_t M = f->n_recv;
+    const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local;
+    const int WB = C + K * dz + K;
+    const int64_t M = f->n_recv, *start = f->by_chunk.start;
     memset(f->rows_back, 0, sizeof(float) * (size_t)(M * WB));
     /* wrow becomes d loss / d weight per unit; units a row does not use keep weight 0 and
-     * are never read, so only the chunks computed are written */
-    for (int ch = 0; ch < f->nc_local; ch++) {
-        int64_t base = f->by_chunk.start[ch], rows = f->by_chunk.start[ch + 1] - base;
-        if (rows == 0) continue;
-        const int32_t *rl = f->by_chunk.row + base;
-        float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
-        if (f->bf16) {
-            chunk_backward_bf16(f, params, wbf, grads, dY, ch, base, rows);
-            continue;
+     * are never read, so only the chunks computed are written (each chunk its own
+     * columns; the input gradients are added in chunk order, as in the forward) */
+    if (!f->chunks_parallel) {
+        for (int ch = 0; ch < f->nc_local; ch++) {
+            int64_t base = start[ch], rows = start[ch + 1] - base;
+            if (rows == 0) continue;
+            chunk_backward(f, params, wbf, grads, dY, &g_chunk.buf[0], ch, base, rows);
+            dispatch_scatter_add(f->rows_back, WB, g_chunk.buf[0].yg, f->by_chunk.row + base, rows, C);
         }
-        const float *W1 = params + f->W1 + (size_t)ch * cu * C, *W2 = params + f->W2 + (size_t)ch * cu * C;
-        dispatch_gather(f->yg, dY, C, rl, rows, C, sizeof(float));
-#pragma omp parallel for simd
-        for (int64_t i = 0; i < rows * cu; i++) f->aw[i] = Ac[i] * Wt[i];
-        gemm_var(0, 1, rows, cu, C, f->yg, C, W2, C, f->daw, cu, 0, NULL);
-        gemm_var(1, 0, cu, C, rows, f->aw, cu, f->yg, C, grads + f->W2 + (size_t)ch * cu * C, C, 1, NULL);
-        weight_gradients(f, ch, rl, rows, Ac, Wt);
-        /* GELU backward: aw <- GELU'(Hp) * daw */
-        memset(f->aw, 0, sizeof(float) * (size_t)(rows * cu));
-        gelu_backward(f->aw, Hp, f->daw, rows * cu);
-        dispatch_gather(f->xg, f->recv, W, rl, rows, C, sizeof(float));
-        gemm_var(1, 0, cu, C, rows, f->aw, cu, f->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
-        bias_backward(grads + f->b1 + (size_t)ch * cu, f->aw, rows, cu);
-        gemm_var(0, 0, rows, C, cu, f->aw, cu, W1, C, f->yg, C, 0, NULL);
-        dispatch_scatter_add(f->rows_back, WB, f->yg, rl, rows, C);
+    } else {
+#pragma omp parallel for schedule(dynamic, 1) ordered num_threads(f->n_threads)
+        for (int ch = 0; ch < f->nc_local; ch++) {
+            int64_t base = start[ch], rows = start[ch + 1] - base;
+            chunk_buf *cb = &g_chunk.buf[omp_get_thread_num()];
+            if (rows > 0) chunk_backward(f, params, wbf, grads, dY, cb, ch, base, rows);
+#pragma omp ordered
+            if (rows > 0) dispatch_scatter_add(f->rows_back, WB, cb->yg, f->by_chunk.row + base, rows, C);
+        }
     }
     double t_mask0 = wall_time();
     /* the masks' share: per row and sample, A = n_keep sum p g de/dz and S = sum p g over

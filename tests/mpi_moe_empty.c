@@ -6,7 +6,9 @@
  * shares the tokens among 0-2). With ep = 4 the rank holding expert 3 gets no
  * rows at all. Three training steps on a fixed batch: every collective is
  * called, the run ends (no hang), expert 3 gets exactly zero gradients, and
- * rank 0 prints the losses for the caller to compare across layouts.
+ * rank 0 prints the losses for the caller to compare across layouts. argv[2], if
+ * given, is parallel.alltoall_chunks: with 2 chunks at ep 2 or 4 at ep 1 the chunk
+ * holding expert 3 alone moves no rows.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -32,6 +34,7 @@ int main(int argc, char **argv) {
     cfg.expert_hidden = 8;
     cfg.batch_size = 8;
     cfg.ep = ep;
+    cfg.alltoall_chunks = argc > 2 ? atoi(argv[2]) : 1;
     config_check_layout(&cfg, d.size, d.rank != 0);
     dist_set_layout(&d, ep);
     int B = cfg.batch_size / d.size;

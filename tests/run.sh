@@ -233,21 +233,21 @@ fi
 
 # ---- an expert that receives no tokens: no hang, zero gradients, same losses ----
 empty_ref=""
-for layout in 1:1 2:1 2:2 4:2 4:4; do
-    p=${layout%:*}
-    ep=${layout#*:}
-    if out=$(timeout 120 "${MPIRUN[@]}" -np "$p" build/tests/mpi_moe_empty "$ep" 2>&1) &&
+for layout in 1:1 2:1 2:2 4:2 4:4 1:1:4 2:2:2 4:2:2; do
+    IFS=: read -r p ep chunks <<<"$layout"
+    chunks=${chunks:-1}
+    if out=$(timeout 120 "${MPIRUN[@]}" -np "$p" build/tests/mpi_moe_empty "$ep" "$chunks" 2>&1) &&
         printf '%s\n' "$out" | grep -q "expert without tokens: zero gradients"; then
         got=$(printf '%s\n' "$out" | grep '^step ' | awk '{print $4}')
         [ -z "$empty_ref" ] && empty_ref=$got
         worst=$(max_rel_diff "$empty_ref" "$got")
         if awk -v w="$worst" 'BEGIN{exit !(w <= 1e-5)}'; then
-            pass "mpi: expert with no tokens at P=$p ep=$ep: no hang, zero gradients, losses as P=1 ($worst)"
+            pass "mpi: expert with no tokens at P=$p ep=$ep chunks=$chunks: no hang, zero gradients, losses as P=1 ($worst)"
         else
-            fail "mpi: expert with no tokens at P=$p ep=$ep: losses differ from P=1 ($worst)" "$out"
+            fail "mpi: expert with no tokens at P=$p ep=$ep chunks=$chunks: losses differ from P=1 ($worst)" "$out"
         fi
     else
-        fail "mpi: expert with no tokens at P=$p ep=$ep" "$out"
+        fail "mpi: expert with no tokens at P=$p ep=$ep chunks=$chunks" "$out"
     fi
 done
 
