@@ -156,6 +156,46 @@ static gemm_entry *create_entry(const gemm_key *k) {
 #define GEMM_MAX_K 16384
 
 static gemm_entry *lookup(const gemm_key *k);
+static void gemm_typed(int types, int var, int trans_a, int trans_b, int64_t M, int64_t N,
+                       int64_t K, const void *A, int64_t lda, const void *B, int64_t ldb, void *C,
+                       int64_t ldc, int accumulate, const float *bias);
+
+/* Fewest rows of C a thread gets when a product is split over threads. */
+#define GEMM_SPLIT_MIN_ROWS 32
+
+/*
+ * Called outside a parallel region with n > 1 threads, a product A B with A not
+ * transposed and at least n * GEMM_SPLIT_MIN_ROWS rows runs as n products of
+ * consecutive rows of A and C, one per thread, each on that thread alone (inside a
+ * parallel region oneDNN runs on one thread: OpenMP's default of one active
+ * level). At GPT-2 small shapes (4096 tokens, 2 threads) oneDNN 2.6 splitting a
+ * forward or input-gradient product itself reached 73-85% of the bf16 peak, split
+ * by rows 76-91%, a single thread's rate (bench/bench_gemm). With A as given, a
+ * row's sums come out the same whatever rows share its product, so the bits are
+ * one thread's (tests/run.sh, `threads:`); with A transposed (the weight
+ * gradients, a sum over tokens) any split, even on one thread, changes the bits
+ * of oneDNN's one product, so those stay whole and oneDNN splits them itself, as
+ * it does to the same bits. Returns 0 where the product is not split.
+ */
+static int split_rows(int types, int var, int trans_a, int trans_b, int64_t M, int64_t N,
+                      int64_t K, const void *A, int64_t lda, const void *B, int64_t ldb, void *C,
+                      int64_t ldc, int accumulate, const float *bias) {
+    const int nt = omp_get_max_threads();
+    if (nt < 2 || trans_a || omp_in_parallel() || M < (int64_t)nt * GEMM_SPLIT_MIN_ROWS) return 0;
+    const size_t es = types == GEMM_TYPES_F32 ? sizeof(float) : sizeof(bf16);
+    const size_t ces = types == GEMM_TYPES_BF16_OUT ? sizeof(bf16) : sizeof(float);
+    const int64_t rows = (M + nt - 1) / nt;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; t++) {
+        const int64_t i0 = t * rows, m = M - i0 < rows ? M - i0 : rows;
+        if (m <= 0) continue;
+        const char *a = (const char *)A + (size_t)(trans_a ? i0 : i0 * lda) * es;
+        gemm_typed(types, var, trans_a, trans_b, m, N, K, a, lda, B, ldb,
+                   (char *)C + (size_t)(i0 * ldc) * ces, ldc, accumulate, bias);
+    }
+    return 1;
+}
+
 static void execute(gemm_entry *e, int64_t M, int64_t K, const void *A, const void *B, void *C,
                     const float *bias);
 
@@ -176,14 +216,16 @@ static void gemm_typed(int types, int var, int trans_a, int trans_b, int64_t M, 
                             types == GEMM_TYPES_BF16_OUT, accumulate, bias);
         return;
     }
+    if (split_rows(types, var, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, bias))
+        return;
     if (var) {
         gemm_key k = {DNNL_RUNTIME_DIM_VAL, N, DNNL_RUNTIME_DIM_VAL, lda, ldb, ldc, trans_a != 0,
                       trans_b != 0, accumulate != 0, bias != NULL, types};
         execute(lookup(&k), M, K, A, B, C, bias);
         return;
     }
-    int64_t chunks = (K + GEMM_MAX_K - 1) / GEMM_MAX_K, kc = (K + chunks - 1) / chunks;
     size_t es = types == GEMM_TYPES_F32 ? sizeof(float) : sizeof(bf16);
+    int64_t chunks = (K + GEMM_MAX_K - 1) / GEMM_MAX_K, kc = (K + chunks - 1) / chunks;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         int64_t kk = K - k0 < kc ? K - k0 : kc;
         const char *a = (const char *)A + (size_t)(trans_a ? k0 * lda : k0) * es;

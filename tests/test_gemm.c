@@ -1,7 +1,10 @@
 /* oneDNN GEMMs against the naive reference: every transposition, odd shapes, strides,
- * accumulate and bias, and the primitive cache. */
+ * accumulate and bias, the primitive cache, and products split over threads by rows
+ * against one thread bit for bit. */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "check.h"
 #include "infmoe/gemm.h"
@@ -84,6 +87,52 @@ static void bf16_case(int ta, int tb, int M, int N, int K, int pad, int acc, int
     free(bias);
 }
 
+/* A product on 2 threads (split by rows where A is not transposed, gemm.c) against
+ * the same product on one thread: the same bits. types: 0 fp32, 1 bf16 operands with
+ * fp32 output, 2 bf16 output; var: runtime M and K. */
+static void split_case(int ta, int tb, int M, int N, int K, int pad, int acc, int use_bias,
+                       int types, int var, rng_state *r) {
+    int lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+    long na = (long)(ta ? K : M) * lda, nb = (long)(tb ? N : K) * ldb, nc = (long)M * ldc;
+    float *A = xmalloc(sizeof(float) * na), *B = xmalloc(sizeof(float) * nb);
+    float *C0 = xmalloc(sizeof(float) * nc), *C[2], *bias = xmalloc(sizeof(float) * N);
+    bf16 *Ah = xmalloc(sizeof(bf16) * na), *Bh = xmalloc(sizeof(bf16) * nb);
+    float *part[] = {A, B, C0, bias};
+    const long len[] = {na, nb, nc, N};
+    for (int i = 0; i < 4; i++) fill(part[i], len[i], r);
+    bf16_from_f32(Ah, A, na);
+    bf16_from_f32(Bh, B, nb);
+    const float *b = use_bias ? bias : NULL;
+    for (int t = 0; t < 2; t++) {
+        C[t] = xmalloc(sizeof(float) * nc);
+        memcpy(C[t], C0, sizeof(float) * nc);
+        if (types == 2) bf16_from_f32((bf16 *)C[t], C0, nc);
+        omp_set_num_threads(t + 1);
+        if (types == 0 && var)
+            gemm_var(ta, tb, M, N, K, A, lda, B, ldb, C[t], ldc, acc, b);
+        else if (types == 0)
+            gemm(ta, tb, M, N, K, A, lda, B, ldb, C[t], ldc, acc, b);
+        else if (var)
+            gemm_var_bf16(ta, tb, M, N, K, Ah, lda, Bh, ldb, C[t], ldc, types == 2, acc, b);
+        else
+            gemm_bf16(ta, tb, M, N, K, Ah, lda, Bh, ldb, C[t], ldc, types == 2, acc, b);
+    }
+    omp_set_num_threads(2);
+    size_t bytes = (types == 2 ? sizeof(bf16) : sizeof(float)) * (size_t)nc;
+    CHECK(memcmp(C[0], C[1], bytes) == 0,
+          "%s%s ta=%d tb=%d M=%d N=%d K=%d pad=%d acc=%d bias=%d: 2 threads differ from 1",
+          types == 0 ? "gemm" : types == 1 ? "gemm_bf16" : "gemm_bf16 (bf16 out)",
+          var ? " (runtime M, K)" : "", ta, tb, M, N, K, pad, acc, use_bias);
+    free(A);
+    free(B);
+    free(C0);
+    free(C[0]);
+    free(C[1]);
+    free(bias);
+    free(Ah);
+    free(Bh);
+}
+
 int main(void) {
     rng_state r;
     rng_seed(&r, 7);
@@ -148,6 +197,18 @@ int main(void) {
     } else {
         printf("bf16 products skipped: oneDNN runs %s here, without AVX-512 BF16\n", gemm_isa_name());
     }
+    /* Split over 2 threads by rows (A as given) against one thread, bit for bit: even
+     * and odd row counts, strides, accumulate, bias, runtime M, long reductions, fp32
+     * and bf16. Transposed A stays whole, on oneDNN's threads: the same bits in fp32,
+     * not in bf16 (it splits a long bf16 reduction over threads: M=97 N=33 K=40001) */
+    const int split[][3] = {{64, 48, 40}, {301, 77, 130}, {256, 768, 96}, {1024, 256, 768}, {97, 33, 40001}};
+    for (unsigned s = 0; s < sizeof split / sizeof split[0]; s++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int types = 0; types < (gemm_bf16_native() && !ta ? 3 : 1); types++)
+                    for (int variant = 0; variant < 4; variant++)
+                        split_case(ta, tb, split[s][0], split[s][1], split[s][2], variant & 1 ? 3 : 0,
+                                   variant >= 1, variant == 2, types, variant == 3 && split[s][2] < 40001, &r);
     /* Conversions: round to nearest even, NaN stays NaN, bf16 -> fp32 exact. */
     CHECK(bf16_round(1.0f) == 0x3f80 && bf16_round(-2.0f) == 0xc000, "bf16 of 1 and -2");
     CHECK(bf16_round(1.00390625f) == 0x3f80, "1 + 2^-8 (a tie) rounds to even 1");
