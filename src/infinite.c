@@ -101,7 +101,8 @@ struct inf_layer {
     dispatch_groups by_chunk;    /* received rows grouped by the local chunks they use */
     float *Wt, *Hp, *Ac;         /* (chunk positions, cu) weights, pre-activations, GELU */
     float *rows_out, *rows_back; /* (max_recv, C), (max_recv, C+K*dz+K) */
-    int chunks_parallel;         /* unit chunks run on threads of their own (chunks_in_parallel) */
+    int chunks_parallel;         /* unit chunks run on threads of their own (inf_create) */
+    int *chunk_order;            /* (nc_local) local chunks, most rows first */
     /* backward scratch (owner) */
     float *dmu, *dsig, *dr;      /* (n,dz) x2, (n,R) */
     dispatch_plan plan;
@@ -127,10 +128,17 @@ static struct {
     void **mem;
     int threads, users;
     int64_t rows_c, rows_cu; /* floats in xg / yg, and in aw / daw */
+    float *yall;             /* chunks on threads: every position's output rows, (positions, C) */
+    int64_t yall_n;
 } g_chunk;
 
-static void chunk_bufs_reserve(int threads, int64_t rows_c, int64_t rows_cu) {
+static void chunk_bufs_reserve(int threads, int64_t rows_c, int64_t rows_cu, int64_t yall_n) {
     g_chunk.users++;
+    if (yall_n > g_chunk.yall_n) { /* pages are touched only as positions use them */
+        free(g_chunk.yall);
+        g_chunk.yall = xmalloc(sizeof(float) * (size_t)yall_n);
+        g_chunk.yall_n = yall_n;
+    }
     if (threads <= g_chunk.threads && rows_c <= g_chunk.rows_c && rows_cu <= g_chunk.rows_cu) return;
     for (int t = 0; t < g_chunk.threads; t++) free(g_chunk.mem[t]);
     free(g_chunk.mem);
@@ -156,6 +164,7 @@ static void chunk_bufs_release(void) {
     for (int t = 0; t < g_chunk.threads; t++) free(g_chunk.mem[t]);
     free(g_chunk.mem);
     free(g_chunk.buf);
+    free(g_chunk.yall);
     memset(&g_chunk, 0, sizeof g_chunk);
 }
 
@@ -278,7 +287,9 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
      * thread; otherwise chunks run one after another on every thread.
      */
     f->chunks_parallel = f->n_threads > 1 && f->nc_local >= f->n_threads;
-    chunk_bufs_reserve(f->chunks_parallel ? f->n_threads : 1, M * C, M * f->cu);
+    chunk_bufs_reserve(f->chunks_parallel ? f->n_threads : 1, M * C, M * f->cu,
+                       f->chunks_parallel ? M * f->nc_local * C : 0);
+    f->chunk_order = xcalloc((size_t)f->nc_local, sizeof(int));
     f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
     f->mk = (inf_mask){f->mask, H, f->b, f->nb, f->kb, f->n_keep, dz, f->tau, f->P, f->q};
     for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_init(&f->mk, &f->scratch[t]);
@@ -307,6 +318,7 @@ void inf_free(inf_layer *f) {
     for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_free(&f->scratch[t]);
     free(f->scratch);
     chunk_bufs_release();
+    free(f->chunk_order);
     dispatch_groups_free(&f->by_chunk);
     dispatch_free(&f->plan);
     free(f->local_of);
@@ -451,9 +463,9 @@ static void build_block_lists(inf_layer *f, const float *params) {
 }
 
 /* Chunk ch's GEMM pair on the rows that use it (positions base..base+rows): the
- * rows' output share into cb->yg. */
+ * rows' output share into y (rows, C). */
 static void chunk_forward(inf_layer *f, const float *params, const bf16 *wbf, chunk_buf *cb, int ch,
-                          int64_t base, int64_t rows) {
+                          int64_t base, int64_t rows, float *y) {
     const int C = f->C, cu = f->cu, W = send_width(f);
     const int32_t *rl = f->by_chunk.row + base;
     float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
@@ -465,8 +477,8 @@ static void chunk_forward(inf_layer *f, const float *params, const bf16 *wbf, ch
         gelu_forward(Ac, Hp, rows * cu);
 #pragma omp parallel for simd
         for (int64_t i = 0; i < rows * cu; i++) aw[i] = bf16_round(Ac[i] * Wt[i]);
-        gemm_var_bf16(0, 0, rows, C, cu, aw, cu, wbf + f->W2 + (size_t)ch * cu * C, C, cb->yg, C, 0,
-                      0, NULL);
+        gemm_var_bf16(0, 0, rows, C, cu, aw, cu, wbf + f->W2 + (size_t)ch * cu * C, C, y, C, 0, 0,
+                      NULL);
         return;
     }
     dispatch_gather(cb->xg, f->recv, W, rl, rows, C, sizeof(float));
@@ -475,7 +487,23 @@ static void chunk_forward(inf_layer *f, const float *params, const bf16 *wbf, ch
     gelu_forward(Ac, Hp, rows * cu);
 #pragma omp parallel for simd
     for (int64_t i = 0; i < rows * cu; i++) cb->aw[i] = Ac[i] * Wt[i];
-    gemm_var(0, 0, rows, C, cu, cb->aw, cu, params + f->W2 + (size_t)ch * cu * C, C, cb->yg, C, 0, NULL);
+    gemm_var(0, 0, rows, C, cu, cb->aw, cu, params + f->W2 + (size_t)ch * cu * C, C, y, C, 0, NULL);
+}
+
+/* The local chunks by rows, most first (ties by index), for threads to take in turn:
+ * the largest start first, so no thread is left with a large one at the end. */
+static const dispatch_groups *g_sort_groups;
+static int by_rows_desc(const void *a, const void *b) {
+    const int x = *(const int *)a, y = *(const int *)b;
+    const int64_t *st = g_sort_groups->start;
+    const int64_t rx = st[x + 1] - st[x], ry = st[y + 1] - st[y];
+    return rx != ry ? (rx < ry ? 1 : -1) : (x > y) - (x < y);
+}
+
+static void order_chunks(inf_layer *f) {
+    for (int c = 0; c < f->nc_local; c++) f->chunk_order[c] = c;
+    g_sort_groups = &f->by_chunk;
+    qsort(f->chunk_order, (size_t)f->nc_local, sizeof(int), by_rows_desc);
 }
 
 /* Receiver: one GEMM pair per local chunk on the rows that use it, the chunks' shares
@@ -488,18 +516,25 @@ static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
         for (int ch = 0; ch < f->nc_local; ch++) {
             int64_t base = start[ch], rows = start[ch + 1] - base;
             if (rows == 0) continue;
-            chunk_forward(f, params, wbf, &g_chunk.buf[0], ch, base, rows);
+            chunk_forward(f, params, wbf, &g_chunk.buf[0], ch, base, rows, g_chunk.buf[0].yg);
             dispatch_scatter_add(f->rows_out, C, g_chunk.buf[0].yg, f->by_chunk.row + base, rows, C);
         }
         return;
     }
-#pragma omp parallel for schedule(dynamic, 1) ordered num_threads(f->n_threads)
+    /* every chunk's rows into its own positions of yall, then added in chunk order */
+    order_chunks(f);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(f->n_threads)
+    for (int i = 0; i < f->nc_local; i++) {
+        const int ch = f->chunk_order[i];
+        int64_t base = start[ch], rows = start[ch + 1] - base;
+        if (rows > 0)
+            chunk_forward(f, params, wbf, &g_chunk.buf[omp_get_thread_num()], ch, base, rows,
+                          g_chunk.yall + base * C);
+    }
     for (int ch = 0; ch < f->nc_local; ch++) {
         int64_t base = start[ch], rows = start[ch + 1] - base;
-        chunk_buf *cb = &g_chunk.buf[omp_get_thread_num()];
-        if (rows > 0) chunk_forward(f, params, wbf, cb, ch, base, rows);
-#pragma omp ordered
-        if (rows > 0) dispatch_scatter_add(f->rows_out, C, cb->yg, f->by_chunk.row + base, rows, C);
+        if (rows > 0)
+            dispatch_scatter_add(f->rows_out, C, g_chunk.yall + base * C, f->by_chunk.row + base, rows, C);
     }
 }
 
@@ -672,7 +707,8 @@ static void weight_gradients(inf_layer *f, float *daw, int ch, const int32_t *rl
  * bias gradients, d loss / d weight into wrow, and the rows' input gradients into
  * cb->yg. */
 static void chunk_backward(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
-                           const void *dY, chunk_buf *cb, int ch, int64_t base, int64_t rows) {
+                           const void *dY, chunk_buf *cb, int ch, int64_t base, int64_t rows,
+                           float *dx) {
     const int C = f->C, cu = f->cu;
     const int32_t *rl = f->by_chunk.row + base;
     const float *Hp = f->Hp + base * cu, *Ac = f->Ac + base * cu, *Wt = f->Wt + base * cu;
@@ -691,7 +727,7 @@ static void chunk_backward(inf_layer *f, const float *params, const bf16 *wbf, f
         gemm_var_bf16(1, 0, cu, C, rows, aw, cu, xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 0, 1,
                       NULL);
         bias_backward_bf16(grads + f->b1 + (size_t)ch * cu, aw, rows, cu);
-        gemm_var_bf16(0, 0, rows, C, cu, aw, cu, W1, C, cb->yg, C, 0, 0, NULL);
+        gemm_var_bf16(0, 0, rows, C, cu, aw, cu, W1, C, dx, C, 0, 0, NULL);
         return;
     }
     (void)wbf;
@@ -708,7 +744,7 @@ static void chunk_backward(inf_layer *f, const float *params, const bf16 *wbf, f
     dispatch_gather(cb->xg, f->recv, send_width(f), rl, rows, C, sizeof(float));
     gemm_var(1, 0, cu, C, rows, cb->aw, cu, cb->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
     bias_backward(grads + f->b1 + (size_t)ch * cu, cb->aw, rows, cu);
-    gemm_var(0, 0, rows, C, cu, cb->aw, cu, W1, C, cb->yg, C, 0, NULL);
+    gemm_var(0, 0, rows, C, cu, cb->aw, cu, W1, C, dx, C, 0, NULL);
 }
 
 /* Receiver: block GEMMs backward; fills rows_back with [d u | A_k | S_k] per row. */
@@ -725,17 +761,24 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
         for (int ch = 0; ch < f->nc_local; ch++) {
             int64_t base = start[ch], rows = start[ch + 1] - base;
             if (rows == 0) continue;
-            chunk_backward(f, params, wbf, grads, dY, &g_chunk.buf[0], ch, base, rows);
+            chunk_backward(f, params, wbf, grads, dY, &g_chunk.buf[0], ch, base, rows,
+                           g_chunk.buf[0].yg);
             dispatch_scatter_add(f->rows_back, WB, g_chunk.buf[0].yg, f->by_chunk.row + base, rows, C);
         }
-    } else {
-#pragma omp parallel for schedule(dynamic, 1) ordered num_threads(f->n_threads)
+    } else { /* as in blocks_forward: chunks most rows first, then added in chunk order */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(f->n_threads)
+        for (int i = 0; i < f->nc_local; i++) {
+            const int ch = f->chunk_order[i];
+            int64_t base = start[ch], rows = start[ch + 1] - base;
+            if (rows > 0)
+                chunk_backward(f, params, wbf, grads, dY, &g_chunk.buf[omp_get_thread_num()], ch, base,
+                               rows, g_chunk.yall + base * C);
+        }
         for (int ch = 0; ch < f->nc_local; ch++) {
             int64_t base = start[ch], rows = start[ch + 1] - base;
-            chunk_buf *cb = &g_chunk.buf[omp_get_thread_num()];
-            if (rows > 0) chunk_backward(f, params, wbf, grads, dY, cb, ch, base, rows);
-#pragma omp ordered
-            if (rows > 0) dispatch_scatter_add(f->rows_back, WB, cb->yg, f->by_chunk.row + base, rows, C);
+            if (rows > 0)
+                dispatch_scatter_add(f->rows_back, WB, g_chunk.yall + base * C, f->by_chunk.row + base,
+                                     rows, C);
         }
     }
     double t_mask0 = wall_time();
