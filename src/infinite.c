@@ -506,6 +506,17 @@ static void order_chunks(inf_layer *f) {
     qsort(f->chunk_order, (size_t)f->nc_local, sizeof(int), by_rows_desc);
 }
 
+/* Chunks on threads: every chunk's rows, left in its own positions of yall, added
+ * into dst (rows of width W) in chunk order, as one thread adds them. */
+static void add_chunks_in_order(const inf_layer *f, float *dst, int W) {
+    const int64_t *start = f->by_chunk.start;
+    for (int ch = 0; ch < f->nc_local; ch++) {
+        int64_t base = start[ch], rows = start[ch + 1] - base;
+        if (rows > 0)
+            dispatch_scatter_add(dst, W, g_chunk.yall + base * f->C, f->by_chunk.row + base, rows, f->C);
+    }
+}
+
 /* Receiver: one GEMM pair per local chunk on the rows that use it, the chunks' shares
  * added into rows_out in chunk order (chunks on threads of their own: docs/infinite.md). */
 static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
@@ -531,11 +542,7 @@ static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
             chunk_forward(f, params, wbf, &g_chunk.buf[omp_get_thread_num()], ch, base, rows,
                           g_chunk.yall + base * C);
     }
-    for (int ch = 0; ch < f->nc_local; ch++) {
-        int64_t base = start[ch], rows = start[ch + 1] - base;
-        if (rows > 0)
-            dispatch_scatter_add(f->rows_out, C, g_chunk.yall + base * C, f->by_chunk.row + base, rows, C);
-    }
+    add_chunks_in_order(f, f->rows_out, C);
 }
 
 /* Diagnostics of this forward, summed over all ranks; returns the KL aux loss. */
@@ -705,7 +712,7 @@ static void weight_gradients(inf_layer *f, float *daw, int ch, const int32_t *rl
 /* One chunk's backward (see blocks_backward): the rows rl of the chunk (positions
  * base..base+rows), their output gradients in the rows dY; the chunk's weight and
  * bias gradients, d loss / d weight into wrow, and the rows' input gradients into
- * cb->yg. */
+ * dx (rows, C). */
 static void chunk_backward(inf_layer *f, const float *params, const bf16 *wbf, float *grads,
                            const void *dY, chunk_buf *cb, int ch, int64_t base, int64_t rows,
                            float *dx) {
@@ -774,12 +781,7 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
                 chunk_backward(f, params, wbf, grads, dY, &g_chunk.buf[omp_get_thread_num()], ch, base,
                                rows, g_chunk.yall + base * C);
         }
-        for (int ch = 0; ch < f->nc_local; ch++) {
-            int64_t base = start[ch], rows = start[ch + 1] - base;
-            if (rows > 0)
-                dispatch_scatter_add(f->rows_back, WB, g_chunk.yall + base * C, f->by_chunk.row + base,
-                                     rows, C);
-        }
+        add_chunks_in_order(f, f->rows_back, WB);
     }
     double t_mask0 = wall_time();
     /* the masks' share: per row and sample, A = n_keep sum p g de/dz and S = sum p g over
