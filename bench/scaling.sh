@@ -11,13 +11,18 @@
 # cores (OMP_PLACES=cores, OMP_PROC_BIND=close).
 #
 #   bash bench/scaling.sh [--cores N] [--batch B] [--seq T] [--steps S]
-#                         [--precision fp32|bf16] [--out FILE.md]
+#                         [--precision fp32|bf16] [--out FILE.md] [--logs DIR]
+#                         [--timeout S] [--bind core|none] [--deadline S]
 # Defaults: every core of the machine (nproc), global batch = cores sequences
 # (so every layout has whole sequences per rank), T 1024, 2 timed steps, bf16
-# where the CPU has AVX-512 BF16. The table is written as markdown to FILE.md too.
+# where precision auto would pick it (AMX, or AVX-512 BF16 on AMD), each run
+# stopped after 300 s. With SMT the CPUs are hardware threads (--use-hwthread-cpus,
+# OMP_PLACES=threads). --deadline S: no run starts S seconds after the start (the
+# table says which were skipped). The table is written as markdown to FILE.md
+# too, every run's output to DIR/RANKSxTHREADS-{dense,moe-epE,inf}.log.
 set -u
 cd "$(dirname "$0")/.."
-CORES=$(env -u OMP_NUM_THREADS nproc) BATCH="" SEQ=1024 STEPS=2 PREC="" OUTMD=""
+CORES=$(env -u OMP_NUM_THREADS nproc) BATCH="" SEQ=1024 STEPS=2 PREC="" OUTMD="" LOGS="" TMO=300 BIND=core DEADLINE=0
 while [ $# -gt 0 ]; do
     case $1 in
     --cores) CORES=$2; shift 2 ;;
@@ -26,34 +31,67 @@ while [ $# -gt 0 ]; do
     --steps) STEPS=$2; shift 2 ;;
     --precision) PREC=$2; shift 2 ;;
     --out) OUTMD=$2; shift 2 ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --logs) LOGS=$2; shift 2 ;;
+    --timeout) TMO=$2; shift 2 ;;
+    --bind) BIND=$2; shift 2 ;;
+    --deadline) DEADLINE=$2; shift 2 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "scaling.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-[[ $CORES =~ ^[1-9][0-9]*$ ]] || { echo "scaling.sh: --cores must be a positive integer" >&2; exit 2; }
+for v in "--cores $CORES" "--timeout $TMO" "--steps $STEPS" "--seq $SEQ"; do
+    [[ ${v#* } =~ ^[1-9][0-9]*$ ]] || { echo "scaling.sh: ${v% *} must be a positive integer" >&2; exit 2; }
+done
+[[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "scaling.sh: --deadline must be a number of seconds" >&2; exit 2; }
+case $BIND in core | none) ;; *) echo "scaling.sh: --bind takes core or none" >&2; exit 2 ;; esac
 BATCH=${BATCH:-$CORES}
 if [ -z "$PREC" ]; then
     PREC=fp32
-    grep -qw avx512_bf16 /proc/cpuinfo && PREC=bf16
+    if grep -qw amx_bf16 /proc/cpuinfo; then
+        PREC=bf16
+    elif grep -qw avx512_bf16 /proc/cpuinfo && grep -q AuthenticAMD /proc/cpuinfo; then
+        PREC=bf16
+    fi
 fi
+SMT=$(lscpu 2>/dev/null | sed -n 's/^Thread(s) per core:[[:space:]]*//p')
+PLACES=cores HWT=() UNIT=core
+if [ "${SMT:-1}" -gt 1 ]; then PLACES=threads HWT=(--use-hwthread-cpus) UNIT=hwthread; fi
+[ -n "$LOGS" ] && { mkdir -p "$LOGS" || exit 2; }
 [ -x build/bench/bench_step ] || { echo "scaling.sh: build/bench/bench_step missing (make all)" >&2; exit 2; }
 MPIRUN=(mpirun)
 [ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
 export OMP_WAIT_POLICY=passive
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
+T0=$SECONDS
 
 one() { # file, ranks, threads, bench args...
     local f=$1 p=$2 t=$3
     shift 3
-    local bind=(--map-by core --bind-to core)
-    [ "$t" -gt 1 ] && bind=(--map-by "slot:PE=$t" --bind-to core -x OMP_PLACES=cores -x OMP_PROC_BIND=close)
-    OMP_NUM_THREADS=$t "${MPIRUN[@]}" -np "$p" "${bind[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY \
+    if [ "$DEADLINE" -gt 0 ] && [ $((SECONDS - T0)) -ge "$DEADLINE" ]; then
+        echo "skipped (deadline)" >"$f"
+        return
+    fi
+    local bind=("${HWT[@]}" --map-by "$UNIT" --bind-to "$UNIT")
+    [ "$t" -gt 1 ] && bind=("${HWT[@]}" --map-by "slot:PE=$t" --bind-to "$UNIT" -x OMP_PLACES=$PLACES -x OMP_PROC_BIND=close)
+    [ "$BIND" = none ] && bind=(--bind-to none)
+    OMP_NUM_THREADS=$t timeout -k 10 "$TMO" "${MPIRUN[@]}" -np "$p" "${bind[@]}" -x OMP_NUM_THREADS -x OMP_WAIT_POLICY \
         build/bench/bench_step --seq "$SEQ" --batch "$BATCH" --steps "$STEPS" --precision "$PREC" "$@" \
         >"$f" 2>&1
+    local rc=$?
+    [ $rc -eq 124 ] && echo "timed out after $TMO s" >>"$f"
+    [ -n "$LOGS" ] && cp "$f" "$LOGS/${p}x${t}-$(basename "$f").log"
 }
 cell() { # file: "ms / mfu% / exposed%"
     local f=$1
+    if grep -q 'skipped (deadline)' "$f"; then
+        echo "skipped"
+        return
+    fi
+    if grep -q 'timed out after' "$f"; then
+        echo "timed out"
+        return
+    fi
     if ! grep -q 'ms/step' "$f"; then
         echo "failed"
         return
@@ -66,7 +104,7 @@ cell() { # file: "ms / mfu% / exposed%"
     printf '%.0f ms, %s%% MFU, ar %s%%%s' "$ms" "$mfu" "$ar" "${a2a:+, a2a $a2a%}"
 }
 
-echo "== scaling matrix: GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores, $STEPS timed steps =="
+echo "== scaling matrix: GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores (SMT ${SMT:-?}), $STEPS timed steps, binding $BIND =="
 header="| ranks x threads | dense | MoE ep 2 | MoE ep 4 | MoE ep 8 | ∞-MoE ep 2 |"
 rows=()
 for ((p = 1; p <= CORES; p *= 2)); do
@@ -78,22 +116,22 @@ for ((p = 1; p <= CORES; p *= 2)); do
     fi
     echo "-- $p x $t --" >&2
     row="| $p x $t | "
-    one "$OUT/d" "$p" "$t"
-    row+="$(cell "$OUT/d") | "
+    one "$OUT/dense" "$p" "$t"
+    row+="$(cell "$OUT/dense") | "
     for ep in 2 4 8; do
         if [ "$p" -ge "$ep" ] && [ $((p % ep)) -eq 0 ]; then
-            one "$OUT/m$ep" "$p" "$t" --experts 8 --k 2 --expert-hidden 1536 --ep "$ep"
-            row+="$(cell "$OUT/m$ep") | "
+            one "$OUT/moe-ep$ep" "$p" "$t" --experts 8 --k 2 --expert-hidden 1536 --ep "$ep"
+            row+="$(cell "$OUT/moe-ep$ep") | "
         else
             row+="— | "
         fi
     done
     if [ "$p" -ge 2 ]; then
-        one "$OUT/i" "$p" "$t" --units 6144 --keep 0.25 --samples 2 --block 64 --ep 2
-        row+="$(cell "$OUT/i") |"
+        one "$OUT/inf" "$p" "$t" --units 6144 --keep 0.25 --samples 2 --block 64 --ep 2
+        row+="$(cell "$OUT/inf") |"
     else
-        one "$OUT/i" "$p" "$t" --units 6144 --keep 0.25 --samples 2 --block 64 --ep 1
-        row+="$(cell "$OUT/i") (ep 1) |"
+        one "$OUT/inf" "$p" "$t" --units 6144 --keep 0.25 --samples 2 --block 64 --ep 1
+        row+="$(cell "$OUT/inf") (ep 1) |"
     fi
     rows+=("$row")
     echo "$row"
