@@ -63,6 +63,7 @@ int main(int argc, char **argv) {
                    "        [--expert-bias RATE] [--groups G --group-k GK] [--chunks D]] [--shared-hidden HS]\n"
                    "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
                    "       [--grad-reduce overlap|blocking] [--bucket-mb MB] [--attention fused|stored]\n"
+                   "       [--row-split on|off]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
                    "--experts, or ∞-MoE with --units); defaults: GPT-2 small, T=256, B=4, fp32,\n"
                    "3 timed steps after one warm-up. MFU is against the peak of the precision;\n"
@@ -143,6 +144,12 @@ int main(int argc, char **argv) {
             if (strcmp(argv[i + 1], "fused") == 0) cfg.att_stored = 0;
             else if (strcmp(argv[i + 1], "stored") == 0) cfg.att_stored = 1;
             else infmoe_die_all("--attention takes fused or stored, not '%s'", argv[i + 1]);
+        }
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--row-split") == 0) {
+            if (strcmp(argv[i + 1], "on") == 0) gemm_set_row_split(1);
+            else if (strcmp(argv[i + 1], "off") == 0) gemm_set_row_split(0);
+            else infmoe_die_all("--row-split takes on or off, not '%s'", argv[i + 1]);
         }
     for (int i = 1; i + 1 < argc; i++)
         if (strcmp(argv[i], "--bucket-mb") == 0) cfg.grad_bucket_mb = (float)atof(argv[i + 1]);
@@ -243,10 +250,10 @@ int main(int argc, char **argv) {
                cfg.batch_size, d.size, omp_get_max_threads());
         if (cfg.shared_hidden > 0) printf("  shared FFN of %d units in every routed layer\n", cfg.shared_hidden);
         printf("  params %.1fM | %.2f GFLOP/token | precision %s | attention %s | peak %.0f GFLOP/s "
-               "%s (%d cores in use) | bf16 / fp32 product rate %.2f (auto: %s)\n",
+               "%s (%s, %d cores in use) | bf16 / fp32 vector rate %.2f (auto: %s)\n",
                (double)model_num_params(&m) / 1e6, flops / 1e9, m.bf16 ? "bf16" : "fp32",
                m.att_fused ? "fused" : "stored", peak, m.bf16 ? "bf16" : "fp32",
-               d.size * omp_get_max_threads(), peak_bf16_ratio(), model_bf16_pays() ? "bf16" : "fp32");
+               m.bf16 ? peak_bf16_source() : "FMA loop", d.size * omp_get_max_threads(), peak_bf16_ratio(), model_bf16_pays() ? "bf16" : "fp32");
         printf("  ms/step %.1f | tok/s %.0f | mfu %.1f%% | peak RSS %.0f MiB per rank\n", ms, tok_s,
                tok_s * flops / (peak * 1e9) * 100, rss_mib);
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% (%s, buckets %.3g MiB; "

@@ -12,7 +12,7 @@
 #
 #   bash bench/scaling.sh [--cores N] [--batch B] [--seq T] [--steps S]
 #                         [--precision fp32|bf16] [--out FILE.md] [--logs DIR]
-#                         [--timeout S] [--bind core|none] [--deadline S]
+#                         [--timeout S] [--bind core|none] [--deadline S] [--diagnose]
 # Defaults: every core of the machine (nproc), global batch = cores sequences
 # (so every layout has whole sequences per rank), T 1024, 2 timed steps, bf16
 # where precision auto would pick it (AMX, or AVX-512 BF16 on AMD), each run
@@ -20,9 +20,13 @@
 # OMP_PLACES=threads). --deadline S: no run starts S seconds after the start (the
 # table says which were skipped). The table is written as markdown to FILE.md
 # too, every run's output to DIR/RANKSxTHREADS-{dense,moe-epE,inf}.log.
+# --diagnose: instead of the matrix, where one rank's threads lose time (dense
+# only): one rank at 1, 2, 4, ... CORES threads with as many sequences (equal work
+# per thread: flat ms/step is perfect scaling), then 1 x CORES and 2 x CORES/2 as
+# they are, with the GEMM row split off, and with OMP_WAIT_POLICY=active.
 set -u
 cd "$(dirname "$0")/.."
-CORES=$(env -u OMP_NUM_THREADS nproc) BATCH="" SEQ=1024 STEPS=2 PREC="" OUTMD="" LOGS="" TMO=300 BIND=core DEADLINE=0
+CORES=$(env -u OMP_NUM_THREADS nproc) BATCH="" SEQ=1024 STEPS=2 PREC="" OUTMD="" LOGS="" TMO=300 BIND=core DEADLINE=0 DIAG=0
 while [ $# -gt 0 ]; do
     case $1 in
     --cores) CORES=$2; shift 2 ;;
@@ -35,6 +39,7 @@ while [ $# -gt 0 ]; do
     --timeout) TMO=$2; shift 2 ;;
     --bind) BIND=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
+    --diagnose) DIAG=1; shift ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "scaling.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -104,6 +109,40 @@ cell() { # file: "ms / mfu% / exposed%"
     printf '%.0f ms, %s%% MFU, ar %s%%%s' "$ms" "$mfu" "$ar" "${a2a:+, a2a $a2a%}"
 }
 
+if [ "$DIAG" = 1 ]; then
+    echo "== one rank's threads: GPT-2 small dense, T $SEQ, $PREC, $CORES cores (SMT ${SMT:-?}), $STEPS timed steps, binding $BIND =="
+    {
+        echo "GPT-2 small dense, T $SEQ, $PREC, $CORES cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)); ms/step"
+        echo
+        echo "| one rank, threads = sequences | ms/step | against 1 thread |"
+        echo "|---|---|---|"
+        base=""
+        for ((t = 1; t <= CORES; t *= 2)); do
+            BATCH=$t one "$OUT/weak" 1 "$t"
+            ms=$(sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$OUT/weak")
+            [ -z "$base" ] && base=$ms
+            echo "| 1 x $t, batch $t | $(cell "$OUT/weak") | ${ms:+$(awk -v a="$ms" -v b="${base:-0}" 'BEGIN { if (b > 0) printf "%.3f", a / b }')} |"
+        done
+        echo
+        echo "| batch $BATCH | 1 x $CORES | 2 x $((CORES / 2)) |"
+        echo "|---|---|---|"
+        for v in as-is row-split-off wait-active; do
+            row="| $v |"
+            for p in 1 2; do
+                t=$((CORES / p))
+                case $v in
+                as-is) one "$OUT/$v" "$p" "$t" ;;
+                row-split-off) one "$OUT/$v" "$p" "$t" --row-split off ;;
+                wait-active) OMP_WAIT_POLICY=active one "$OUT/$v" "$p" "$t" ;;
+                esac
+                row+=" $(cell "$OUT/$v") |"
+            done
+            echo "$row"
+        done
+    } | tee "$OUT/table.md"
+    [ -n "$OUTMD" ] && cp "$OUT/table.md" "$OUTMD"
+    exit 0
+fi
 echo "== scaling matrix: GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores (SMT ${SMT:-?}), $STEPS timed steps, binding $BIND =="
 header="| ranks x threads | dense | MoE ep 2 | MoE ep 4 | MoE ep 8 | ∞-MoE ep 2 |"
 rows=()

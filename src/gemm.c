@@ -162,6 +162,9 @@ static void gemm_typed(int types, int var, int trans_a, int trans_b, int64_t M, 
 
 /* Fewest rows of C a thread gets when a product is split over threads. */
 #define GEMM_SPLIT_MIN_ROWS 32
+static int g_row_split = 1;
+
+void gemm_set_row_split(int on) { g_row_split = on != 0; }
 
 /*
  * Called outside a parallel region with n > 1 threads, a product A B with A not
@@ -181,7 +184,9 @@ static int split_rows(int types, int var, int trans_a, int trans_b, int64_t M, i
                       int64_t K, const void *A, int64_t lda, const void *B, int64_t ldb, void *C,
                       int64_t ldc, int accumulate, const float *bias) {
     const int nt = omp_get_max_threads();
-    if (nt < 2 || trans_a || omp_in_parallel() || M < (int64_t)nt * GEMM_SPLIT_MIN_ROWS) return 0;
+    if (!g_row_split || nt < 2 || trans_a || omp_in_parallel() ||
+        M < (int64_t)nt * GEMM_SPLIT_MIN_ROWS)
+        return 0;
     const size_t es = types == GEMM_TYPES_F32 ? sizeof(float) : sizeof(bf16);
     const size_t ces = types == GEMM_TYPES_BF16_OUT ? sizeof(bf16) : sizeof(float);
     const int64_t rows = (M + nt - 1) / nt;
@@ -415,6 +420,38 @@ int gemm_bf16_amx(void) {
     dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
     return ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) ==
            (unsigned)dnnl_cpu_isa_avx512_core_amx;
+}
+
+/* GFLOP/s of a 2048-square bf16 product (fp32 sum and C) on this process's threads:
+ * calibrated by one product, then the best of five rounds of ~seconds/5 each. */
+double gemm_bf16_peak_gflops(double seconds) {
+    const int64_t n = 2048;
+    bf16 *a = xmalloc((size_t)(n * n) * sizeof(bf16));
+    bf16 *b = xmalloc((size_t)(n * n) * sizeof(bf16));
+    float *c = xmalloc((size_t)(n * n) * sizeof(float));
+    for (int64_t i = 0; i < n * n; i++) {
+        a[i] = bf16_round((float)(i % 7) * 0.25f - 0.75f);
+        b[i] = bf16_round((float)(i % 5) * 0.5f - 1.0f);
+    }
+    double flops = 2.0 * (double)n * (double)n * (double)n;
+    double t0 = wall_time();
+    gemm_bf16(0, 0, n, n, n, a, n, b, n, c, n, 0, 0, NULL); /* primitive, first touch */
+    double dt = wall_time() - t0;
+    int reps = (int)(seconds / 5 / (dt > 1e-6 ? dt : 1e-6));
+    if (reps < 1) reps = 1;
+    double best = 0.0;
+    for (int r = 0; r < 5; r++) {
+        t0 = wall_time();
+        for (int i = 0; i < reps; i++)
+            gemm_bf16(0, 0, n, n, n, a, n, b, n, c, n, 0, 0, NULL);
+        dt = wall_time() - t0;
+        double g = flops * reps / dt * 1e-9;
+        if (g > best) best = g;
+    }
+    free(a);
+    free(b);
+    free(c);
+    return best;
 }
 
 const char *gemm_isa_name(void) {

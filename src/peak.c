@@ -5,6 +5,7 @@
 #include <math.h>
 #include <omp.h>
 
+#include "infmoe/gemm.h"
 #include "infmoe/util.h"
 
 #if defined(__AVX512F__)
@@ -113,6 +114,7 @@ static double best_of_five(float (*loop)(long), double flops_per_iter, double se
 double peak_fma_gflops(double seconds) { return best_of_five(fma_loop, 2.0 * ACC * LANES, seconds); }
 
 double peak_bf16_gflops(double seconds) {
+    if (gemm_bf16_amx()) return gemm_bf16_peak_gflops(seconds);
 #ifdef HAVE_BF16_LOOP
     if (peak_has_bf16()) return best_of_five(dpbf16_loop, 64.0 * ACC, seconds);
 #endif
@@ -128,6 +130,11 @@ double peak_bf16_gflops(double seconds) {
  * Where vdpbf16ps issues on one port only (Intel cores before AMX) it reads ~0.5;
  * where it issues like an FMA (AMD Zen 4 and 5) ~2.0.
  */
+const char *peak_bf16_source(void) {
+    if (gemm_bf16_amx()) return "AMX: oneDNN 2048^3 product";
+    return peak_has_bf16() ? "vdpbf16ps loop" : "none";
+}
+
 double peak_bf16_ratio(void) {
     static double ratio = -1.0;
     if (ratio >= 0.0) return ratio;

@@ -194,6 +194,10 @@ int main(void) {
     bf16_case(0, 1, 4, 6, 0, 0, 0, 1, 1, 0, &r);
     for (int n = 0; n < 40; n += 7) bf16_case(0, 1, n, 16, 20, 0, 1, 0, 0, 1, &r);
     for (int n = 0; n < 40; n += 7) bf16_case(1, 0, 24, 16, n, 0, 1, 0, 1, 1, &r);
+    /* the bf16 peak where AMX runs the products: the product's own rate (a number, not a
+     * speed claim: make bench prints it beside the vector loop's) */
+    double pk = gemm_bf16_peak_gflops(0.02);
+    CHECK(isfinite(pk) && pk > 0.0, "oneDNN bf16 product rate %.1f GFLOP/s", pk);
     } else {
         printf("bf16 products skipped: oneDNN runs %s here, without AVX-512 BF16\n", gemm_isa_name());
     }

@@ -65,6 +65,15 @@ int gemm_bf16_native(void);
 /* Whether oneDNN runs AMX tiles here (bf16 products far above the vector rate). */
 int gemm_bf16_amx(void);
 const char *gemm_isa_name(void);
+/* The rate of oneDNN's bf16 product itself (a 2048-square one on this process's
+ * threads, best of five rounds in ~`seconds`): the bf16 peak where AMX tiles run
+ * the products, whose rate no vector loop shows. */
+double gemm_bf16_peak_gflops(double seconds);
+
+/* Whether products with A as given run as one row slice per thread (on by default;
+ * off: oneDNN splits every product itself, as before the row split). A benchmark's
+ * switch (bench_step --row-split): thread-count bit equality is promised with it on. */
+void gemm_set_row_split(int on);
 
 /* Number of primitives created so far (tests check that the cache is hit). */
 int64_t gemm_primitives_created(void);
