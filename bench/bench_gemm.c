@@ -101,8 +101,8 @@ int main(int argc, char **argv) {
     if (g_bf16)
         printf("bench_gemm: bf16 | threads %d | peak %.0f GFLOP/s (%s) | oneDNN 2048^3 product "
                "%.0f GFLOP/s | tokens %lld\n",
-               omp_get_max_threads(), g_peak, peak_bf16_source(), gemm_bf16_peak_gflops(0.2),
-               (long long)N);
+               omp_get_max_threads(), g_peak, peak_bf16_source(),
+               gemm_bf16_amx() ? g_peak : gemm_bf16_peak_gflops(0.2), (long long)N);
     else
         printf("bench_gemm: fp32 | threads %d | peak %.0f GFLOP/s (FMA, %d lanes) | tokens %lld\n",
                omp_get_max_threads(), g_peak, peak_fma_lanes(), (long long)N);

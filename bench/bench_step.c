@@ -253,7 +253,8 @@ int main(int argc, char **argv) {
                "%s (%s, %d cores in use) | bf16 / fp32 vector rate %.2f (auto: %s)\n",
                (double)model_num_params(&m) / 1e6, flops / 1e9, m.bf16 ? "bf16" : "fp32",
                m.att_fused ? "fused" : "stored", peak, m.bf16 ? "bf16" : "fp32",
-               m.bf16 ? peak_bf16_source() : "FMA loop", d.size * omp_get_max_threads(), peak_bf16_ratio(), model_bf16_pays() ? "bf16" : "fp32");
+               m.bf16 ? peak_bf16_source() : "FMA loop", d.size * omp_get_max_threads(),
+               peak_bf16_ratio(), model_bf16_pays() ? "bf16" : "fp32");
         printf("  ms/step %.1f | tok/s %.0f | mfu %.1f%% | peak RSS %.0f MiB per rank\n", ms, tok_s,
                tok_s * flops / (peak * 1e9) * 100, rss_mib);
         printf("  forward %.1f%% | backward %.1f%% | allreduce %.1f%% (%s, buckets %.3g MiB; "

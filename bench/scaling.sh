@@ -87,6 +87,8 @@ one() { # file, ranks, threads, bench args...
     [ $rc -eq 124 ] && echo "timed out after $TMO s" >>"$f"
     [ -n "$LOGS" ] && cp "$f" "$LOGS/${p}x${t}-$(basename "$f").log"
 }
+ms_of() { sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$1"; } # file: the ms/step it printed
+CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 cell() { # file: "ms / mfu% / exposed%"
     local f=$1
     if grep -q 'skipped (deadline)' "$f"; then
@@ -102,7 +104,7 @@ cell() { # file: "ms / mfu% / exposed%"
         return
     fi
     local ms mfu ar a2a
-    ms=$(sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$f")
+    ms=$(ms_of "$f")
     mfu=$(sed -n 's/.*| mfu \([0-9.]*\)%.*/\1/p' "$f" | head -1)
     ar=$(sed -n 's/.*allreduce \([0-9.]*\)%.*/\1/p' "$f")
     a2a=$(sed -n 's/.*all-to-all \([0-9.]*\)%.*/\1/p' "$f" | head -1)
@@ -110,16 +112,17 @@ cell() { # file: "ms / mfu% / exposed%"
 }
 
 if [ "$DIAG" = 1 ]; then
+    [ $((CORES % 2)) -eq 0 ] || { echo "scaling.sh: --diagnose compares 1 x N with 2 x N/2: --cores must be even" >&2; exit 2; }
     echo "== one rank's threads: GPT-2 small dense, T $SEQ, $PREC, $CORES cores (SMT ${SMT:-?}), $STEPS timed steps, binding $BIND =="
     {
-        echo "GPT-2 small dense, T $SEQ, $PREC, $CORES cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)); ms/step"
+        echo "GPT-2 small dense, T $SEQ, $PREC, $CORES cores ($CPU)"
         echo
-        echo "| one rank, threads = sequences | ms/step | against 1 thread |"
+        echo "| one rank, threads = sequences | ms/step, MFU, ar | ms/step against 1 thread |"
         echo "|---|---|---|"
         base=""
         for ((t = 1; t <= CORES; t *= 2)); do
             BATCH=$t one "$OUT/weak" 1 "$t"
-            ms=$(sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$OUT/weak")
+            ms=$(ms_of "$OUT/weak")
             [ -z "$base" ] && base=$ms
             echo "| 1 x $t, batch $t | $(cell "$OUT/weak") | ${ms:+$(awk -v a="$ms" -v b="${base:-0}" 'BEGIN { if (b > 0) printf "%.3f", a / b }')} |"
         done
@@ -176,7 +179,7 @@ for ((p = 1; p <= CORES; p *= 2)); do
     echo "$row"
 done
 {
-    echo "GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)); cells: ms/step, MFU, exposed gradient allreduce (ar) and all-to-all (a2a) shares, slowest rank"
+    echo "GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores ($CPU); cells: ms/step, MFU, exposed gradient allreduce (ar) and all-to-all (a2a) shares, slowest rank"
     echo
     echo "$header"
     echo "|---|---|---|---|---|---|"

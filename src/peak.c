@@ -121,6 +121,11 @@ double peak_bf16_gflops(double seconds) {
     return 0.0;
 }
 
+const char *peak_bf16_source(void) {
+    if (gemm_bf16_amx()) return "AMX: oneDNN 2048^3 product";
+    return peak_has_bf16() ? "vdpbf16ps loop" : "none";
+}
+
 /*
  * bf16 products against fp32 ones on one thread, measured once per process: eight
  * rounds of each, alternating (fp32, bf16, fp32, ...), the best of each kind. A
@@ -130,11 +135,6 @@ double peak_bf16_gflops(double seconds) {
  * Where vdpbf16ps issues on one port only (Intel cores before AMX) it reads ~0.5;
  * where it issues like an FMA (AMD Zen 4 and 5) ~2.0.
  */
-const char *peak_bf16_source(void) {
-    if (gemm_bf16_amx()) return "AMX: oneDNN 2048^3 product";
-    return peak_has_bf16() ? "vdpbf16ps loop" : "none";
-}
-
 double peak_bf16_ratio(void) {
     static double ratio = -1.0;
     if (ratio >= 0.0) return ratio;
