@@ -83,19 +83,20 @@ static void load_model(const char *arg, int B, int ep, const char *extra_set, di
 typedef struct {
     double loss, secs, tokens;   /* validation: mean loss, wall seconds, tokens (all ranks) */
     double ffn_secs;             /* the FFN layers' phase time, slowest rank */
+    double ffn_phase[4];         /* of which route, dispatch, all-to-all, units (slowest rank each) */
     double ffn_flops;            /* FFN FLOPs per token as run (forward) */
     int mc_right, mc_right_norm; /* multiple choice: right answers by summed and mean loss */
     double mc_secs;
 } eval_result;
 
-static double ffn_seconds(const gpt_model *m) {
-    double t = 0;
+/* The FFN layers' cumulative seconds per phase (route, dispatch, all-to-all, units). */
+static void ffn_phases(const gpt_model *m, double t[4]) {
+    t[0] = t[1] = t[2] = t[3] = 0;
     for (int l = 0; l < m->L; l++) {
         double p[4];
         ffn_phase_times(&m->ffn[l], p);
-        t += p[0] + p[1] + p[2] + p[3];
+        for (int i = 0; i < 4; i++) t[i] += p[i];
     }
-    return t;
 }
 
 static double ffn_flops_per_token(const gpt_model *m) {
@@ -108,7 +109,8 @@ static void eval_setting(gpt_model *m, const dist_ctx *d, token_dataset *ds, int
                          const mc_set *mc, eval_result *r) {
     const int B = m->B, T = m->T;
     memset(r, 0, sizeof *r);
-    double f0 = ffn_seconds(m), flops = 0;
+    double f0[4], flops = 0;
+    ffn_phases(m, f0);
     int forwards = 0;
     if (ds) {
         int32_t *in = xcalloc((size_t)B * T, sizeof(int32_t)), *tg = xcalloc((size_t)B * T, sizeof(int32_t));
@@ -135,10 +137,14 @@ static void eval_setting(gpt_model *m, const dist_ctx *d, token_dataset *ds, int
         r->mc_secs = wall_time() - t0;
         if (!ds) flops += ffn_flops_per_token(m), forwards++;
     }
-    double slow[2] = {ffn_seconds(m) - f0, forwards ? flops / forwards : 0};
-    dist_allreduce_max_d(slow, 2, d->world);
-    r->ffn_secs = slow[0];
-    r->ffn_flops = slow[1];
+    double f1[4];
+    ffn_phases(m, f1);
+    double slow[6] = {forwards ? flops / forwards : 0, 0};
+    for (int i = 0; i < 4; i++) slow[1] += f1[i] - f0[i], slow[2 + i] = f1[i] - f0[i];
+    dist_allreduce_max_d(slow, 6, d->world);
+    r->ffn_flops = slow[0];
+    r->ffn_secs = slow[1];
+    for (int i = 0; i < 4; i++) r->ffn_phase[i] = slow[2 + i];
 }
 
 /* "1,2,4,8,det" -> samples (0: deterministic); returns the count */
@@ -174,8 +180,10 @@ int infer_eval_main(int argc, char **argv) {
                "--mc-from' writes): acc by summed and acc_norm by mean completion loss. Items go\n"
                "B/ranks/4 to a forward on each rank, so B must be at least 4 x ranks.\n"
                "--sweep (∞-MoE): one table of samples K -> val loss, mc accuracy, tokens/s, FFN\n"
-               "GFLOPs per token as run and FFN seconds; also written as CSV (default\n"
-               "sweep.csv). 'det' is the deterministic sample. tools/plot_sweep.py plots it.\n"
+               "GFLOPs per token as run and FFN seconds (split into routing, all-to-all and unit\n"
+               "GEMMs), each setting timed after one untimed validation batch; also written as\n"
+               "CSV (default sweep.csv). 'det' is the deterministic sample. tools/plot_sweep.py\n"
+               "plots it.\n"
                "--capacity-factor CF (discrete MoE): each expert takes at most ceil(CF n k / E)\n"
                "of a rank's n tokens, the rest ride the residual; 0 or less: dropless (default:\n"
                "the checkpoint's ffn.eval_capacity_factor).\n");
@@ -251,6 +259,14 @@ int infer_eval_main(int argc, char **argv) {
     token_dataset ds;
     if (data) data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
     eval_result res[64];
+    /* a sweep's settings are timed warm: one untimed batch of each first, so the
+     * first setting does not pay for the first touch of the buffers */
+    if (sweep && data)
+        for (int i = 0; i < n_k; i++) {
+            eval_result warm;
+            model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
+            eval_setting(&m, &d, &ds, 1, batch, (int)pos.step, NULL, &warm);
+        }
     for (int i = 0; i < n_k; i++) {
         if (ffn_kind_has_samples(cfg.ffn_kind)) model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
         eval_setting(&m, &d, data ? &ds : NULL, batches, batch, (int)pos.step, mc_path ? &mc : NULL, &res[i]);
@@ -275,11 +291,13 @@ int infer_eval_main(int argc, char **argv) {
         if (data) snprintf(what, sizeof what, " | val %s, %d batches x %d", data_path, batches, batch);
         if (mc_path) snprintf(what + strlen(what), sizeof what - strlen(what), " | mc %s, %d items", mc_path, mc.n);
         dist_log("sweep %s | step %lld%s | ranks %d\n", path, (long long)pos.step, what, d.size);
-        dist_log("  %-8s %10s %8s %9s %10s %14s %8s\n", "samples", "val_loss", "acc", "acc_norm", "tok/s",
-                 "ffn GFLOP/tok", "ffn s");
+        dist_log("  %-8s %10s %8s %9s %10s %14s %8s %8s %8s %8s\n", "samples", "val_loss", "acc", "acc_norm", "tok/s",
+                 "ffn GFLOP/tok", "ffn s", "route s", "a2a s", "units s");
         FILE *f = d.rank == 0 ? fopen(csv, "w") : NULL;
         if (d.rank == 0 && !f) fprintf(stderr, "eval: cannot write %s: %s\n", csv, strerror(errno));
-        if (f) fprintf(f, "samples,val_loss,acc,acc_norm,tokens_per_s,ffn_gflop_per_token,ffn_s\n");
+        if (f)
+            fprintf(f, "samples,val_loss,acc,acc_norm,tokens_per_s,ffn_gflop_per_token,ffn_s,ffn_route_s,ffn_alltoall_s,"
+                       "ffn_units_s\n");
         for (int i = 0; i < n_k; i++) {
             eval_result *r = &res[i];
             char k[16];
@@ -288,11 +306,12 @@ int infer_eval_main(int argc, char **argv) {
             double secs = data ? r->secs : r->mc_secs;
             double toks = data ? r->tokens : (double)mc.n * MC_COMPLETIONS * cfg.seq_len;
             double acc = mc_path ? (double)r->mc_right / mc.n : NAN, accn = mc_path ? (double)r->mc_right_norm / mc.n : NAN;
-            dist_log("  %-8s %10.6f %8.4f %9.4f %10.0f %14.4f %8.2f\n", k, data ? r->loss : NAN, acc, accn,
-                     toks / secs, r->ffn_flops / 1e9, r->ffn_secs);
+            const double route = r->ffn_phase[0] + r->ffn_phase[1];
+            dist_log("  %-8s %10.6f %8.4f %9.4f %10.0f %14.4f %8.2f %8.2f %8.2f %8.2f\n", k, data ? r->loss : NAN, acc,
+                     accn, toks / secs, r->ffn_flops / 1e9, r->ffn_secs, route, r->ffn_phase[2], r->ffn_phase[3]);
             if (f)
-                fprintf(f, "%s,%.6f,%.4f,%.4f,%.0f,%.6f,%.3f\n", k, data ? r->loss : NAN, acc, accn, toks / secs,
-                        r->ffn_flops / 1e9, r->ffn_secs);
+                fprintf(f, "%s,%.6f,%.4f,%.4f,%.0f,%.6f,%.3f,%.3f,%.3f,%.3f\n", k, data ? r->loss : NAN, acc, accn,
+                        toks / secs, r->ffn_flops / 1e9, r->ffn_secs, route, r->ffn_phase[2], r->ffn_phase[3]);
         }
         if (f && fclose(f) == 0) dist_log("wrote %s\n", csv);
     }

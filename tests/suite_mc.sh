@@ -74,7 +74,7 @@ rows=$(printf '%s\n' "$out" | grep -cE '^  (1|2|4|det) +[0-9]')
 csv_rows=$(grep -cE '^(1|2|4|det),' "$TMP/sweep.csv" 2>/dev/null)
 k1=$(grep '^1,' "$TMP/sweep.csv" | cut -d, -f6)
 k4=$(grep '^4,' "$TMP/sweep.csv" | cut -d, -f6)
-if [ "$rows" = 4 ] && [ "$csv_rows" = 4 ] && head -1 "$TMP/sweep.csv" | grep -q '^samples,val_loss,acc,acc_norm,tokens_per_s,ffn_gflop_per_token,ffn_s$' &&
+if [ "$rows" = 4 ] && [ "$csv_rows" = 4 ] && head -1 "$TMP/sweep.csv" | grep -q '^samples,val_loss,acc,acc_norm,tokens_per_s,ffn_gflop_per_token,ffn_s,ffn_route_s,ffn_alltoall_s,ffn_units_s$' &&
     awk -v a="$k1" -v b="$k4" 'BEGIN { exit !(b > a) }'; then
     pass "sweep: --sweep 1,2,4,det prints and writes every K (FFN GFLOP/token K=1 $k1 < K=4 $k4)"
 else
