@@ -181,7 +181,7 @@ int infer_eval_main(int argc, char **argv) {
                "B/ranks/4 to a forward on each rank, so B must be at least 4 x ranks.\n"
                "--sweep (∞-MoE): one table of samples K -> val loss, mc accuracy, tokens/s, FFN\n"
                "GFLOPs per token as run and FFN seconds (split into routing, all-to-all and unit\n"
-               "GEMMs), each setting timed after one untimed validation batch; also written as\n"
+               "GEMMs), each setting timed after one untimed batch; also written as\n"
                "CSV (default sweep.csv). 'det' is the deterministic sample. tools/plot_sweep.py\n"
                "plots it.\n"
                "--capacity-factor CF (discrete MoE): each expert takes at most ceil(CF n k / E)\n"
@@ -259,14 +259,17 @@ int infer_eval_main(int argc, char **argv) {
     token_dataset ds;
     if (data) data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
     eval_result res[64];
-    /* a sweep's settings are timed warm: one untimed batch of each first, so the
-     * first setting does not pay for the first touch of the buffers */
-    if (sweep && data)
+    /* a sweep's settings are timed warm: one untimed batch of each first (validation,
+     * or one forward's mc items), so the first does not pay for the first touch */
+    if (sweep) {
+        mc_set first = mc; /* without validation data: one forward's items */
+        if (first.n > B / MC_COMPLETIONS * d.size) first.n = B / MC_COMPLETIONS * d.size;
         for (int i = 0; i < n_k; i++) {
             eval_result warm;
             model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
-            eval_setting(&m, &d, &ds, 1, batch, (int)pos.step, NULL, &warm);
+            eval_setting(&m, &d, data ? &ds : NULL, 1, batch, (int)pos.step, data ? NULL : &first, &warm);
         }
+    }
     for (int i = 0; i < n_k; i++) {
         if (ffn_kind_has_samples(cfg.ffn_kind)) model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
         eval_setting(&m, &d, data ? &ds : NULL, batches, batch, (int)pos.step, mc_path ? &mc : NULL, &res[i]);
