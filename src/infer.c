@@ -259,19 +259,14 @@ int infer_eval_main(int argc, char **argv) {
     token_dataset ds;
     if (data) data_open(&ds, data_path, cfg.seq_len, cfg.vocab_size, (uint64_t)cfg.seed, cfg.tokenizer);
     eval_result res[64];
-    /* a sweep's settings are timed warm: one untimed batch of each first (validation,
-     * or one forward's mc items), so the first does not pay for the first touch */
-    if (sweep) {
-        mc_set first = mc; /* without validation data: one forward's items */
-        if (first.n > B / MC_COMPLETIONS * d.size) first.n = B / MC_COMPLETIONS * d.size;
-        for (int i = 0; i < n_k; i++) {
-            eval_result warm;
-            model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
-            eval_setting(&m, &d, data ? &ds : NULL, 1, batch, (int)pos.step, data ? NULL : &first, &warm);
-        }
-    }
+    mc_set first = mc; /* a sweep's untimed batch without validation data: one forward's items */
+    if (first.n > B / MC_COMPLETIONS * d.size) first.n = B / MC_COMPLETIONS * d.size;
     for (int i = 0; i < n_k; i++) {
         if (ffn_kind_has_samples(cfg.ffn_kind)) model_set_samples(&m, ks[i] ? ks[i] : 1, ks[i] == 0);
+        if (sweep) { /* timed warm: one untimed batch first, so no setting pays for the first touch */
+            eval_result warm;
+            eval_setting(&m, &d, data ? &ds : NULL, 1, batch, (int)pos.step, data ? NULL : &first, &warm);
+        }
         eval_setting(&m, &d, data ? &ds : NULL, batches, batch, (int)pos.step, mc_path ? &mc : NULL, &res[i]);
         if (sweep) continue;
         char mode[48] = "";
