@@ -95,6 +95,7 @@ static const key_spec schema[] = {
     {"ffn", "sigma_min", KEY_FLOAT, OFF(sigma_min), 1e-6, 1, NULL, "1e-4"},
     {"ffn", "balance_rate", KEY_FLOAT, OFF(balance_rate), 0, 1, NULL, "0"},
     {"ffn", "sampling", KEY_ENUM, OFF(stratified), 0, 0, sampling_names, "iid"},
+    {"ffn", "samples_max", KEY_INT, OFF(samples_max), 0, 1024, NULL, "0"},
     {"train", "steps", KEY_INT, OFF(steps), 1, INT_MAX, NULL, "100"},
     {"train", "batch_size", KEY_INT, OFF(batch_size), 1, 1 << 24, NULL, "8"},
     {"train", "lr", KEY_FLOAT, OFF(lr), 0, 10, NULL, "3e-4"},
@@ -524,6 +525,10 @@ static void validate(run_config *cfg, load_ctx *ctx) {
                   "parallel.alltoall_chunks (%d) applies to the discrete MoE kinds (it splits a "
                   "rank's experts into groups); ffn.kind %s exchanges in one piece",
                   cfg->alltoall_chunks, ffn_kind_name(cfg->ffn_kind));
+    if (cfg->samples_max != 0 && cfg->ffn_kind != FFN_INFINITE)
+        KEY_ERROR(ctx, "ffn", "samples_max",
+                  "ffn.samples_max (%d) applies to ffn.kind: infinite (the samples per token); "
+                  "ffn.kind is %s", cfg->samples_max, ffn_kind_name(cfg->ffn_kind));
     if (cfg->ffn_kind == FFN_INFINITE) {
         if (cfg->inf_units == 0) cfg->inf_units = 2 * cfg->ffn_hidden;
         if (!(cfg->keep > 0.0f && cfg->keep <= 1.0f))
@@ -534,6 +539,11 @@ static void validate(run_config *cfg, load_ctx *ctx) {
             KEY_ERROR(ctx, "ffn", "balance_rate",
                       "ffn.balance_rate (%g) applies to ffn.mask: window (it evens out use of the ring)",
                       cfg->balance_rate);
+        if (cfg->samples_max != 0 && cfg->samples_max < cfg->samples)
+            KEY_ERROR(ctx, "ffn", "samples_max",
+                      "ffn.samples_max (%d) must be 0 (train at ffn.samples) or at least ffn.samples "
+                      "(%d): each training step draws its K from ffn.samples..ffn.samples_max",
+                      cfg->samples_max, cfg->samples);
         if (cfg->stratified && cfg->latent_dim != 1)
             KEY_ERROR(ctx, "ffn", "sampling",
                       "ffn.sampling: stratified needs one latent dimension (ffn.latent_dim is %d): "

@@ -52,7 +52,9 @@ typedef struct {
 
 
 struct inf_layer {
-    int layer, C, H, b, nb, kb, n_keep, K, K_train, deterministic, dz, R, ep;
+    int layer, C, H, b, nb, kb, n_keep, K, K_train, K_max, K_set, deterministic, dz, R, ep;
+    /* K: this forward's samples; K_set: inf_set_samples' (evaluation); K_train..K_max:
+     * the training range (ffn.samples..samples_max; one K when equal) */
     int H_local, nb_local, ep_rank;
     int bf16; /* bf16 precision: unit GEMMs on bf16 operands; vectors and their gradients
                * travel in bf16, z and the masks' sums in fp32 beside them */
@@ -206,7 +208,8 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->kb = (int)lround(cfg->keep * f->nb);
     if (f->kb < 1) f->kb = 1;
     f->n_keep = f->kb * f->b;
-    f->K = f->K_train = cfg->samples;
+    f->K = f->K_set = f->K_train = cfg->samples;
+    f->K_max = cfg->samples_max > cfg->samples ? cfg->samples_max : cfg->samples;
     f->dz = cfg->latent_dim;
     f->R = cfg->router_hidden;
     f->mask = cfg->mask;
@@ -275,7 +278,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     };
     f->mem = mem_carve(parts, sizeof parts / sizeof parts[0]);
     for (int j = 0; j <= f->nw; j++) f->warp[j] = (double)j / f->nw; /* the identity */
-    alloc_sample_buffers(f, f->K);
+    alloc_sample_buffers(f, f->K_max); /* training may draw up to samples_max */
     /* a row uses at most every local chunk */
     dispatch_groups_init(&f->by_chunk, f->nc_local, M * ncl);
     dispatch_init(&f->plan, ctx ? ctx->ep_comm : MPI_COMM_NULL, cfg->alltoall_node);
@@ -330,12 +333,19 @@ void inf_free(inf_layer *f) {
 void inf_set_samples(inf_layer *f, int samples, int deterministic) {
     ALWAYS(samples >= 1);
     f->deterministic = deterministic;
-    f->K = deterministic ? 1 : samples;
+    f->K = f->K_set = deterministic ? 1 : samples;
     if (f->K > f->K_alloc) alloc_sample_buffers(f, f->K);
 }
 
+int inf_train_samples(uint64_t seed, int step, int lo, int hi) {
+    if (hi <= lo) return lo;
+    uint64_t key = rng_token_key(seed, -1, step, 4, 0); /* purpose 4: the step's K */
+    return lo + (int)(rng_mix64(key) % (uint64_t)(hi - lo + 1));
+}
+
 double inf_matmul_params_per_token(const inf_layer *f) {
-    return (double)f->K_train * f->n_keep * 2.0 * f->C;
+    /* a training K drawn from samples..samples_max costs their mean */
+    return 0.5 * (f->K_train + f->K_max) * f->n_keep * 2.0 * f->C;
 }
 
 /* what the last forward computed: the union of a token's samples' units */
@@ -611,6 +621,10 @@ static double forward_stats(inf_layer *f, int64_t n, const ffn_context *ctx) {
 double inf_forward(inf_layer *f, const float *params, float *out, const float *in, int64_t n,
                    const ffn_context *ctx) {
     ALWAYS(n <= f->max_tokens);
+    /* a training forward with ffn.samples_max draws its K; backward runs at the same K */
+    f->K = ctx->training && f->K_max > f->K_train
+               ? inf_train_samples(ctx->seed, ctx->step, f->K_train, f->K_max)
+               : f->K_set;
     const int C = f->C, K = f->K, dz = f->dz, kb = f->kb, ep = f->ep, W = send_width(f);
     const int nn = f->mask == MASK_WINDOW ? NORM : 0;
     const size_t es = f->bf16 ? sizeof(bf16) : sizeof(float);

@@ -178,6 +178,7 @@ equivalence tests/configs/tiny-topk.yaml 1:1 2:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-learned.yaml 1:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-balance.yaml 1:1 2:2 4:2 4:4
+equivalence tests/configs/tiny-infinite-anyk.yaml 1:1 2:2 4:4
 equivalence tests/configs/tiny-topk-bias.yaml 1:1 2:1 2:2 4:2 4:4
 equivalence tests/configs/tiny-infinite-shared.yaml 1:1 2:2 4:4
 equivalence tests/configs/tiny-topk-hier.yaml 1:1 2:1 2:2 4:2 4:4
@@ -298,7 +299,7 @@ train_to() { # log, ranks, config, args...
     shift 2
     "${MPIRUN[@]}" -np "$p" $INFMOE train "$@" > "$log" 2>&1
 }
-for name in tiny tiny-topk tiny-infinite tiny-infinite-balance tiny-topk-bias tiny-topk-hier; do
+for name in tiny tiny-topk tiny-infinite tiny-infinite-balance tiny-infinite-anyk tiny-topk-bias tiny-topk-hier; do
     cfg=tests/configs/$name.yaml
     train_to "$CK/$name-straight.log" 2 "$cfg" --set train.steps=40 --set output.dir="$CK/$name-straight"
     train_to "$CK/$name-first.log" 2 "$cfg" --set train.steps=40 --set train.ckpt_every=20 --set output.dir="$CK/$name-first"

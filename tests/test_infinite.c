@@ -7,7 +7,9 @@
  *    and the unit weights, for both mask rules with fixed noise (K = 2);
  *  - stratified sampling: the normal quantile against erfc, each draw inside its
  *    stratum, the strata's mean unbiased; the layer with it against the reference
- *    and finite differences.
+ *    and finite differences;
+ *  - training K drawn per step (ffn.samples_max): the draw's range, spread and
+ *    repeatability; the layer at a drawn K against the reference and finite differences.
  * Probes whose perturbation changes a kept block are skipped and counted.
  */
 #include <math.h>
@@ -119,6 +121,26 @@ static void check_stratified_draws(void) {
     CHECK(var > 0.03 && var < 0.04, "variance of the stratified mean %g, want ~0.035", var);
 }
 
+/* ffn.samples_max: a training step's K is a function of (seed, step) alone, inside
+ * lo..hi, every value about equally often; one value when hi <= lo. */
+static void check_train_samples(void) {
+    CHECK(inf_train_samples(7, 3, 2, 2) == 2 && inf_train_samples(7, 3, 4, 0) == 4,
+          "a range of one K must give that K");
+    enum { LO = 2, HI = 5, N = 8000 };
+    int count[HI + 1] = {0}, bad = 0, other_seed = 0;
+    for (int step = 0; step < N; step++) {
+        int k = inf_train_samples(7, step, LO, HI);
+        if (k < LO || k > HI || k != inf_train_samples(7, step, LO, HI)) { bad++; continue; }
+        count[k]++;
+        other_seed += inf_train_samples(8, step, LO, HI) != k;
+    }
+    CHECK(bad == 0, "%d steps drew a K outside %d..%d or not the same twice", bad, LO, HI);
+    const double mean = (double)N / (HI - LO + 1), sd = sqrt(mean * (1.0 - 1.0 / (HI - LO + 1)));
+    for (int k = LO; k <= HI; k++)
+        CHECK(fabs(count[k] - mean) < 5.0 * sd, "K %d drawn %d times in %d steps, want ~%.0f", k, count[k], N, mean);
+    CHECK(other_seed > N / 2, "another seed drew the same K at %d of %d steps", N - other_seed, N);
+}
+
 /* A probe at least, and not many more skipped than checked (z moves with mu). */
 static int enough(int checked, int skipped) { return checked >= 1 && skipped <= checked + 2; }
 
@@ -171,6 +193,22 @@ int main(int argc, char **argv) {
     c = base(64, 4, MASK_WINDOW, 2);
     c.stratified = 1;
     check_gradients("window (blocks of 4, K 2, stratified)", c);
+    check_train_samples();
+    { /* training with samples_max: this step's K (seed 11, step 4 of the context) */
+        char what[96];
+        c = base(128, 16, MASK_WINDOW, 2);
+        c.stratified = 1;
+        c.samples_max = 5;
+        const int k = inf_train_samples(11, 4, 2, 5);
+        CHECK(k != 2, "the case should draw a K other than ffn.samples (drew %d)", k);
+        snprintf(what, sizeof what, "window, block 16, K %d drawn from 2..5, stratified", k);
+        check_reference(what, c);
+        c = base(64, 4, MASK_WINDOW, 2);
+        c.stratified = 1;
+        c.samples_max = 5;
+        snprintf(what, sizeof what, "window (blocks of 4, K %d drawn from 2..5, stratified)", k);
+        check_gradients(what, c);
+    }
     c = base(32, 1, MASK_LEARNED, 2);
     c.kl_weight = 0.5f;
     check_gradients("learned (per unit, K 2, KL)", c);

@@ -74,6 +74,8 @@ typedef struct {
     float keep, tau, kl_weight, sigma_min, balance_rate;
     mask_rule mask;
     int32_t stratified; /* ∞-MoE sampling: 0 iid draws; 1 one draw in each of K equal-probability strata */
+    int32_t samples_max; /* ∞-MoE training: 0 trains at K = samples; else each step's K is drawn
+                          * uniformly from samples..samples_max (evaluation stays at samples) */
     /* train */
     int32_t steps, batch_size, warmup;
     int32_t warmup_clamped_from; /* the warmup asked for when above steps (then warmup = steps), else 0 */

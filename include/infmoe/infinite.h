@@ -46,6 +46,9 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
                   const float *in, int64_t n, const ffn_context *ctx);
 /* Samples per token from now on (inference knob); deterministic: one sample z = mu. */
 void inf_set_samples(inf_layer *f, int samples, int deterministic);
+/* The K of a training step when ffn.samples_max is set: uniform on lo..hi, a
+ * function of (seed, step) alone, so every rank and a resumed run draw the same. */
+int inf_train_samples(uint64_t seed, int step, int lo, int hi);
 /* Ring balance (ffn.balance_rate, window rule): the knots' update from a step's
  * global counts of raw samples per block (unit-tested); once per training step;
  * the knots as checkpoint state (n = 0 when balance is off). */
