@@ -337,6 +337,8 @@ void inf_set_samples(inf_layer *f, int samples, int deterministic) {
     if (f->K > f->K_alloc) alloc_sample_buffers(f, f->K);
 }
 
+int inf_samples(const inf_layer *f) { return f->K; }
+
 int inf_train_samples(uint64_t seed, int step, int lo, int hi) {
     if (hi <= lo) return lo;
     uint64_t key = rng_token_key(seed, -1, step, 4, 0); /* purpose 4: the step's K */
@@ -1053,8 +1055,11 @@ void inf_log_fields(const inf_layer *const *layers, int n, char *buf, size_t cap
         }
         if (tot > 0 && lo * st->n_blocks / tot < min_use) min_use = lo * st->n_blocks / tot;
     }
-    snprintf(buf, cap, " | sigma %.4f | active units %.0f | overlap %.3f | min block use %.2f", sigma,
-             active, overlap, min_use);
+    int len = snprintf(buf, cap, " | sigma %.4f | active units %.0f | overlap %.3f | min block use %.2f",
+                       sigma, active, overlap, min_use);
+    /* a drawn training K (ffn.samples_max): the one this step ran at, which the fields above follow */
+    if (n > 0 && layers[0]->K_max > layers[0]->K_train && len >= 0 && (size_t)len < cap)
+        snprintf(buf + len, cap - (size_t)len, " | K %d", layers[0]->K);
 }
 
 /* ---- reference and fingerprint (tests) ---- */

@@ -56,14 +56,20 @@ static void setup(layer_case *lc, const run_config *cfg, int64_t n) {
                      inf_params, &g_rng);
 }
 
-static void check_reference(const char *name, run_config cfg) {
+/* want_k > 0: the forward must have run at that many samples per token */
+static void check_reference_k(const char *name, run_config cfg, int want_k) {
     layer_case lc;
     setup(&lc, &cfg, 24);
     char what[160];
     snprintf(what, sizeof what, "%s: block-sparse vs masked dense", name);
     layer_case_check_reference(what, &lc, 1e-4, 1e-5);
+    if (want_k > 0)
+        CHECK(inf_samples(lc.f.inf) == want_k, "%s: the forward ran at K %d, want %d", name,
+              inf_samples(lc.f.inf), want_k);
     layer_case_free(&lc);
 }
+
+static void check_reference(const char *name, run_config cfg) { check_reference_k(name, cfg, 0); }
 
 /* The knots' update: towards the CDF of the counts mixed 9:1 with the identity,
  * ends fixed, monotone; with even counts the identity stays. */
@@ -202,7 +208,7 @@ int main(int argc, char **argv) {
         const int k = inf_train_samples(11, 4, 2, 5);
         CHECK(k != 2, "the case should draw a K other than ffn.samples (drew %d)", k);
         snprintf(what, sizeof what, "window, block 16, K %d drawn from 2..5, stratified", k);
-        check_reference(what, c);
+        check_reference_k(what, c, k);
         c = base(64, 4, MASK_WINDOW, 2);
         c.stratified = 1;
         c.samples_max = 5;

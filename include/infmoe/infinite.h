@@ -49,6 +49,8 @@ void inf_set_samples(inf_layer *f, int samples, int deterministic);
 /* The K of a training step when ffn.samples_max is set: uniform on lo..hi, a
  * function of (seed, step) alone, so every rank and a resumed run draw the same. */
 int inf_train_samples(uint64_t seed, int step, int lo, int hi);
+/* The samples per token of the last forward (tests). */
+int inf_samples(const inf_layer *f);
 /* Ring balance (ffn.balance_rate, window rule): the knots' update from a step's
  * global counts of raw samples per block (unit-tested); once per training step;
  * the knots as checkpoint state (n = 0 when balance is off). */
