@@ -28,6 +28,14 @@
 #include "infmoe/util.h"
 
 /* Cumulative seconds in phase i (route, dispatch, all-to-all, expert) over the sparse layers. */
+/* CPU seconds of every thread of this process, user and system. */
+static double cpu_time(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec +
+           (double)ru.ru_stime.tv_sec + 1e-6 * (double)ru.ru_stime.tv_usec;
+}
+
 static double phase_time(const gpt_model *m, int i) {
     double t = 0.0, p[4];
     for (int l = 0; l < m->L; l++) {
@@ -172,13 +180,13 @@ int main(int argc, char **argv) {
     dist_allreduce_sum_d(&peak, 1, d.world);
 
     double t_fwd = 0, t_bwd = 0, t_ar = 0, t_ar_min = 0, t_opt = 0, t_total = 0;
-    double moe0[4] = {0}, rows = 0;
+    double moe0[4] = {0}, rows = 0, cpu_steps = 0, wall_steps = 0;
     for (int s = 0; s <= steps; s++) {
         if (s == 1) /* start the MoE timers after the warm-up step */
             for (int i = 0; i < 4; i++)
                 moe0[i] = phase_time(&m, i);
         MPI_CHECK(MPI_Barrier(d.world));
-        double t0 = wall_time();
+        double t0 = wall_time(), c0 = cpu_time();
         model_set_step(&m, s, (int64_t)d.rank * B * T, 1);
         model_forward(&m, tok, tok + 1);
         double t1 = wall_time();
@@ -197,6 +205,10 @@ int main(int argc, char **argv) {
         model_update(&m, &cfg, 1e-4f, s, optim_clip_scale(1.0f, norm));
         model_end_step(&m);
         double t4 = wall_time();
+        if (s > 0) {
+            cpu_steps += cpu_time() - c0;
+            wall_steps += t4 - t0;
+        }
         if (s > 0) /* expert rows this rank computed: its experts' share of all assignments */
             for (int l = 0; l < m.L; l++)
                 if (m.ffn[l].kind == FFN_TOPK || m.ffn[l].kind == FFN_MOGE) {
@@ -227,6 +239,12 @@ int main(int argc, char **argv) {
     getrusage(RUSAGE_SELF, &ru);
     double rss_mib = (double)ru.ru_maxrss / 1024.0;
     dist_allreduce_max_d(&rss_mib, 1, d.world);
+    /* the share of this rank's threads x wall its threads were on a core, the least
+     * busy rank: below 100% where one thread works alone (serial code) or threads
+     * wait for each other; with OMP_WAIT_POLICY=passive idle threads sleep */
+    double busy = -cpu_steps / (wall_steps * omp_get_max_threads());
+    dist_allreduce_max_d(&busy, 1, d.world);
+    busy = -busy;
     double moe_t[4];
     for (int i = 0; i < 4; i++)
         moe_t[i] = phase_time(&m, i) - moe0[i];
@@ -262,6 +280,8 @@ int main(int argc, char **argv) {
                100 * t_fwd / t_total, 100 * t_bwd / t_total, 100 * t_ar / t_total,
                cfg.grad_overlap ? "overlapped" : "blocking", cfg.grad_bucket_mb,
                100 * t_ar_min / t_total, 100 * t_opt / t_total);
+        printf("  threads busy %.1f%% of %d x wall (least busy rank; waiting in MPI counts as busy)\n",
+               100 * busy, omp_get_max_threads());
         char hier[64] = "";
         if (cfg.groups > 0)
             snprintf(hier, sizeof hier, " in top-%d of %d groups", cfg.group_k, cfg.groups);

@@ -103,12 +103,13 @@ cell() { # file: "ms / mfu% / exposed%"
         echo "failed"
         return
     fi
-    local ms mfu ar a2a
+    local ms mfu ar a2a busy
     ms=$(ms_of "$f")
     mfu=$(sed -n 's/.*| mfu \([0-9.]*\)%.*/\1/p' "$f" | head -1)
     ar=$(sed -n 's/.*allreduce \([0-9.]*\)%.*/\1/p' "$f")
     a2a=$(sed -n 's/.*all-to-all \([0-9.]*\)%.*/\1/p' "$f" | head -1)
-    printf '%.0f ms, %s%% MFU, ar %s%%%s' "$ms" "$mfu" "$ar" "${a2a:+, a2a $a2a%}"
+    busy=$(sed -n 's/.*threads busy \([0-9.]*\)%.*/\1/p' "$f")
+    printf '%.0f ms, %s%% MFU, ar %s%%%s%s' "$ms" "$mfu" "$ar" "${a2a:+, a2a $a2a%}" "${busy:+, busy $busy%}"
 }
 
 if [ "$DIAG" = 1 ]; then
@@ -179,7 +180,7 @@ for ((p = 1; p <= CORES; p *= 2)); do
     echo "$row"
 done
 {
-    echo "GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores ($CPU); cells: ms/step, MFU, exposed gradient allreduce (ar) and all-to-all (a2a) shares, slowest rank"
+    echo "GPT-2 small, global batch $BATCH x $SEQ, $PREC, $CORES cores ($CPU); cells: ms/step, MFU, exposed gradient allreduce (ar) and all-to-all (a2a) shares, slowest rank, and threads busy (the least busy rank's share of threads x wall on a core: below 100% where threads idle)"
     echo
     echo "$header"
     echo "|---|---|---|---|---|---|"

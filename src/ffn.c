@@ -95,12 +95,12 @@ static void dense_forward(dense_layer *f, const float *params, float *out, const
 static void dense_backward(dense_layer *f, const float *params, float *grads, float *din,
                            const float *dout, const float *in, int64_t n, float *scratch) {
     float *dact = scratch; /* (n,H), reused for the pre-activation gradient */
-    memset(dact, 0, (size_t)(n * f->H) * sizeof(float));
+    par_zero(dact, (size_t)(n * f->H) * sizeof(float));
     matmul_backward(dact, grads + f->proj_w, grads + f->proj_b, dout, f->act,
                     params + f->proj_w, n, f->H, f->C);
     /* GELU backward in place: dpre = GELU'(pre) * dact */
     float *dpre = f->act; /* the GELU output is not needed any more */
-    memset(dpre, 0, (size_t)(n * f->H) * sizeof(float));
+    par_zero(dpre, (size_t)(n * f->H) * sizeof(float));
     gelu_backward(dpre, f->pre, dact, n * f->H);
     matmul_backward(din, grads + f->fc_w, grads + f->fc_b, dpre, in, params + f->fc_w, n, f->C,
                     f->H);
@@ -219,11 +219,11 @@ double ffn_forward(ffn_layer *f, const float *params, float *out, const float *i
     /* routed and shared outputs apart, so the log and stats can say each one's share */
     const int C = f->shared->C;
     float *y = f->ybuf;
-    memset(y, 0, sizeof(float) * (size_t)(n * C));
+    par_zero(y, sizeof(float) * (size_t)(n * C));
     double aux = routed_forward(f, params, y, in, n, ctx);
     double norms[2] = {ctx->training ? row_norm_sum(y, n, C) : 0.0, 0.0};
     add_rows(out, y, n * C);
-    memset(y, 0, sizeof(float) * (size_t)(n * C));
+    par_zero(y, sizeof(float) * (size_t)(n * C));
     dense_run_forward(f->shared, params, y, in, n, ctx);
     if (ctx->training) {
         norms[1] = row_norm_sum(y, n, C);

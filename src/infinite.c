@@ -534,7 +534,7 @@ static void add_chunks_in_order(const inf_layer *f, float *dst, int W) {
 static void blocks_forward(inf_layer *f, const float *params, const bf16 *wbf) {
     const int C = f->C;
     const int64_t *start = f->by_chunk.start;
-    memset(f->rows_out, 0, sizeof(float) * (size_t)(f->n_recv * C));
+    par_zero(f->rows_out, sizeof(float) * (size_t)(f->n_recv * C));
     if (!f->chunks_parallel) {
         for (int ch = 0; ch < f->nc_local; ch++) {
             int64_t base = start[ch], rows = start[ch + 1] - base;
@@ -762,7 +762,7 @@ static void chunk_backward(inf_layer *f, const float *params, const bf16 *wbf, f
     gemm_var(1, 0, cu, C, rows, cb->aw, cu, cb->yg, C, grads + f->W2 + (size_t)ch * cu * C, C, 1, NULL);
     weight_gradients(f, cb->daw, ch, rl, rows, Ac, Wt);
     /* GELU backward: aw <- GELU'(Hp) * daw */
-    memset(cb->aw, 0, sizeof(float) * (size_t)(rows * cu));
+    par_zero(cb->aw, sizeof(float) * (size_t)(rows * cu));
     gelu_backward(cb->aw, Hp, cb->daw, rows * cu);
     dispatch_gather(cb->xg, f->recv, send_width(f), rl, rows, C, sizeof(float));
     gemm_var(1, 0, cu, C, rows, cb->aw, cu, cb->xg, C, grads + f->W1 + (size_t)ch * cu * C, C, 1, NULL);
@@ -776,7 +776,7 @@ static void blocks_backward(inf_layer *f, const float *params, const bf16 *wbf, 
     const int C = f->C, K = f->K, dz = f->dz, b = f->b, Hl = f->H_local;
     const int WB = C + K * dz + K;
     const int64_t M = f->n_recv, *start = f->by_chunk.start;
-    memset(f->rows_back, 0, sizeof(float) * (size_t)(M * WB));
+    par_zero(f->rows_back, sizeof(float) * (size_t)(M * WB));
     /* wrow becomes d loss / d weight per unit; units a row does not use keep weight 0 and
      * are never read, so only the chunks computed are written (each chunk its own
      * columns; the input gradients are added in chunk order, as in the forward) */
@@ -900,8 +900,8 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     st->t_alltoall += (t1 - t0) + (t3 - t2);
     /* 2. owner: input gradients, and the per-sample sums A and S over all shards */
     float *Atot = f->Atot, *Stot = f->Stot;
-    memset(Atot, 0, sizeof(float) * (size_t)(n * K * dz));
-    memset(Stot, 0, sizeof(float) * (size_t)(n * K));
+    par_zero(Atot, sizeof(float) * (size_t)(n * K * dz));
+    par_zero(Stot, sizeof(float) * (size_t)(n * K));
     /* token by token, its rows in send order (ascending shard): the serial order */
     const int ep = f->ep;
 #pragma omp parallel for
@@ -986,7 +986,7 @@ void inf_backward(inf_layer *f, const float *params, float *grads, float *din, c
     gemm(0, 0, n, R, dz, f->dmu, dz, params + f->Wm, R, f->dr, R, 0, NULL);
     gemm(0, 0, n, R, dz, f->dsig, dz, params + f->Ws, R, f->dr, R, 1, NULL);
     float *dpre = f->r; /* r is no longer needed */
-    memset(dpre, 0, sizeof(float) * (size_t)(n * R));
+    par_zero(dpre, sizeof(float) * (size_t)(n * R));
     gelu_backward(dpre, f->pre_r, f->dr, n * R);
     matmul_backward(din, grads + f->A, grads + f->a, dpre, in, params + f->A, n, C, R);
     st->t_router += wall_time() - t3;

@@ -292,11 +292,11 @@ static void forward_bf16(gpt_model *m) {
         else
             attention_forward_bf16(a->atty_h, a->att_h, m->datt, a->qkv_h, B, T, C, NH,
                                    m->att_threads);
-        memcpy(a->res2, x, (size_t)(N * C) * sizeof(float));
+        par_copy(a->res2, x, (size_t)(N * C) * sizeof(float));
         matmul_forward_bf16(a->res2, 0, a->atty_h, W + o->proj_w, P + o->proj_b, N, C, C, 1);
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, P + o->ln2_w, P + o->ln2_b,
                           N, C);
-        memcpy(a->res3, a->res2, (size_t)(N * C) * sizeof(float));
+        par_copy(a->res3, a->res2, (size_t)(N * C) * sizeof(float));
         m->aux_loss += ffn_forward(&m->ffn[l], P, a->res3, a->ln2, N, &m->ctx);
         x = a->res3;
     }
@@ -318,11 +318,11 @@ static void forward_fp32(gpt_model *m) {
         matmul_forward(a->qkv, a->ln1, P + o->qkv_w, P + o->qkv_b, N, C, 3 * C, 0);
         attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
         /* res2 = x + proj(atty): copy the residual, let the GEMM accumulate onto it */
-        memcpy(a->res2, x, (size_t)(N * C) * sizeof(float));
+        par_copy(a->res2, x, (size_t)(N * C) * sizeof(float));
         matmul_forward(a->res2, a->atty, P + o->proj_w, P + o->proj_b, N, C, C, 1);
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, P + o->ln2_w, P + o->ln2_b,
                           N, C);
-        memcpy(a->res3, a->res2, (size_t)(N * C) * sizeof(float));
+        par_copy(a->res3, a->res2, (size_t)(N * C) * sizeof(float));
         m->aux_loss += ffn_forward(&m->ffn[l], P, a->res3, a->ln2, N, &m->ctx);
         x = a->res3;
     }
@@ -350,7 +350,7 @@ float model_forward(gpt_model *m, const int32_t *inputs, const int32_t *targets)
     return m->mean_loss;
 }
 
-void model_zero_grad(gpt_model *m) { memset(m->grads, 0, m->tensors.total * sizeof(float)); }
+void model_zero_grad(gpt_model *m) { par_zero(m->grads, m->tensors.total * sizeof(float)); }
 
 void model_update(gpt_model *m, const run_config *cfg, float lr, int step, float grad_scale) {
     optim_adamw_step(&m->tensors, m->params, m->grads, m->m, m->v, cfg, lr, step, grad_scale,
@@ -477,12 +477,12 @@ static void backward_bf16(gpt_model *m) {
     float *G = m->grads;
     crossentropy_backward_bf16(m->dlogits_h, m->logits, m->targets, 1.0f / (float)N, N, m->V,
                                m->Vp);
-    memset(m->dln, 0, nc);
+    par_zero(m->dln, nc);
     matmul_backward_bf16(m->dln, 0, G + m->wte, NULL, m->dlogits_h, m->lnf_h, W + m->wte, N, C,
                          m->Vp);
     lm_head_done(m);
     const float *x_last = m->L > 0 ? m->acts[m->L - 1].res3 : m->encoded;
-    memset(m->dres, 0, nc);
+    par_zero(m->dres, nc);
     layernorm_backward(m->dres, G + m->lnf_w, G + m->lnf_b, m->dln, x_last, P + m->lnf_w,
                        m->lnf_mean, m->lnf_rstd, N, C);
     backward_done(m, m->L);
@@ -490,7 +490,7 @@ static void backward_bf16(gpt_model *m) {
         const block_offsets *o = &m->block[l];
         block_acts *a = &m->acts[l];
         const float *x = l > 0 ? m->acts[l - 1].res3 : m->encoded;
-        memset(m->dln, 0, nc);
+        par_zero(m->dln, nc);
         ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn, &m->ctx);
         backward_progress(m);
         layernorm_backward(m->dres, G + o->ln2_w, G + o->ln2_b, m->dln, a->res2, P + o->ln2_w,
@@ -507,7 +507,7 @@ static void backward_bf16(gpt_model *m) {
             attention_backward_bf16(m->dqkv_h, m->datt, m->datty_h, a->qkv_h, a->att_h, B, T, C,
                                     NH, m->att_threads);
         backward_progress(m);
-        memset(m->dln, 0, nc);
+        par_zero(m->dln, nc);
         matmul_backward_bf16(m->dln, 0, G + o->qkv_w, G + o->qkv_b, m->dqkv_h, a->ln1_h,
                              W + o->qkv_w, N, C, 3 * C);
         layernorm_backward(m->dres, G + o->ln1_w, G + o->ln1_b, m->dln, x, P + o->ln1_w,
@@ -530,11 +530,11 @@ void model_backward(gpt_model *m) {
     float *dlogits = m->logits; /* probabilities become their own gradient */
     crossentropy_backward(dlogits, m->logits, m->targets, 1.0f / (float)N, N, m->V, m->Vp);
     /* logits = lnf . wte^T */
-    memset(m->dln, 0, nc);
+    par_zero(m->dln, nc);
     matmul_backward(m->dln, G + m->wte, NULL, dlogits, m->lnf, P + m->wte, N, C, m->Vp);
     lm_head_done(m);
     const float *x_last = m->L > 0 ? m->acts[m->L - 1].res3 : m->encoded;
-    memset(m->dres, 0, nc);
+    par_zero(m->dres, nc);
     layernorm_backward(m->dres, G + m->lnf_w, G + m->lnf_b, m->dln, x_last, P + m->lnf_w,
                        m->lnf_mean, m->lnf_rstd, N, C);
     backward_done(m, m->L);
@@ -543,20 +543,20 @@ void model_backward(gpt_model *m) {
         block_acts *a = &m->acts[l];
         const float *x = l > 0 ? m->acts[l - 1].res3 : m->encoded;
         /* res3 = res2 + FFN(LN2(res2)): dres passes through and gains the FFN's share */
-        memset(m->dln, 0, nc);
+        par_zero(m->dln, nc);
         ffn_backward(&m->ffn[l], P, G, m->dln, m->dres, a->ln2, N, m->dffn, &m->ctx);
         backward_progress(m);
         layernorm_backward(m->dres, G + o->ln2_w, G + o->ln2_b, m->dln, a->res2, P + o->ln2_w,
                            a->ln2_mean, a->ln2_rstd, N, C);
         /* res2 = x + proj(attn(LN1(x))) */
-        memset(m->datty, 0, nc);
+        par_zero(m->datty, nc);
         matmul_backward(m->datty, G + o->proj_w, G + o->proj_b, m->dres, a->atty, P + o->proj_w,
                         N, C, C);
         backward_progress(m);
-        memset(m->dqkv, 0, 3 * nc);
+        par_zero(m->dqkv, 3 * nc);
         attention_backward(m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH, m->att_threads);
         backward_progress(m);
-        memset(m->dln, 0, nc);
+        par_zero(m->dln, nc);
         matmul_backward(m->dln, G + o->qkv_w, G + o->qkv_b, m->dqkv, a->ln1, P + o->qkv_w, N, C,
                         3 * C);
         layernorm_backward(m->dres, G + o->ln1_w, G + o->ln1_b, m->dln, x, P + o->ln1_w,

@@ -1019,7 +1019,7 @@ static void expert_backward(moe_layer *m, const float *params, float *grads, int
         bias_backward(grads + m->b2 + (size_t)e * C, dY + r0 * C, rows, C);
         dispatch_progress(&m->plan);
     }
-    memset(dH + q0 * He, 0, sizeof(float) * (size_t)((q1 - q0) * He));
+    par_zero(dH + q0 * He, sizeof(float) * (size_t)((q1 - q0) * He));
     gelu_backward(dH + q0 * He, m->Hpre + q0 * He, dA + q0 * He, (q1 - q0) * He);
     float *dX = m->Y; /* dY has been used */
     for (int e = e0; e < e1; e++) {

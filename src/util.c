@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <omp.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +107,42 @@ double wall_time(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Below this, one thread: waking the others costs more than the bytes. */
+#define PAR_BYTES_MIN (256 * 1024)
+
+/* Byte ranges of [0, bytes) for thread t of nt, cut at 4 KiB (whole pages per thread). */
+static void par_range(size_t bytes, int t, int nt, size_t *b0, size_t *b1) {
+    size_t per = (bytes / (size_t)nt + 4095) & ~(size_t)4095;
+    *b0 = per * (size_t)t < bytes ? per * (size_t)t : bytes;
+    *b1 = *b0 + per < bytes ? *b0 + per : bytes;
+}
+
+void par_zero(void *p, size_t bytes) {
+    if (bytes < PAR_BYTES_MIN || omp_in_parallel() || omp_get_max_threads() < 2) {
+        memset(p, 0, bytes);
+        return;
+    }
+#pragma omp parallel
+    {
+        size_t b0, b1;
+        par_range(bytes, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
+        if (b1 > b0) memset((char *)p + b0, 0, b1 - b0);
+    }
+}
+
+void par_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes < PAR_BYTES_MIN || omp_in_parallel() || omp_get_max_threads() < 2) {
+        memcpy(dst, src, bytes);
+        return;
+    }
+#pragma omp parallel
+    {
+        size_t b0, b1;
+        par_range(bytes, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
+        if (b1 > b0) memcpy((char *)dst + b0, (const char *)src + b0, b1 - b0);
+    }
 }
 
 int open_regular_file(const char *path, const char **why) {

@@ -133,6 +133,48 @@ static void split_case(int ta, int tb, int M, int N, int K, int pad, int acc, in
     free(Bh);
 }
 
+/* par_zero / par_copy write exactly the bytes memset / memcpy would, at any size,
+ * thread count and alignment, inside a parallel region too, and nothing beyond. */
+static void check_par_bytes(rng_state *r) {
+    const size_t sizes[] = {0, 1, 4095, 256 * 1024 - 1, 256 * 1024 + 13, 3 * 1024 * 1024 + 7};
+    const size_t guard = 64;
+    for (unsigned s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
+        for (int nt = 1; nt <= 3; nt++)
+            for (int nested = 0; nested < 2; nested++) {
+                size_t n = sizes[s], off = (s * 7 + (size_t)nt) % 5; /* unaligned starts */
+                unsigned char *src = xmalloc(n + 2 * guard), *dst = xmalloc(n + 2 * guard);
+                for (size_t i = 0; i < n + 2 * guard; i++) {
+                    src[i] = (unsigned char)rng_u64(r);
+                    dst[i] = (unsigned char)(i * 31 + 7);
+                }
+                omp_set_num_threads(nt);
+                unsigned char *d = dst + guard + off, *sp = src + guard + off;
+                if (n >= off) n -= off;
+#pragma omp parallel if (nested) num_threads(2)
+#pragma omp single
+                par_copy(d, sp, n);
+                int ok = memcmp(d, sp, n) == 0;
+                for (size_t i = 0; i < guard + off; i++) ok &= dst[i] == (unsigned char)(i * 31 + 7);
+                for (size_t i = guard + off + n; i < sizes[s] + 2 * guard; i++)
+                    ok &= dst[i] == (unsigned char)(i * 31 + 7);
+                CHECK(ok, "par_copy of %zu bytes on %d threads%s differs from memcpy", n, nt,
+                      nested ? " inside a parallel region" : "");
+#pragma omp parallel if (nested) num_threads(2)
+#pragma omp single
+                par_zero(d, n);
+                ok = 1;
+                for (size_t i = 0; i < n; i++) ok &= d[i] == 0;
+                for (size_t i = 0; i < guard + off; i++) ok &= dst[i] == (unsigned char)(i * 31 + 7);
+                for (size_t i = guard + off + n; i < sizes[s] + 2 * guard; i++)
+                    ok &= dst[i] == (unsigned char)(i * 31 + 7);
+                CHECK(ok, "par_zero of %zu bytes on %d threads%s differs from memset", n, nt,
+                      nested ? " inside a parallel region" : "");
+                free(src);
+                free(dst);
+            }
+    omp_set_num_threads(2);
+}
+
 int main(void) {
     rng_state r;
     rng_seed(&r, 7);
@@ -213,6 +255,7 @@ int main(void) {
                     for (int variant = 0; variant < 4; variant++)
                         split_case(ta, tb, split[s][0], split[s][1], split[s][2], variant & 1 ? 3 : 0,
                                    variant >= 1, variant == 2, types, variant == 3 && split[s][2] < 40001, &r);
+    check_par_bytes(&r);
     /* Conversions: round to nearest even, NaN stays NaN, bf16 -> fp32 exact. */
     CHECK(bf16_round(1.0f) == 0x3f80 && bf16_round(-2.0f) == 0xc000, "bf16 of 1 and -2");
     CHECK(bf16_round(1.00390625f) == 0x3f80, "1 + 2^-8 (a tie) rounds to even 1");
@@ -226,5 +269,5 @@ int main(void) {
     one_case(0, 1, 17, 33, 65, 0, 0, 0, &r);
     CHECK(gemm_primitives_created() == before, "a repeated shape created a new primitive");
     gemm_shutdown();
-    return check_finish("gemm: oneDNN equals the naive reference");
+    return check_finish("gemm: oneDNN equals the naive reference; par_zero / par_copy equal memset / memcpy");
 }

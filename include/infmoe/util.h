@@ -49,6 +49,16 @@ void *xmalloc(size_t size);
 void *xrealloc(void *p, size_t size);
 char *xstrdup(const char *s);
 
+/*
+ * memset(p, 0, bytes) and memcpy (no overlap) on every OpenMP thread, each a
+ * whole-page range: the step's large buffers (gradients, residuals, activation
+ * gradients) zeroed or copied by one thread leave the others idle, a share of the
+ * step that grows with the thread count. Below 256 KiB, or called inside a
+ * parallel region, plain memset / memcpy. The bytes written are the same.
+ */
+void par_zero(void *p, size_t bytes);
+void par_copy(void *dst, const void *src, size_t bytes);
+
 /* Seconds on a monotonic clock. */
 double wall_time(void);
 
