@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/resource.h>
 
+#include "infmoe/dispatch.h"
 #include "infmoe/dist.h"
 #include "infmoe/gemm.h"
 #include "infmoe/infinite.h"
@@ -71,14 +72,16 @@ int main(int argc, char **argv) {
                    "        [--expert-bias RATE] [--groups G --group-k GK] [--chunks D]] [--shared-hidden HS]\n"
                    "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
                    "       [--grad-reduce overlap|blocking] [--bucket-mb MB] [--attention fused|stored]\n"
-                   "       [--row-split on|off]\n"
+                   "       [--row-split on|off] [--a2a-probe]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
                    "--experts, or ∞-MoE with --units); defaults: GPT-2 small, T=256, B=4, fp32,\n"
                    "3 timed steps after one warm-up. MFU is against the peak of the precision;\n"
                    "'allreduce' is the wait for the gradient reduction after backward (all of it when\n"
                    "blocking), slowest rank; on the last rank out of backward it is the reduction's\n"
                    "own exposed cost, the rest is waiting for that rank.\n"
-                   "peak RSS is the largest rank's.\n");
+                   "peak RSS is the largest rank's. --a2a-probe (MoE, ∞-MoE; one chunk): a barrier\n"
+                   "before every all-to-all splits its time into waiting for the last rank to\n"
+                   "arrive and moving the rows, each the largest over ranks.\n");
             return 0;
         }
     dist_ctx d;
@@ -159,6 +162,11 @@ int main(int argc, char **argv) {
             else if (strcmp(argv[i + 1], "off") == 0) gemm_set_row_split(0);
             else infmoe_die_all("--row-split takes on or off, not '%s'", argv[i + 1]);
         }
+    int probe = 0;
+    for (int i = 1; i < argc; i++) probe |= strcmp(argv[i], "--a2a-probe") == 0;
+    if (probe && cfg.alltoall_chunks > 1)
+        infmoe_die_all("--a2a-probe times exchanges in one piece: leave out --chunks");
+    dispatch_set_probe(probe);
     for (int i = 1; i + 1 < argc; i++)
         if (strcmp(argv[i], "--bucket-mb") == 0) cfg.grad_bucket_mb = (float)atof(argv[i + 1]);
     char msg[512];
@@ -180,11 +188,13 @@ int main(int argc, char **argv) {
     dist_allreduce_sum_d(&peak, 1, d.world);
 
     double t_fwd = 0, t_bwd = 0, t_ar = 0, t_ar_min = 0, t_opt = 0, t_total = 0;
-    double moe0[4] = {0}, rows = 0, cpu_steps = 0, wall_steps = 0;
+    double moe0[4] = {0}, rows = 0, cpu_steps = 0, wall_steps = 0, probe0[2] = {0, 0};
     for (int s = 0; s <= steps; s++) {
-        if (s == 1) /* start the MoE timers after the warm-up step */
+        if (s == 1) { /* start the MoE timers and the probe after the warm-up step */
             for (int i = 0; i < 4; i++)
                 moe0[i] = phase_time(&m, i);
+            dispatch_probe_times(&probe0[0], &probe0[1]);
+        }
         MPI_CHECK(MPI_Barrier(d.world));
         double t0 = wall_time(), c0 = cpu_time();
         model_set_step(&m, s, (int64_t)d.rank * B * T, 1);
@@ -249,6 +259,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 4; i++)
         moe_t[i] = phase_time(&m, i) - moe0[i];
     dist_allreduce_max_d(moe_t, 4, d.world);
+    double probe_t[2];
+    dispatch_probe_times(&probe_t[0], &probe_t[1]);
+    probe_t[0] -= probe0[0];
+    probe_t[1] -= probe0[1];
+    dist_allreduce_max_d(probe_t, 2, d.world);
     double inf_t[4];
     inf_detail(&m, inf_t);
     dist_allreduce_max_d(inf_t, 4, d.world);
@@ -282,6 +297,10 @@ int main(int argc, char **argv) {
                100 * t_ar_min / t_total, 100 * t_opt / t_total);
         printf("  threads busy %.1f%% of %d x wall (least busy rank; waiting in MPI counts as busy)\n",
                100 * busy, omp_get_max_threads());
+        if (probe && (n_moe > 0 || n_inf > 0))
+            printf("  all-to-all probe (barrier first, largest over ranks) | waiting for the last rank "
+                   "%.1f%% | moving rows %.1f%%\n",
+                   100 * probe_t[0] / t_total, 100 * probe_t[1] / t_total);
         char hier[64] = "";
         if (cfg.groups > 0)
             snprintf(hier, sizeof hier, " in top-%d of %d groups", cfg.group_k, cfg.groups);

@@ -56,8 +56,11 @@ layout() { # label, ranks, threads, ep
         return
     fi
     step "$l bf16 dense" "$p" "$t" --precision bf16
-    step "$l bf16 MoE" "$p" "$t" --precision bf16 --experts 8 --k 2 --expert-hidden 1536 --ep "$ep"
-    step "$l bf16 inf" "$p" "$t" --precision bf16 --units 6144 --keep 0.25 --samples 2 --block 64 --ep "$ep"
+    # across ranks, the exchange's time split into waiting for the last rank and moving rows
+    local probe=()
+    [ "$ep" -gt 1 ] && probe=(--a2a-probe)
+    step "$l bf16 MoE" "$p" "$t" --precision bf16 --experts 8 --k 2 --expert-hidden 1536 --ep "$ep" "${probe[@]}"
+    step "$l bf16 inf" "$p" "$t" --precision bf16 --units 6144 --keep 0.25 --samples 2 --block 64 --ep "$ep" "${probe[@]}"
     local d32 d16
     d32=$(ms "$OUT/$l fp32 dense")
     d16=$(ms "$OUT/$l bf16 dense")

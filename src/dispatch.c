@@ -10,6 +10,10 @@
 #include "infmoe/dist.h"
 #include "infmoe/util.h"
 
+/* The probe (dispatch_set_probe): seconds in its barriers, and in the exchanges after them. */
+static int g_probe;
+static double g_probe_wait, g_probe_move;
+
 static void plan_init(dispatch_plan *p, MPI_Comm comm) {
     memset(p, 0, sizeof *p);
     p->comm = comm;
@@ -120,6 +124,7 @@ static void flight_free(dispatch_flight *f) {
 }
 
 void dispatch_set_chunks(dispatch_plan *p, int chunks) {
+    ALWAYS(!(g_probe && chunks > 1)); /* the probe times blocking exchanges only */
     ALWAYS(chunks >= 1 && !p->send_rows_c);
     ALWAYS(chunks == 1 || !p->nodes); /* the node-aware exchange runs in one piece */
     p->chunks = chunks;
@@ -306,10 +311,34 @@ static void node_alltoallv(dispatch_nodes *nd, const void *send, const int *sc, 
 }
 
 /* One exchange of rows: flat, or node-aware where the plan has nodes. */
+void dispatch_set_probe(int on) { g_probe = on != 0; }
+
+void dispatch_probe_times(double *wait, double *move) {
+    *wait = g_probe_wait;
+    *move = g_probe_move;
+}
+
+/* With the probe on: every rank of comm here, the wait counted; returns when the
+ * exchange after it starts (0 with the probe off). */
+static double probe_start(MPI_Comm comm) {
+    if (!g_probe) return 0.0;
+    double t0 = wall_time();
+    MPI_CHECK(MPI_Barrier(comm));
+    double t1 = wall_time();
+    g_probe_wait += t1 - t0;
+    return t1;
+}
+
+static void probe_end(double t1) {
+    if (g_probe) g_probe_move += wall_time() - t1;
+}
+
 static void alltoallv(dispatch_plan *p, const void *send, const int *sc, const int *sd, void *recv,
                       const int *rc, const int *rd, size_t elem, MPI_Datatype t) {
+    double t1 = probe_start(p->comm);
     if (p->nodes) node_alltoallv(p->nodes, send, sc, sd, recv, rc, rd, elem, t);
     else MPI_CHECK(MPI_Alltoallv(send, sc, sd, t, recv, rc, rd, t, p->comm));
+    probe_end(t1);
 }
 
 static int64_t g_bytes_sent;
@@ -324,7 +353,9 @@ static MPI_Datatype elem_type(size_t elem) {
 
 int64_t dispatch_send(dispatch_plan *p, const void *send, void *recv, int width, size_t elem,
                       int64_t max_recv) {
+    double t1 = probe_start(p->comm);
     MPI_CHECK(MPI_Alltoall(p->send_rows, 1, MPI_INT, p->recv_rows, 1, MPI_INT, p->comm));
+    probe_end(t1);
     p->n_send = p->n_recv = 0;
     for (int r = 0; r < p->size; r++) {
         p->n_send += p->send_rows[r];

@@ -6,7 +6,9 @@
  * rank, fp32-sized and bf16-sized elements, and the rows that arrive, forward,
  * reverse and a second forward, must be the flat exchange's byte for byte.
  * Prints PASS, or the first difference; with unequal nodes the plan falls back
- * to the flat exchange (a note) and the rows are again the same.
+ * to the flat exchange (a note) and the rows are again the same. Passes 2 and 3
+ * run with the exchange probe on (a barrier before each exchange, timed): the
+ * same bytes, and the probe's clocks move only while it is on.
  */
 #include <mpi.h>
 #include <stdio.h>
@@ -31,6 +33,9 @@ int main(int argc, char **argv) {
     int bad = 0;
     for (int pass = 0; pass < 4 && !bad; pass++) {
         const size_t elem = pass % 2 ? sizeof(uint16_t) : sizeof(float);
+        double w0, m0, w1, m1;
+        dispatch_set_probe(pass >= 2);
+        dispatch_probe_times(&w0, &m0);
         const int width = 5 + pass;
         rng_state r;
         rng_seed(&r, 1000 + (uint64_t)rank * 7 + (uint64_t)pass);
@@ -76,6 +81,12 @@ int main(int argc, char **argv) {
             printf("rank %d pass %d: second forward rows differ\n", rank, pass);
             bad = 1;
         }
+        dispatch_probe_times(&w1, &m1);
+        if (!bad && (pass >= 2 ? !(w1 >= w0 && m1 > m0) : (w1 != w0 || m1 != m0))) {
+            printf("rank %d pass %d: the probe's clocks %s\n", rank, pass,
+                   pass >= 2 ? "did not move with the probe on" : "moved with the probe off");
+            bad = 1;
+        }
         free(wa), free(wb), free(ws), free(oa), free(ob), free(ra), free(rb), free(send), free(slot), free(item),
             free(bucket);
         dispatch_free(&flat);
@@ -84,7 +95,8 @@ int main(int argc, char **argv) {
     int any = 0;
     MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     if (rank == 0 && !any)
-        printf("PASS dispatch: node-aware all-to-all equals the flat one byte for byte (%d ranks, %s nodes of %d)\n",
+        printf("PASS dispatch: node-aware all-to-all equals the flat one byte for byte, with and without the "
+               "exchange probe (%d ranks, %s nodes of %d)\n",
                size, strided ? "strided" : "consecutive", per);
     MPI_Comm_free(&node);
     MPI_Finalize();

@@ -126,6 +126,16 @@ void dispatch_progress(dispatch_plan *p);
 /* The local buckets [*lo, *hi) of chunk g. */
 void dispatch_chunk_buckets(const dispatch_plan *p, int chunk, int *lo, int *hi);
 
+/*
+ * The exchange probe (benchmarks; off by default): with it on, every blocking
+ * exchange (one chunk) starts with an MPI_Barrier over its ranks, so the time in
+ * the barrier is this rank waiting for the last one to arrive and the time in
+ * the exchange after it is the rows moving. dispatch_probe_times: this process's
+ * seconds of each so far. Not for chunked plans (set the probe before any
+ * dispatch_set_chunks > 1); a barrier costs a few microseconds on one node.
+ */
+void dispatch_set_probe(int on);
+void dispatch_probe_times(double *wait, double *move);
 /* Bytes of rows this process has sent through every exchange so far (tests, benchmarks). */
 int64_t dispatch_bytes_sent(void);
 
