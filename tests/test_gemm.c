@@ -3,6 +3,7 @@
  * against one thread bit for bit. */
 #include <math.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -173,6 +174,15 @@ static void check_par_bytes(rng_state *r) {
                 free(dst);
             }
     omp_set_num_threads(2);
+    /* big buffers: on a 2 MiB boundary (huge pages), zeroed; small ones 64-byte aligned */
+    const size_t big = ((size_t)9 << 20) + 5;
+    unsigned char *p = xcalloc(big, 1), *q = xcalloc(1000, 1);
+    int zero = 1;
+    for (size_t i = 0; i < big; i++) zero &= p[i] == 0;
+    CHECK(zero && ((uintptr_t)p & (((size_t)2 << 20) - 1)) == 0 && ((uintptr_t)q & 63) == 0,
+          "xcalloc: %zu bytes zeroed on a 2 MiB boundary, 1000 bytes on 64", big);
+    free(p);
+    free(q);
 }
 
 int main(void) {
@@ -269,5 +279,5 @@ int main(void) {
     one_case(0, 1, 17, 33, 65, 0, 0, 0, &r);
     CHECK(gemm_primitives_created() == before, "a repeated shape created a new primitive");
     gemm_shutdown();
-    return check_finish("gemm: oneDNN equals the naive reference; par_zero / par_copy equal memset / memcpy");
+    return check_finish("gemm: oneDNN equals the naive reference; par_zero / par_copy equal memset / memcpy; big buffers on huge-page boundaries");
 }
