@@ -127,7 +127,8 @@ double wall_time(void) {
 /* Below this, one thread: waking the others costs more than the bytes. */
 #define PAR_BYTES_MIN (256 * 1024)
 
-/* Byte ranges of [0, bytes) for thread t of nt, cut at 4 KiB (whole pages per thread). */
+/* Thread t of nt's share of [0, bytes), cut at multiples of 4 KiB from the start (whole
+ * pages where the buffer starts on one: the large buffers start on 2 MiB). */
 static void par_range(size_t bytes, int t, int nt, size_t *b0, size_t *b1) {
     size_t per = (bytes / (size_t)nt + 4095) & ~(size_t)4095;
     *b0 = per * (size_t)t < bytes ? per * (size_t)t : bytes;

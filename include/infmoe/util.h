@@ -43,7 +43,8 @@ void infmoe_fail_at(const char *file, int line, const char *fmt, ...)
         if (!(cond)) INFMOE_FAIL("internal error: expected %s", #cond);       \
     } while (0)
 
-/* 64-byte aligned, zeroed allocation; dies with the size on failure. */
+/* 64-byte aligned (8 MiB or more: 2 MiB aligned, on transparent huge pages where
+ * the kernel grants them), zeroed allocation; dies with the size on failure. */
 void *xcalloc(size_t count, size_t size);
 void *xmalloc(size_t size);
 void *xrealloc(void *p, size_t size);
@@ -51,7 +52,7 @@ char *xstrdup(const char *s);
 
 /*
  * memset(p, 0, bytes) and memcpy (no overlap) on every OpenMP thread, each a
- * whole-page range: the step's large buffers (gradients, residuals, activation
+ * range of whole 4 KiB multiples: the step's large buffers (gradients, residuals, activation
  * gradients) zeroed or copied by one thread leave the others idle, a share of the
  * step that grows with the thread count. Below 256 KiB, or called inside a
  * parallel region, plain memset / memcpy. The bytes written are the same.
