@@ -28,7 +28,6 @@
 #include "infmoe/peak.h"
 #include "infmoe/util.h"
 
-/* Cumulative seconds in phase i (route, dispatch, all-to-all, expert) over the sparse layers. */
 /* CPU seconds of every thread of this process, user and system. */
 static double cpu_time(void) {
     struct rusage ru;
@@ -37,6 +36,7 @@ static double cpu_time(void) {
            (double)ru.ru_stime.tv_sec + 1e-6 * (double)ru.ru_stime.tv_usec;
 }
 
+/* Cumulative seconds in phase i (route, dispatch, all-to-all, expert) over the sparse layers. */
 static double phase_time(const gpt_model *m, int i) {
     double t = 0.0, p[4];
     for (int l = 0; l < m->L; l++) {

@@ -89,7 +89,7 @@ one() { # file, ranks, threads, bench args...
 }
 ms_of() { sed -n 's/.*ms\/step \([0-9.]*\).*/\1/p' "$1"; } # file: the ms/step it printed
 CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-cell() { # file: "ms / mfu% / exposed%"
+cell() { # file: "ms / mfu% / exposed% / threads busy%"
     local f=$1
     if grep -q 'skipped (deadline)' "$f"; then
         echo "skipped"
@@ -118,7 +118,7 @@ if [ "$DIAG" = 1 ]; then
     {
         echo "GPT-2 small dense, T $SEQ, $PREC, $CORES cores ($CPU)"
         echo
-        echo "| one rank, threads = sequences | ms/step, MFU, ar | ms/step against 1 thread |"
+        echo "| one rank, threads = sequences | ms/step, MFU, ar, threads busy | ms/step against 1 thread |"
         echo "|---|---|---|"
         base=""
         for ((t = 1; t <= CORES; t *= 2)); do

@@ -310,7 +310,6 @@ static void node_alltoallv(dispatch_nodes *nd, const void *send, const int *sc, 
         }
 }
 
-/* One exchange of rows: flat, or node-aware where the plan has nodes. */
 void dispatch_set_probe(int on) { g_probe = on != 0; }
 
 void dispatch_probe_times(double *wait, double *move) {
@@ -333,6 +332,7 @@ static void probe_end(double t1) {
     if (g_probe) g_probe_move += wall_time() - t1;
 }
 
+/* One exchange of rows: flat, or node-aware where the plan has nodes. */
 static void alltoallv(dispatch_plan *p, const void *send, const int *sc, const int *sd, void *recv,
                       const int *rc, const int *rd, size_t elem, MPI_Datatype t) {
     double t1 = probe_start(p->comm);

@@ -89,6 +89,7 @@ void infmoe_fail_at(const char *file, int line, const char *fmt, ...) {
 void *xmalloc(size_t size) {
     void *p = NULL;
     const size_t align = size >= HUGE_MIN ? HUGE_PAGE : 64;
+    if (size > SIZE_MAX - align) infmoe_die("out of memory allocating %zu bytes", size);
     size_t rounded = (size + align - 1) / align * align;
     if (rounded == 0) rounded = 64;
     if (posix_memalign(&p, align, rounded) != 0)
@@ -130,7 +131,7 @@ double wall_time(void) {
 /* Thread t of nt's share of [0, bytes), cut at multiples of 4 KiB from the start (whole
  * pages where the buffer starts on one: the large buffers start on 2 MiB). */
 static void par_range(size_t bytes, int t, int nt, size_t *b0, size_t *b1) {
-    size_t per = (bytes / (size_t)nt + 4095) & ~(size_t)4095;
+    size_t per = ((bytes + (size_t)nt - 1) / (size_t)nt + 4095) & ~(size_t)4095; /* nt x per >= bytes */
     *b0 = per * (size_t)t < bytes ? per * (size_t)t : bytes;
     *b1 = *b0 + per < bytes ? *b0 + per : bytes;
 }

@@ -91,6 +91,9 @@ int main(int argc, char **argv) {
             free(bucket);
         dispatch_free(&flat);
         dispatch_free(&nodes);
+        /* every rank leaves together: a failure on one rank must not leave the others
+         * in the next pass's collectives */
+        MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     }
     int any = 0;
     MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

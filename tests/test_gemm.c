@@ -135,29 +135,31 @@ static void split_case(int ta, int tb, int M, int N, int K, int pad, int acc, in
 }
 
 /* par_zero / par_copy write exactly the bytes memset / memcpy would, at any size,
- * thread count and alignment, inside a parallel region too, and nothing beyond. */
+ * thread count and alignment, inside a parallel region too, and nothing beyond.
+ * Sizes include nt x 4096 x k + r (0 < r < nt), where shares rounded down to whole
+ * pages would leave the last r bytes unwritten. */
 static void check_par_bytes(rng_state *r) {
-    const size_t sizes[] = {0, 1, 4095, 256 * 1024 - 1, 256 * 1024 + 13, 3 * 1024 * 1024 + 7};
+    const size_t sizes[] = {0, 1, 4095, 256 * 1024 - 1, 256 * 1024 + 13, 262148, 266244,
+                            3 * 4096 * 22 + 1, 8 * 4096 * 9 + 7, 3 * 1024 * 1024 + 7};
     const size_t guard = 64;
     for (unsigned s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
-        for (int nt = 1; nt <= 3; nt++)
+        for (int nt = 1; nt <= 8; nt++)
             for (int nested = 0; nested < 2; nested++) {
-                size_t n = sizes[s], off = (s * 7 + (size_t)nt) % 5; /* unaligned starts */
-                unsigned char *src = xmalloc(n + 2 * guard), *dst = xmalloc(n + 2 * guard);
-                for (size_t i = 0; i < n + 2 * guard; i++) {
+                const size_t n = sizes[s], off = (s * 7 + (size_t)nt) % 5; /* unaligned starts */
+                const size_t all = n + off + 2 * guard;
+                unsigned char *src = xmalloc(all), *dst = xmalloc(all);
+                for (size_t i = 0; i < all; i++) {
                     src[i] = (unsigned char)rng_u64(r);
                     dst[i] = (unsigned char)(i * 31 + 7);
                 }
                 omp_set_num_threads(nt);
                 unsigned char *d = dst + guard + off, *sp = src + guard + off;
-                if (n >= off) n -= off;
 #pragma omp parallel if (nested) num_threads(2)
 #pragma omp single
                 par_copy(d, sp, n);
                 int ok = memcmp(d, sp, n) == 0;
                 for (size_t i = 0; i < guard + off; i++) ok &= dst[i] == (unsigned char)(i * 31 + 7);
-                for (size_t i = guard + off + n; i < sizes[s] + 2 * guard; i++)
-                    ok &= dst[i] == (unsigned char)(i * 31 + 7);
+                for (size_t i = guard + off + n; i < all; i++) ok &= dst[i] == (unsigned char)(i * 31 + 7);
                 CHECK(ok, "par_copy of %zu bytes on %d threads%s differs from memcpy", n, nt,
                       nested ? " inside a parallel region" : "");
 #pragma omp parallel if (nested) num_threads(2)
@@ -166,15 +168,15 @@ static void check_par_bytes(rng_state *r) {
                 ok = 1;
                 for (size_t i = 0; i < n; i++) ok &= d[i] == 0;
                 for (size_t i = 0; i < guard + off; i++) ok &= dst[i] == (unsigned char)(i * 31 + 7);
-                for (size_t i = guard + off + n; i < sizes[s] + 2 * guard; i++)
-                    ok &= dst[i] == (unsigned char)(i * 31 + 7);
+                for (size_t i = guard + off + n; i < all; i++) ok &= dst[i] == (unsigned char)(i * 31 + 7);
                 CHECK(ok, "par_zero of %zu bytes on %d threads%s differs from memset", n, nt,
                       nested ? " inside a parallel region" : "");
                 free(src);
                 free(dst);
             }
     omp_set_num_threads(2);
-    /* big buffers: on a 2 MiB boundary (huge pages), zeroed; small ones 64-byte aligned */
+    /* big buffers: on a 2 MiB boundary (huge pages), zeroed; small ones 64-byte
+     * aligned (xcalloc's zeroing is par_zero's, checked above at every size) */
     const size_t big = ((size_t)9 << 20) + 5;
     unsigned char *p = xcalloc(big, 1), *q = xcalloc(1000, 1);
     int zero = 1;
