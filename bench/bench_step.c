@@ -218,8 +218,7 @@ int main(int argc, char **argv) {
         if (s > 0) {
             cpu_steps += cpu_time() - c0;
             wall_steps += t4 - t0;
-        }
-        if (s > 0) /* expert rows this rank computed: its experts' share of all assignments */
+            /* expert rows this rank computed: its experts' share of all assignments */
             for (int l = 0; l < m.L; l++)
                 if (m.ffn[l].kind == FFN_TOPK || m.ffn[l].kind == FFN_MOGE) {
                     stats_row st;
@@ -228,6 +227,7 @@ int main(int argc, char **argv) {
                         rows += (double)st.tokens[d.ep_rank * (cfg.experts / cfg.ep) + e] /
                                 (d.size / cfg.ep);
                 }
+        }
         double times[5] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0};
         /* the least waiting rank is the last to finish backward: its wait is what the
          * reduction itself costs; the others' is waiting for it */

@@ -136,31 +136,25 @@ static void par_range(size_t bytes, int t, int nt, size_t *b0, size_t *b1) {
     *b1 = *b0 + per < bytes ? *b0 + per : bytes;
 }
 
-void par_zero(void *p, size_t bytes) {
+/* dst = src (no overlap), or zeroes where src is NULL: one range per thread. */
+static void par_bytes(void *dst, const void *src, size_t bytes) {
     if (bytes < PAR_BYTES_MIN || omp_in_parallel() || omp_get_max_threads() < 2) {
-        memset(p, 0, bytes);
+        if (src) memcpy(dst, src, bytes);
+        else memset(dst, 0, bytes);
         return;
     }
 #pragma omp parallel
     {
         size_t b0, b1;
         par_range(bytes, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
-        if (b1 > b0) memset((char *)p + b0, 0, b1 - b0);
+        if (b1 > b0 && src) memcpy((char *)dst + b0, (const char *)src + b0, b1 - b0);
+        else if (b1 > b0) memset((char *)dst + b0, 0, b1 - b0);
     }
 }
 
-void par_copy(void *dst, const void *src, size_t bytes) {
-    if (bytes < PAR_BYTES_MIN || omp_in_parallel() || omp_get_max_threads() < 2) {
-        memcpy(dst, src, bytes);
-        return;
-    }
-#pragma omp parallel
-    {
-        size_t b0, b1;
-        par_range(bytes, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
-        if (b1 > b0) memcpy((char *)dst + b0, (const char *)src + b0, b1 - b0);
-    }
-}
+void par_zero(void *p, size_t bytes) { par_bytes(p, NULL, bytes); }
+
+void par_copy(void *dst, const void *src, size_t bytes) { par_bytes(dst, src, bytes); }
 
 int open_regular_file(const char *path, const char **why) {
     /* O_NONBLOCK: opening a FIFO for reading must not wait for a writer; it has no
