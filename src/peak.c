@@ -8,15 +8,21 @@
 #include "infmoe/gemm.h"
 #include "infmoe/util.h"
 
+/* FMA_ACC independent chains: enough to cover the FMA latency on two pipes (8 or
+ * more), few enough to stay in registers with the two constants: AVX-512 has 32
+ * vector registers, AVX2 and SSE 16 (16 chains there spill three to the stack and
+ * the loop runs at about 0.57 of the core's rate on Zen 3). */
 #if defined(__AVX512F__)
 typedef __m512 vec;
 #define LANES 16
+#define FMA_ACC 16
 #define VSET(x) _mm512_set1_ps(x)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSUM(x) _mm512_reduce_add_ps(x)
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
 #define LANES 8
+#define FMA_ACC 12
 #define VSET(x) _mm256_set1_ps(x)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 static float vsum8(__m256 x) {
@@ -28,23 +34,24 @@ static float vsum8(__m256 x) {
 #else
 typedef float vec;
 #define LANES 1
+#define FMA_ACC 12
 #define VSET(x) (x)
 #define VFMA(a, b, c) fmaf(a, b, c)
 #define VSUM(x) (x)
 #endif
 
-#define ACC 16
+#define ACC 16 /* the bf16 loop's chains (AVX-512 only: 32 registers) */
 
-/* `iters` rounds of ACC independent FMA chains; returns a value so nothing is elided. */
+/* `iters` rounds of FMA_ACC independent FMA chains; returns a value so nothing is elided. */
 /* noipa: an opaque call the compiler cannot move across the clock reads. */
 __attribute__((noinline, noipa)) static float fma_loop(long iters) {
-    vec acc[ACC];
-    for (int k = 0; k < ACC; k++) acc[k] = VSET(1.0f + 1e-3f * (float)k);
+    vec acc[FMA_ACC];
+    for (int k = 0; k < FMA_ACC; k++) acc[k] = VSET(1.0f + 1e-3f * (float)k);
     const vec a = VSET(0.999999f), b = VSET(1e-7f);
     for (long i = 0; i < iters; i++)
-        for (int k = 0; k < ACC; k++) acc[k] = VFMA(acc[k], a, b);
+        for (int k = 0; k < FMA_ACC; k++) acc[k] = VFMA(acc[k], a, b);
     float s = 0.0f;
-    for (int k = 0; k < ACC; k++) s += VSUM(acc[k]);
+    for (int k = 0; k < FMA_ACC; k++) s += VSUM(acc[k]);
     return s;
 }
 
@@ -111,7 +118,7 @@ static double best_of_five(float (*loop)(long), double flops_per_iter, double se
     return best;
 }
 
-double peak_fma_gflops(double seconds) { return best_of_five(fma_loop, 2.0 * ACC * LANES, seconds); }
+double peak_fma_gflops(double seconds) { return best_of_five(fma_loop, 2.0 * FMA_ACC * LANES, seconds); }
 
 double peak_bf16_gflops(double seconds) {
     if (gemm_bf16_amx()) return gemm_bf16_peak_gflops(seconds);
@@ -143,7 +150,7 @@ double peak_bf16_ratio(void) {
     if (peak_has_bf16()) {
         double f = 0.0, b = 0.0;
         for (int r = 0; r < 8; r++) {
-            double gf = measure_loop(fma_loop, 2.0 * ACC * LANES, 0.006, 0);
+            double gf = measure_loop(fma_loop, 2.0 * FMA_ACC * LANES, 0.006, 0);
             double gb = measure_loop(dpbf16_loop, 64.0 * ACC, 0.006, 0);
             if (gf > f) f = gf;
             if (gb > b) b = gb;
