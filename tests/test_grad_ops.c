@@ -140,6 +140,47 @@ static void check_gelu(void) {
     fd_check("gelu d/dinp", c.inp, dinp, c.N, ge_obj, &c);
 }
 
+/*
+ * The GELUs run sixteen lanes at a time with exp_fast's clamps as blends; every
+ * element must have the scalar formula's bits, tails and specials included (the
+ * reference below is ops.h's scalar tanh_fast, written as before vectorisation).
+ */
+static float gelu_ref(float x) {
+    return 0.5f * x * (1.0f + tanh_fast(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+static float gelu_grad_ref(float x) {
+    float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    float th = tanh_fast(u);
+    float sech2 = 1.0f - th * th;
+    return 0.5f * (1.0f + th) + 0.5f * x * sech2 * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+}
+static void check_gelu_lanes(void) {
+    const long N = 16 * 4096 + 13;
+    float *x = rand_buf(N, 8.0f), *dout = rand_buf(N, 2.0f), *acc = rand_buf(N, 1.0f);
+    const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-30f, -1e-30f, 1e-40f,
+                             -43.5f, 44.0f, -44.25f, 87.0f, -87.0f, 88.5f, -200.0f, 200.0f,
+                             3.4e38f, -3.4e38f, 9.0f, -9.0f, 20.0f, -20.0f};
+    const int ns = (int)(sizeof special / sizeof special[0]);
+    for (int i = 0; i < ns; i++) x[37 * i] = special[i], x[N - 1 - i] = special[i];
+    for (long i = 0; i < 4096; i++) x[20000 + i] = -60.0f + 120.0f * (float)i / 4096; /* a sweep */
+    float *out = zeros(N), *din = xmalloc(sizeof(float) * (size_t)N);
+    memcpy(din, acc, sizeof(float) * (size_t)N);
+    bf16 *out16 = xmalloc(sizeof(bf16) * (size_t)N), *din16 = xmalloc(sizeof(bf16) * (size_t)N);
+    gelu_forward(out, x, N);
+    gelu_backward(din, x, dout, N);
+    gelu_forward_bf16(out16, x, N);
+    gelu_backward_bf16(din16, x, dout, N);
+    long bad = 0, bad16 = 0;
+    for (long i = 0; i < N; i++) {
+        float want = gelu_ref(x[i]), dwant = acc[i] + gelu_grad_ref(x[i]) * dout[i];
+        bad += memcmp(&out[i], &want, sizeof want) != 0 || memcmp(&din[i], &dwant, sizeof dwant) != 0;
+        bad16 += out16[i] != bf16_round(want) || din16[i] != bf16_round(gelu_grad_ref(x[i]) * dout[i]);
+    }
+    CHECK(bad == 0, "fp32 GELU: %ld of %ld elements differ from the scalar formula's bits", bad, N);
+    CHECK(bad16 == 0, "bf16 GELU: %ld of %ld elements differ from the scalar formula's bits", bad16, N);
+    free(x), free(dout), free(acc), free(out), free(din), free(out16), free(din16);
+}
+
 /* ---- encoder ---- */
 typedef struct { float *out, *wte, *wpe, *R; int32_t *tok; int B, T, C; } en_ctx;
 static double en_obj(void *p) {
@@ -233,6 +274,7 @@ int main(void) {
     check_matmul();
     check_attention();
     check_gelu();
+    check_gelu_lanes();
     check_crossentropy();
     check_ffn_dense();
     gemm_shutdown();

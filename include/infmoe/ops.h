@@ -15,24 +15,32 @@
 #include "infmoe/bf16.h"
 
 /*
- * e^x without calls or branches, so loops over it vectorise (libm's expf and
- * tanhf are scalar calls and were the largest non-GEMM cost). Range reduction
- * x = n ln2 + r and a degree-6 polynomial for e^r (Cephes coefficients);
- * relative error below 3e-7 over the clamped range [-87, 88].
+ * e^x without calls (libm's expf and tanhf are scalar calls and were the largest
+ * non-GEMM cost). Range reduction x = n ln2 + r and a degree-6 polynomial for e^r
+ * (Cephes coefficients); relative error below 3e-7 over the clamped range [-87, 88].
+ * gcc does not vectorise loops over it (the clamps are branches it will not
+ * if-convert under -ftrapping-math), which keeps the order of the simd-reduction
+ * sums that call it; ops.c's GELU runs the same steps on vectors
+ * (EXP_FAST_REDUCED, for a float or a vector x).
  */
+#define EXP_FAST_REDUCED(T, x, n, p)                                                 \
+    T n = ((x) * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */ \
+    T p;                                                                             \
+    {                                                                                \
+        T r_ = (x) - n * 0.693359375f;                                               \
+        r_ = r_ - n * -2.12194440e-4f;                                               \
+        p = r_ * 1.9875691500e-4f + 1.3981999507e-3f;                                \
+        p = p * r_ + 8.3334519073e-3f;                                               \
+        p = p * r_ + 4.1665795894e-2f;                                               \
+        p = p * r_ + 1.6666665459e-1f;                                               \
+        p = p * r_ + 5.0000001201e-1f;                                               \
+        p = p * r_ * r_ + r_ + 1.0f;                                                 \
+    }
+
 static inline float exp_fast(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    EXP_FAST_REDUCED(float, x, n, p)
     union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
     return p * scale.f;
 }
