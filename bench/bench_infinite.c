@@ -5,7 +5,8 @@
  *                 per-unit mask applied to the activations (the naive way)
  *   dense active  a dense FFN as wide as the units a token actually uses
  *                 (K x keep x H)
- *   bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--reps R] [--keep F --samples K]
+ *   bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--chunk-units U] [--reps R]
+ *                  [--keep F --samples K]
  */
 #include <mpi.h>
 #include <omp.h>
@@ -105,7 +106,7 @@ static double layer_time(run_config *cfg, int64_t N, int reps, rng_state *r, dou
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     if (argc > 1 && strcmp(argv[1], "--help") == 0) {
-        printf("usage: bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--reps R]\n"
+        printf("usage: bench_infinite [--tokens N] [--embd C] [--units H] [--block B] [--chunk-units U] [--reps R]\n"
                "                      [--keep F --samples K]   one setting instead of the table\n");
         MPI_Finalize();
         return 0;
@@ -113,12 +114,14 @@ int main(int argc, char **argv) {
     int64_t N = arg_int(argc, argv, "--tokens", 1024);
     int C = arg_int(argc, argv, "--embd", 768), H = arg_int(argc, argv, "--units", 6144);
     int block = arg_int(argc, argv, "--block", 64), reps = arg_int(argc, argv, "--reps", 3);
+    int chunk_units = arg_int(argc, argv, "--chunk-units", 256);
     rng_state r;
     rng_seed(&r, 1);
     double peak = peak_fma_gflops(0.2);
     double md = masked_dense(N, C, H, reps, &r);
-    printf("bench_infinite: tokens %lld | C %d | H %d units in blocks of %d | threads %d | peak %.0f GFLOP/s\n",
-           (long long)N, C, H, block, omp_get_max_threads(), peak);
+    printf("bench_infinite: tokens %lld | C %d | H %d units in blocks of %d, chunks of %d | threads %d | "
+           "peak %.0f GFLOP/s\n",
+           (long long)N, C, H, block, chunk_units, omp_get_max_threads(), peak);
     printf("  masked dense (all %d units): %.1f ms forward+backward (%.1f%% of peak)\n", H, md * 1e3,
            100.0 * 12.0 * N * C * H / md / (peak * 1e9));
     float keeps[] = {0.125f, 0.25f, 0.5f, 1.0f};
@@ -138,6 +141,7 @@ int main(int argc, char **argv) {
             cfg.ffn_kind = FFN_INFINITE;
             cfg.inf_units = H;
             cfg.mask_block = block;
+            cfg.chunk_units = chunk_units;
             cfg.keep = keeps[i];
             cfg.samples = samples;
             cfg.latent_dim = 1;

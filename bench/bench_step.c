@@ -7,7 +7,7 @@
  *   mpirun -np P bench_step [--layers 12 --embd 768 --heads 12 --seq 256
  *                            --batch 4 --vocab 50257 --hidden 0 --steps 3]
  *                           [--experts E --k K --expert-hidden H --ep EP]
- *                           [--units H --keep F --samples K --block B --ep EP]
+ *                           [--units H --keep F --samples K --block B --chunk-units U --ep EP]
  * With --experts, every FFN is a noisy top-k MoE and the routing, dispatch,
  * all-to-all and expert GEMM shares of the step are printed too; with --units,
  * every FFN is an ∞-MoE (window mask) and its phase shares are printed.
@@ -70,7 +70,8 @@ int main(int argc, char **argv) {
                    "       [--batch B_global] [--vocab V] [--hidden H] [--steps S]\n"
                    "       [--experts E --k K --expert-hidden HE --ep EP [--force-balance]\n"
                    "        [--expert-bias RATE] [--groups G --group-k GK] [--chunks D]] [--shared-hidden HS]\n"
-                   "       [--units H --keep F --samples K --block B --ep EP] [--precision fp32|bf16]\n"
+                   "       [--units H --keep F --samples K --block B --chunk-units U --ep EP]\n"
+                   "       [--precision fp32|bf16]\n"
                    "       [--grad-reduce overlap|blocking] [--bucket-mb MB] [--attention fused|stored]\n"
                    "       [--row-split on|off] [--a2a-probe]\n"
                    "Times training steps of a GPT-2-shaped model (dense, or noisy top-k MoE with\n"
@@ -104,6 +105,7 @@ int main(int argc, char **argv) {
             if (strcmp(argv[i], "--keep") == 0) cfg.keep = (float)atof(argv[i + 1]);
         cfg.samples = arg_int(argc, argv, "--samples", 2);
         cfg.mask_block = arg_int(argc, argv, "--block", 64);
+        cfg.chunk_units = arg_int(argc, argv, "--chunk-units", 256);
         cfg.latent_dim = 1;
         cfg.ep = arg_int(argc, argv, "--ep", 1);
         if (cfg.inf_units % (cfg.ep * cfg.mask_block) || d.size % cfg.ep)
@@ -267,6 +269,22 @@ int main(int argc, char **argv) {
     double inf_t[4];
     inf_detail(&m, inf_t);
     dist_allreduce_max_d(inf_t, 4, d.world);
+    /* ∞-MoE shards' forward work per layer: the layer's exchange waits for its busiest
+     * shard, so the step pays the sum over layers of the largest */
+    double work_max = 0.0, work_mean = 0.0, computed = 0.0, kept = 0.0;
+    int chunk_units = 0;
+    for (int l = 0; l < m.L; l++)
+        if (m.ffn[l].kind == FFN_INFINITE) {
+            double w[2], wmax[2], wsum[2];
+            inf_shard_work(m.ffn[l].inf, w);
+            chunk_units = inf_chunk_units(m.ffn[l].inf);
+            dist_allreduce_max_d(memcpy(wmax, w, sizeof w), 2, d.world);
+            dist_allreduce_sum_d(memcpy(wsum, w, sizeof w), 2, d.world);
+            work_max += wmax[0];
+            work_mean += wsum[0] / d.size;
+            computed += wsum[0];
+            kept += wsum[1];
+        }
     double expert_flops = rows * 12.0 * cfg.n_embd * cfg.expert_hidden; /* fwd 2 + bwd 4 GEMMs */
     double rank_peak = peak / d.size;
     double ms = t_total / steps * 1e3;
@@ -327,6 +345,10 @@ int main(int argc, char **argv) {
                    "all-to-all %.1f%%\n",
                    100 * inf_t[0] / all, 100 * inf_t[1] / all, 100 * inf_t[2] / all,
                    100 * inf_t[3] / all);
+            printf("  ∞-MoE shard work (unit rows, forward) | chunks of %d units | busiest shard / mean "
+                   "%.3f (summed over layers) | computed / kept units %.3f\n",
+                   chunk_units, work_mean > 0 ? work_max / work_mean : 0.0,
+                   kept > 0 ? computed / kept : 0.0);
         }
     }
     free(tok);

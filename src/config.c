@@ -88,6 +88,7 @@ static const key_spec schema[] = {
     {"ffn", "samples", KEY_INT, OFF(samples), 1, 1024, NULL, "2"},
     {"ffn", "mask", KEY_ENUM, OFF(mask), 0, 0, mask_names, "window"},
     {"ffn", "mask_block", KEY_INT, OFF(mask_block), 1, 1 << 20, NULL, "64"},
+    {"ffn", "chunk_units", KEY_INT, OFF(chunk_units), 1, 1 << 24, NULL, "256"},
     {"ffn", "tau", KEY_FLOAT, OFF(tau), 1e-6, 1e6, NULL, "0.5"},
     {"ffn", "latent_dim", KEY_INT, OFF(latent_dim), 0, 1024, NULL, "0"},
     {"ffn", "router_hidden", KEY_INT, OFF(router_hidden), 1, 1 << 16, NULL, "256"},

@@ -36,6 +36,10 @@ typedef struct {
     double t_masks;        /* the shards' masks: weights and their gradients */
     double t_units;        /* unit GEMMs, GELU, row gathers and scatters */
     double t_alltoall;     /* the MPI exchanges */
+    /* this shard's forward work since the layer was created, in unit rows (a row times
+     * a unit): computed (every unit of each chunk a row touches) and kept (the units of
+     * the row's arcs in this shard, the rest computed at weight 0) */
+    double unit_rows, kept_rows;
 } inf_stats;
 
 /*
@@ -61,6 +65,8 @@ struct inf_layer {
     int cu, per, nc_local;  /* compute chunks: cu units (per whole blocks) each, nc_local per
                              * shard; shard r holds the chunks r, r + ep, r + 2 ep, ... */
     int32_t *local_of;      /* (nb) this shard's index of each block, -1 where another holds it */
+    int64_t *stamp;         /* (threads, nb_local) stamp_gen + row where a row last kept a block */
+    int64_t stamp_gen;      /* advanced by the rows of each forward, so stamps never need clearing */
     int extra;              /* floats after u in a sent row: K z's, then (window) K norms */
     mask_rule mask;
     float tau, kl, sigma_min;
@@ -225,12 +231,14 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
     f->ep_rank = ep_rank;
     /* Compute in chunks of consecutive blocks: a chunk is computed for every row
      * that keeps any of its blocks (units it did not keep get weight 0). Chunks of
-     * about 256 units make GEMMs and row gathers efficient; the window rule's kept
+     * ffn.chunk_units make GEMMs and row gathers efficient; the window rule's kept
      * blocks are an arc, so only the arc's ends waste work. The learned rule's
      * blocks are scattered: one block per chunk. The chunks go round the shards in
      * turn, so any arc's work spreads over all of them (contiguous shards would give
-     * the shard holding a crowded part of the ring all the work while the others wait). */
-    int per = f->mask == MASK_WINDOW ? (256 + f->b - 1) / f->b : 1;
+     * the shard holding a crowded part of the ring all the work while the others
+     * wait); an arc over n chunks still gives some shards one chunk more than others,
+     * so narrower chunks split it more evenly. */
+    int per = f->mask == MASK_WINDOW ? (cfg->chunk_units + f->b - 1) / f->b : 1;
     if (per > f->nb_local) per = f->nb_local;
     while (f->nb_local % per) per--;
     f->per = per;
@@ -294,6 +302,8 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
                        f->chunks_parallel ? M * f->nc_local * C : 0);
     f->chunk_order = xcalloc((size_t)f->nc_local, sizeof(int));
     f->scratch = xcalloc((size_t)f->n_threads, sizeof(mask_scratch));
+    f->stamp = xcalloc((size_t)f->n_threads * (size_t)f->nb_local, sizeof(int64_t));
+    f->stamp_gen = 1; /* stamps start at 0: no row */
     f->mk = (inf_mask){f->mask, H, f->b, f->nb, f->kb, f->n_keep, dz, f->tau, f->P, f->q};
     for (int t = 0; t < f->n_threads; t++) inf_mask_scratch_init(&f->mk, &f->scratch[t]);
     f->stats.n_blocks = f->nb;
@@ -325,6 +335,7 @@ void inf_free(inf_layer *f) {
     dispatch_groups_free(&f->by_chunk);
     dispatch_free(&f->plan);
     free(f->local_of);
+    free(f->stamp);
     free(f->sample_mem);
     free(f->mem);
     free(f);
@@ -444,10 +455,12 @@ static void build_block_lists(inf_layer *f, const float *params) {
     memset(f->used, 0, (size_t)(M * ncl));
     /* wrow is written only in the chunks a row uses (zeroed when first used), which are
      * the only parts read later */
-#pragma omp parallel for
+    int64_t kept = 0; /* (row, local block) pairs kept by some sample */
+#pragma omp parallel for reduction(+ : kept)
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         float xbuf[f->extra];
+        int64_t *stamp = f->stamp + (size_t)omp_get_thread_num() * f->nb_local;
         const float *z = recv_extra(f, i, xbuf), *nrm = z + K * dz;
         for (int k = 0; k < K; k++) {
             if (f->mask == MASK_WINDOW) /* only this shard's part of the arc */
@@ -462,13 +475,20 @@ static void build_block_lists(inf_layer *f, const float *params) {
                     f->used[i * ncl + c] = 1;
                     memset(f->wrow + i * Hl + (int64_t)c * cu, 0, sizeof(float) * cu);
                 }
+                if (stamp[lb] != f->stamp_gen + i) {
+                    stamp[lb] = f->stamp_gen + i;
+                    kept++;
+                }
                 for (int u = 0; u < b; u++)
                     f->wrow[i * Hl + lb * b + u] += (float)f->n_keep * s->p[bi * b + u] / K;
             }
         }
     }
+    f->stamp_gen += M;
     dispatch_group_by_flags(&f->by_chunk, f->used, M);
     const dispatch_groups *g = &f->by_chunk;
+    f->stats.unit_rows += (double)g->start[ncl] * cu;
+    f->stats.kept_rows += (double)kept * b;
     for (int c = 0; c < ncl; c++)
         for (int64_t pos = g->start[c]; pos < g->start[c + 1]; pos++)
             memcpy(f->Wt + pos * cu, f->wrow + (int64_t)g->row[pos] * Hl + c * cu, sizeof(float) * cu);
@@ -1040,6 +1060,13 @@ void inf_phase_detail(const inf_layer *f, double t[4]) {
     t[2] = f->stats.t_units;
     t[3] = f->stats.t_alltoall;
 }
+
+void inf_shard_work(const inf_layer *f, double w[2]) {
+    w[0] = f->stats.unit_rows;
+    w[1] = f->stats.kept_rows;
+}
+
+int inf_chunk_units(const inf_layer *f) { return f->cu; }
 
 void inf_log_fields(const inf_layer *const *layers, int n, char *buf, size_t cap) {
     double sigma = 0.0, active = 0.0, overlap = 0.0, min_use = 1e300;

@@ -71,6 +71,29 @@ static void check_reference_k(const char *name, run_config cfg, int want_k) {
 
 static void check_reference(const char *name, run_config cfg) { check_reference_k(name, cfg, 0); }
 
+/* ffn.chunk_units: any chunk width computes the same layer; a chunk of one block
+ * computes exactly the kept units, wider ones the kept units and more. */
+static void check_chunk_units(void) {
+    const int want[] = {64, 64, 128, 128, 256, 512, 512}, ask[] = {1, 64, 100, 150, 256, 512, 4096};
+    for (int i = 0; i < 7; i++) {
+        run_config cfg = base(512, 64, MASK_WINDOW, 2);
+        cfg.chunk_units = ask[i];
+        layer_case lc;
+        setup(&lc, &cfg, 24);
+        char what[160];
+        snprintf(what, sizeof what, "window, block 64, chunk_units %d: block-sparse vs masked dense", ask[i]);
+        layer_case_check_reference(what, &lc, 1e-4, 1e-5);
+        double w[2];
+        inf_shard_work(lc.f.inf, w);
+        /* 8 blocks: whole blocks, rounded up, then down to a divisor (150 -> 3 -> 2) */
+        int cu = inf_chunk_units(lc.f.inf);
+        CHECK(cu == want[i], "chunk_units %d: chunks of %d units, want %d", ask[i], cu, want[i]);
+        CHECK(w[1] > 0 && w[0] >= w[1], "chunk_units %d: computed %g unit rows, kept %g", ask[i], w[0], w[1]);
+        if (cu == 64) CHECK(w[0] == w[1], "chunks of one block: computed %g unit rows, kept %g", w[0], w[1]);
+        layer_case_free(&lc);
+    }
+}
+
 /* The knots' update: towards the CDF of the counts mixed 9:1 with the identity,
  * ends fixed, monotone; with even counts the identity stays. */
 static void check_balance_update(void) {
@@ -225,6 +248,7 @@ int main(int argc, char **argv) {
     check_reference("window, blocks of 4, K 2, shared FFN", c);
     check_gradients("window (blocks of 4, K 2, shared FFN)", c);
     gemm_shutdown();
+    check_chunk_units(); /* last: the cases above keep their random draws */
     int rc = check_finish("infinite: block-sparse equals masked dense; router, sampling, both mask rules and the shared FFN against finite differences");
     MPI_Finalize();
     return rc;

@@ -71,6 +71,7 @@ typedef struct {
      * window temperature, latent dimension (0: 1 for window, 8 for learned),
      * router width, KL weight */
     int32_t inf_units, samples, mask_block, latent_dim, router_hidden;
+    int32_t chunk_units; /* infinite, window: units per compute chunk (whole blocks) */
     float keep, tau, kl_weight, sigma_min, balance_rate;
     mask_rule mask;
     int32_t stratified; /* ∞-MoE sampling: 0 iid draws; 1 one draw in each of K equal-probability strata */

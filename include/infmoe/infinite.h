@@ -68,6 +68,11 @@ void inf_phase_times(const inf_layer *f, double t[4]);
 /* Cumulative seconds in the router, the shards' masks, the unit GEMMs and the
  * all-to-alls (finer than the four stats phases; for bench_infinite). */
 void inf_phase_detail(const inf_layer *f, double t[4]);
+/* This shard's forward work since the layer was created, in unit rows (rows x units):
+ * w[0] computed (whole chunks), w[1] kept by the rows' masks (the rest ran at weight 0). */
+void inf_shard_work(const inf_layer *f, double w[2]);
+/* Units per compute chunk as built (ffn.chunk_units rounded to whole blocks). */
+int inf_chunk_units(const inf_layer *f);
 /* " | sigma S | active units A | overlap O | min block use U" over n layers: means of
  * the first three, and the least used block's share of the mean (0: a block idles). */
 void inf_log_fields(const inf_layer *const *layers, int n, char *buf, size_t cap);
