@@ -454,6 +454,10 @@ double gemm_bf16_peak_gflops(double seconds) {
     return best;
 }
 
+int gemm_rows_exact(void) { /* the ISAs are bit sets: AVX-512 core's bits all present */
+    return ((unsigned)dnnl_get_effective_cpu_isa() & dnnl_cpu_isa_avx512_core) == dnnl_cpu_isa_avx512_core;
+}
+
 const char *gemm_isa_name(void) {
     switch (dnnl_get_effective_cpu_isa()) {
     case dnnl_cpu_isa_sse41: return "sse41";

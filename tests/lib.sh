@@ -27,6 +27,17 @@ refused_with() {
 }
 # "step N/M | loss X" lines of a training log from step $2 on, as "N/M X"
 steps_from() { grep '^step ' "$1" | awk -v s="$2" '{split($2, a, "/"); if (a[1] + 0 >= s) print $2, $5}'; }
+# 1 where oneDNN's fp32 products keep a row's bits whatever the product's shape and
+# thread count (AVX-512), 0 where they do not (AVX2: include/infmoe/gemm.h); runs
+# promised bitwise across thread counts or row groupings are compared to round-off there
+ROWS_EXACT=$(build/tests/tool_isa --rows-exact 2>/dev/null || echo 1)
+ONEDNN_ISA=$(build/tests/tool_isa 2>/dev/null || echo unknown)
+# two logs' losses from step $3 on: the same steps, each within relative $4
+losses_close() {
+    paste <(steps_from "$1" "$3") <(steps_from "$2" "$3") |
+        awk -v tol="$4" 'NF != 4 || $1 != $3 {bad = 1} {d = $2 - $4; if (d < 0) d = -d; if (d > tol * $2) bad = 1}
+                         END {exit (bad || NR == 0)}'
+}
 # params, m and v of two checkpoints equal bit for bit (the config attribute differs: output.dir)
 same_tensors() {
     local g

@@ -281,11 +281,15 @@ for name in tiny tiny-topk tiny-infinite tiny-topk-hier; do
             --set train.log_every=1 --set train.precision=fp32 --set output.dir="$TMP/thr-$name-$t" \
             > "$TMP/thr-$name-$t.log" 2>&1
     done
-    if grep -q "ranks 1 x threads 2" "$TMP/thr-$name-2.log" &&
+    if [ "$ROWS_EXACT" = 1 ] && grep -q "ranks 1 x threads 2" "$TMP/thr-$name-2.log" &&
         [ -n "$(steps_from "$TMP/thr-$name-1.log" 1)" ] &&
         [ "$(steps_from "$TMP/thr-$name-1.log" 1)" = "$(steps_from "$TMP/thr-$name-2.log" 1)" ] &&
         same_tensors "$TMP/thr-$name-1/step_000010/model.h5" "$TMP/thr-$name-2/step_000010/model.h5"; then
         pass "threads: $name fp32, 1 rank x 2 threads equals 1 thread bitwise (10 losses, params, m, v)"
+    elif [ "$ROWS_EXACT" = 0 ] && grep -q "ranks 1 x threads 2" "$TMP/thr-$name-2.log" &&
+        [ "$(steps_from "$TMP/thr-$name-2.log" 1 | wc -l)" -eq 10 ] &&
+        losses_close "$TMP/thr-$name-1.log" "$TMP/thr-$name-2.log" 1 1e-4; then
+        pass "threads: $name fp32, 1 rank x 2 threads equals 1 thread to round-off (10 losses within 1e-4; oneDNN's $ONEDNN_ISA products change a row's bits with the thread split, so not bitwise here: bitwise on AVX-512)"
     else
         fail "threads: $name fp32, 1 rank x 2 threads against 1 thread" "$(diff <(steps_from "$TMP/thr-$name-1.log" 1) <(steps_from "$TMP/thr-$name-2.log" 1) | head -5; tail -2 "$TMP/thr-$name-2.log")"
     fi

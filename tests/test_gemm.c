@@ -120,8 +120,15 @@ static void split_case(int ta, int tb, int M, int N, int K, int pad, int acc, in
     }
     omp_set_num_threads(2);
     size_t bytes = (types == 2 ? sizeof(bf16) : sizeof(float)) * (size_t)nc;
-    CHECK(memcmp(C[0], C[1], bytes) == 0,
-          "%s%s ta=%d tb=%d M=%d N=%d K=%d pad=%d acc=%d bias=%d: 2 threads differ from 1",
+    /* bitwise where oneDNN's kernels keep a row's bits whatever the split (gemm.h);
+     * elsewhere (fp32 on AVX2) to round-off */
+    int same = memcmp(C[0], C[1], bytes) == 0;
+    if (!same && types == 0 && !gemm_rows_exact()) {
+        same = 1;
+        for (long i = 0; i < nc; i++)
+            same &= close_enough(C[1][i], C[0][i], 1e-5, 1e-5 * sqrt((double)K + 1.0));
+    }
+    CHECK(same, "%s%s ta=%d tb=%d M=%d N=%d K=%d pad=%d acc=%d bias=%d: 2 threads differ from 1",
           types == 0 ? "gemm" : types == 1 ? "gemm_bf16" : "gemm_bf16 (bf16 out)",
           var ? " (runtime M, K)" : "", ta, tb, M, N, K, pad, acc, use_bias);
     free(A);
@@ -254,6 +261,9 @@ int main(void) {
     CHECK(isfinite(pk) && pk > 0.0, "oneDNN bf16 product rate %.1f GFLOP/s", pk);
     } else {
         printf("bf16 products skipped: oneDNN runs %s here, without AVX-512 BF16\n", gemm_isa_name());
+    if (!gemm_rows_exact())
+        printf("fp32 products on 1 and 2 threads compared to round-off: oneDNN's %s kernels change a "
+               "row's bits with the product's shape (bitwise on AVX-512)\n", gemm_isa_name());
     }
     /* Split over 2 threads by rows (A as given) against one thread, bit for bit: even
      * and odd row counts, strides, accumulate, bias, runtime M, long reductions, fp32

@@ -65,6 +65,14 @@ int gemm_bf16_native(void);
 /* Whether oneDNN runs AMX tiles here (bf16 products far above the vector rate). */
 int gemm_bf16_amx(void);
 const char *gemm_isa_name(void);
+/*
+ * 1 where oneDNN's fp32 products give a row of C the same bits whatever rows share
+ * its product and however many threads run it: AVX-512 and up, where oneDNN 2.6 runs
+ * its brgemm kernels. On AVX2 and below it runs its jit sgemm, whose sums change with
+ * the product's shape (a 64-row product's rows differ from two 32-row halves'), so
+ * there the thread count and the grouping of rows move the last bits of a run.
+ */
+int gemm_rows_exact(void);
 /* The rate of oneDNN's bf16 product itself (a 2048-square one on this process's
  * threads, best of five rounds in ~`seconds`): the bf16 peak where AMX tiles run
  * the products, whose rate no vector loop shows. */
