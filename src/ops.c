@@ -133,6 +133,40 @@ void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
     }
 }
 
+/*
+ * exp_fast sixteen elements at a time (GCC vector extensions), for the GELU and the
+ * attention's softmax rows. gcc leaves loops over exp_fast scalar, even under omp
+ * simd: its clamps are branches gcc will not if-convert while the arithmetic after
+ * them may trap (-ftrapping-math). Here the clamps are blends and every lane takes
+ * exp_fast's operations in exp_fast's order (no contraction under -std=c11), so
+ * each element's bits are the scalar code's; test_grad_ops compares them on every
+ * path. The tails run the scalar code.
+ */
+/* the helpers are inlined, so the 64-byte vectors' calling convention never applies */
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 splat16(float c) { return (f32x16){0} + c; }
+
+/* exp_fast lane by lane */
+static inline f32x16 exp_fast16(f32x16 x) {
+    const i32x16 lo = x < -87.0f, hi = x > 88.0f;
+    x = (f32x16)((lo & (i32x16)splat16(-87.0f)) | (~lo & (i32x16)x));
+    x = (f32x16)((hi & (i32x16)splat16(88.0f)) | (~hi & (i32x16)x));
+    EXP_FAST_REDUCED(f32x16, x, n, p)
+    const i32x16 scale = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    return p * (f32x16)scale;
+}
+
+static inline f32x16 tanh_fast16(f32x16 u) { return 1.0f - 2.0f / (exp_fast16(2.0f * u) + 1.0f); }
+
+static inline f32x16 load16(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 /* Row t of causal attention scores: scaled, max-shifted and exponentiated in place
  * over [0, t]; returns 1 / their sum (the caller normalises) and the max in *max_out. */
 static inline float causal_softmax_row_max(float *row, int t, float scale, float *max_out) {
@@ -141,15 +175,18 @@ static inline float causal_softmax_row_max(float *row, int t, float scale, float
         row[j] *= scale;
         if (row[j] > max) max = row[j];
     }
-    /* summed in order j = 0, 1, ..., with no simd reduction: one order for every path
-     * (fp32, bf16 stored, bf16 fused, which recomputes from the max and 1/sum) and
-     * every compiler; it is also the order the vectorised loop used to compile to
-     * here (exp_fast's clamps kept gcc from vectorising it), so the bits stay */
-    float sum = 0.0f;
-    for (int j = 0; j <= t; j++) {
-        row[j] = exp_fast(row[j] - max);
-        sum += row[j];
+    /* the exponentials sixteen at a time (each with exp_fast's bits), then summed in
+     * order j = 0, 1, ..., with no simd reduction: one order for every path (fp32,
+     * bf16 stored, bf16 fused, which recomputes from the max and 1/sum) and every
+     * compiler, the order the scalar loop always had, so the bits stay */
+    int j = 0;
+    for (; j + 16 <= t + 1; j += 16) {
+        const f32x16 e = exp_fast16(load16(row + j) - max);
+        memcpy(row + j, &e, sizeof e);
     }
+    for (; j <= t; j++) row[j] = exp_fast(row[j] - max);
+    float sum = 0.0f;
+    for (j = 0; j <= t; j++) sum += row[j];
     *max_out = max;
     return 1.0f / sum;
 }
@@ -221,44 +258,11 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
 
 #define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
 
-/*
- * GELU sixteen elements at a time (GCC vector extensions). gcc leaves the scalar
- * loops scalar, even under omp simd: exp_fast's clamps are branches it will not
- * if-convert while the arithmetic after them may trap (-ftrapping-math). Here the
- * clamps are blends and every lane takes exp_fast's operations in exp_fast's order
- * (no contraction under -std=c11), so each element's bits are the scalar code's;
- * test_grad_ops compares them on every path. The tails run the scalar code.
- */
-/* the helpers are inlined, so the 64-byte vectors' calling convention never applies */
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-static inline f32x16 splat16(float c) { return (f32x16){0} + c; }
-
-/* exp_fast lane by lane */
-static inline f32x16 exp_fast16(f32x16 x) {
-    const i32x16 lo = x < -87.0f, hi = x > 88.0f;
-    x = (f32x16)((lo & (i32x16)splat16(-87.0f)) | (~lo & (i32x16)x));
-    x = (f32x16)((hi & (i32x16)splat16(88.0f)) | (~hi & (i32x16)x));
-    EXP_FAST_REDUCED(f32x16, x, n, p)
-    const i32x16 scale = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    return p * (f32x16)scale;
-}
-
-static inline f32x16 tanh_fast16(f32x16 u) { return 1.0f - 2.0f / (exp_fast16(2.0f * u) + 1.0f); }
-
 /* The GELU and its derivative as the scalar and vector code write them. */
 #define GELU_OUT(x, tanh) (0.5f * (x) * (1.0f + tanh(GELU_SCALE * ((x) + 0.044715f * (x) * (x) * (x)))))
 #define GELU_GRAD(x, tanh, th) /* th: a variable of x's type */                                   \
     (th = tanh(GELU_SCALE * ((x) + 0.044715f * (x) * (x) * (x))),                                  \
      0.5f * (1.0f + th) + 0.5f * (x) * (1.0f - th * th) * GELU_SCALE * (1.0f + 3.0f * 0.044715f * (x) * (x)))
-
-static inline f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 void gelu_forward(float *out, const float *inp, int64_t N) {
     const int64_t nv = N / 16;
