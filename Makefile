@@ -2,7 +2,7 @@
 CC      := gcc
 PKGS    := hdf5-openmpi yaml-0.1 ompi-c zlib libpcre2-8 jansson
 CFLAGS  ?= -O3 -march=native
-CFLAGS  += -std=c11 -fno-math-errno -fopenmp -Wall -Wextra -Wno-unused-parameter -Iinclude \
+CFLAGS  += -std=c11 -ffp-contract=off -fno-math-errno -fopenmp -Wall -Wextra -Wno-unused-parameter -Iinclude \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS  := -ldnnl $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
 MPIRUN  := mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe

@@ -239,6 +239,7 @@ inf_layer *inf_create(const run_config *cfg, int layer, tensor_table *tab, int64
      * wait); an arc over n chunks still gives some shards one chunk more than others,
      * so narrower chunks split it more evenly. */
     int per = f->mask == MASK_WINDOW ? (cfg->chunk_units + f->b - 1) / f->b : 1;
+    if (per < 1) per = 1; /* a width below one unit (the benchmarks' flags) */
     if (per > f->nb_local) per = f->nb_local;
     while (f->nb_local % per) per--;
     f->per = per;
@@ -456,7 +457,7 @@ static void build_block_lists(inf_layer *f, const float *params) {
     /* wrow is written only in the chunks a row uses (zeroed when first used), which are
      * the only parts read later */
     int64_t kept = 0; /* (row, local block) pairs kept by some sample */
-#pragma omp parallel for reduction(+ : kept)
+#pragma omp parallel for reduction(+ : kept) num_threads(f->n_threads)
     for (int64_t i = 0; i < M; i++) {
         mask_scratch *s = &f->scratch[omp_get_thread_num()];
         float xbuf[f->extra];

@@ -35,7 +35,8 @@ ONEDNN_ISA=$(build/tests/tool_isa 2>/dev/null || echo unknown)
 # two logs' losses from step $3 on: the same steps, each within relative $4
 losses_close() {
     paste <(steps_from "$1" "$3") <(steps_from "$2" "$3") |
-        awk -v tol="$4" 'NF != 4 || $1 != $3 {bad = 1} {d = $2 - $4; if (d < 0) d = -d; if (d > tol * $2) bad = 1}
+        awk -v tol="$4" 'NF != 4 || $1 != $3 || $2 !~ /^[0-9.]+$/ || $4 !~ /^[0-9.]+$/ {bad = 1}
+                         {d = $2 - $4; if (d < 0) d = -d; if (d > tol * $2) bad = 1}
                          END {exit (bad || NR == 0)}'
 }
 # params, m and v of two checkpoints equal bit for bit (the config attribute differs: output.dir)

@@ -274,7 +274,8 @@ for p in 1 2 3 4; do
 done
 
 # ---- threads: in fp32 one rank on 2 threads trains bitwise as on 1 (parallel loops split
-# rows or columns, never one element's sum; oneDNN's fp32 products split rows here) ----
+# rows or columns, never one element's sum; oneDNN's fp32 products split rows here) where
+# oneDNN's kernels keep a row's bits (AVX-512), to round-off elsewhere (gemm.h) ----
 for name in tiny tiny-topk tiny-infinite tiny-topk-hier; do
     for t in 1 2; do
         OMP_NUM_THREADS=$t "${MPIRUN[@]}" -np 1 $INFMOE train tests/configs/$name.yaml --set train.steps=10 \

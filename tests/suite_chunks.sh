@@ -2,7 +2,9 @@
 # parallel.alltoall_chunks: the MoE exchange split by groups of a rank's experts,
 # pipelined with their GEMMs. Every expert sees the rows of the one-piece exchange
 # in the same order, so any chunk count gives the one-piece run's losses and
-# final tensors bit for bit: fp32 and bf16, 1 and 2 threads, 2 and 4 ranks.
+# final tensors bit for bit: fp32 and bf16, 1 and 2 threads, 2 and 4 ranks (on 2
+# threads only where oneDNN's fp32 kernels keep a row's bits, AVX-512: gemm.h;
+# elsewhere those runs are compared to round-off and say so).
 # Prints PASS/FAIL lines (tests/run.sh counts them). Run from the repo root.
 . tests/lib.sh
 TMP=$(mktemp -d)

@@ -261,11 +261,12 @@ int main(void) {
     CHECK(isfinite(pk) && pk > 0.0, "oneDNN bf16 product rate %.1f GFLOP/s", pk);
     } else {
         printf("bf16 products skipped: oneDNN runs %s here, without AVX-512 BF16\n", gemm_isa_name());
+    }
     if (!gemm_rows_exact())
         printf("fp32 products on 1 and 2 threads compared to round-off: oneDNN's %s kernels change a "
                "row's bits with the product's shape (bitwise on AVX-512)\n", gemm_isa_name());
-    }
-    /* Split over 2 threads by rows (A as given) against one thread, bit for bit: even
+    /* Split over 2 threads by rows (A as given) against one thread, bit for bit (AVX-512;
+     * to round-off in fp32 where gemm_rows_exact() is 0): even
      * and odd row counts, strides, accumulate, bias, runtime M, long reductions, fp32
      * and bf16. Transposed A stays whole, on oneDNN's threads: the same bits in fp32,
      * not in bf16 (it splits a long bf16 reduction over threads: M=97 N=33 K=40001) */

@@ -20,8 +20,8 @@
  * (Cephes coefficients); relative error below 3e-7 over the clamped range [-87, 88].
  * gcc does not vectorise loops over it (the clamps are branches it will not
  * if-convert under -ftrapping-math), which keeps the order of the simd-reduction
- * sums that call it; ops.c's GELU runs the same steps on vectors
- * (EXP_FAST_REDUCED, for a float or a vector x).
+ * sums that call it; ops.c's GELU and attention softmax rows run the same steps on
+ * vectors (EXP_FAST_REDUCED, for a float or a vector x).
  */
 #define EXP_FAST_REDUCED(T, x, n, p)                                                 \
     T n = ((x) * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */ \
