@@ -138,8 +138,8 @@ void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
  * attention's softmax rows. gcc leaves loops over exp_fast scalar, even under omp
  * simd: its clamps are branches gcc will not if-convert while the arithmetic after
  * them may trap (-ftrapping-math). Here the clamps are blends and every lane takes
- * exp_fast's operations in exp_fast's order (no contraction under -std=c11), so
- * each element's bits are the scalar code's; test_grad_ops compares them on every
+ * exp_fast's operations in exp_fast's order (no contraction: the Makefile's
+ * -ffp-contract=off), so each element's bits are the scalar code's; test_grad_ops compares them on every
  * path. The tails run the scalar code.
  */
 /* the helpers are inlined, so the 64-byte vectors' calling convention never applies */
