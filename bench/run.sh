@@ -3,7 +3,8 @@
 # peaks, oneDNN GEMM efficiency at GPT-2 small shapes, prep's tokenising rate,
 # GPT-2 small training steps (B=4 T=1024) on 1 rank x 2 threads and 2 ranks x 1 thread in fp32 and bf16 with
 # MFU against the peak of the precision measured in the same process, MoE (8
-# experts top-2, equal active FLOPs) and ∞-MoE against dense in bf16, peak RSS,
+# experts top-2, equal active FLOPs) and ∞-MoE against dense in bf16 (fp32 where
+# the CPU has no bf16), the layouts' ratios, peak RSS,
 # fused against stored bf16 attention, and the PyTorch peer (bf16 autocast) on
 # the same model in the same run.
 # Quote ratios; absolute times on shared machines drift.
@@ -47,35 +48,41 @@ step() { # name, ranks, threads, args...
     OMP_NUM_THREADS=$t "${MPIRUN[@]}" -np "$p" build/bench/bench_step --seq 1024 --batch 4 --steps "$STEPS" "$@" |
         tee "$OUT/$name"
 }
+# MoE and ∞-MoE run in the precision train.precision auto picks: bf16 with AVX-512
+# BF16, fp32 without (where bf16 is not measured at all).
+AUTO=fp32
+[ $BF16 -eq 1 ] && AUTO=bf16
 layout() { # label, ranks, threads, ep
     local l=$1 p=$2 t=$3 ep=$4
     echo
     step "$l fp32 dense" "$p" "$t" --precision fp32
     if [ $BF16 -eq 0 ]; then
-        echo "== $l: no AVX-512 BF16 on this CPU: bf16 not measured =="
-        return
+        echo "== $l: no AVX-512 BF16 on this CPU: bf16 not measured, MoE and ∞-MoE in fp32 =="
+    else
+        step "$l bf16 dense" "$p" "$t" --precision bf16
     fi
-    step "$l bf16 dense" "$p" "$t" --precision bf16
     # across ranks, the exchange's time split into waiting for the last rank and moving rows
     local probe=()
     [ "$ep" -gt 1 ] && probe=(--a2a-probe)
-    step "$l bf16 MoE" "$p" "$t" --precision bf16 --experts 8 --k 2 --expert-hidden 1536 --ep "$ep" "${probe[@]}"
-    step "$l bf16 inf" "$p" "$t" --precision bf16 --units 6144 --keep 0.25 --samples 2 --block 64 --ep "$ep" "${probe[@]}"
-    local d32 d16
+    step "$l $AUTO MoE" "$p" "$t" --precision $AUTO --experts 8 --k 2 --expert-hidden 1536 --ep "$ep" "${probe[@]}"
+    step "$l $AUTO inf" "$p" "$t" --precision $AUTO --units 6144 --keep 0.25 --samples 2 --block 64 --ep "$ep" "${probe[@]}"
+    local d32 da line
     d32=$(ms "$OUT/$l fp32 dense")
-    d16=$(ms "$OUT/$l bf16 dense")
-    echo "== $l: bf16 / fp32 dense step = $(ratio "$d16" "$d32") | bf16 MoE / dense = $(ratio "$(ms "$OUT/$l bf16 MoE")" "$d16") | bf16 ∞-MoE / dense = $(ratio "$(ms "$OUT/$l bf16 inf")" "$d16") | peak RSS per rank bf16 / fp32 = $(ratio "$(rss "$OUT/$l bf16 dense")" "$(rss "$OUT/$l fp32 dense")") =="
+    da=$(ms "$OUT/$l $AUTO dense")
+    line="== $l:"
+    [ $BF16 -eq 1 ] && line+=" bf16 / fp32 dense step = $(ratio "$da" "$d32") |"
+    line+=" $AUTO MoE / dense = $(ratio "$(ms "$OUT/$l $AUTO MoE")" "$da") | $AUTO ∞-MoE / dense = $(ratio "$(ms "$OUT/$l $AUTO inf")" "$da")"
+    [ $BF16 -eq 1 ] && line+=" | peak RSS per rank bf16 / fp32 = $(ratio "$(rss "$OUT/$l bf16 dense")" "$(rss "$OUT/$l fp32 dense")")"
+    echo "$line =="
 }
 echo
 echo "== GPT-2 small training step, B=4 T=1024, fp32 and bf16 (bench/bench_step, $STEPS timed steps; MoE: 8 experts top-2 of width 1536, equal active FLOPs; ∞-MoE: H 6144, keep 25%, K 2) =="
 layout "1 rank x $CORES threads" 1 "$CORES" 1
 if [ "$CORES" -ge 2 ]; then
     layout "2 ranks x 1 thread" 2 1 2
-    if [ $BF16 -eq 1 ]; then
-        one="1 rank x $CORES threads"
-        two="2 ranks x 1 thread"
-        echo "== bf16 step, $one / $two: dense $(ratio "$(ms "$OUT/$one bf16 dense")" "$(ms "$OUT/$two bf16 dense")") | MoE $(ratio "$(ms "$OUT/$one bf16 MoE")" "$(ms "$OUT/$two bf16 MoE")") | ∞-MoE $(ratio "$(ms "$OUT/$one bf16 inf")" "$(ms "$OUT/$two bf16 inf")") =="
-    fi
+    one="1 rank x $CORES threads"
+    two="2 ranks x 1 thread"
+    echo "== $AUTO step, $one / $two: dense $(ratio "$(ms "$OUT/$one $AUTO dense")" "$(ms "$OUT/$two $AUTO dense")") | MoE $(ratio "$(ms "$OUT/$one $AUTO MoE")" "$(ms "$OUT/$two $AUTO MoE")") | ∞-MoE $(ratio "$(ms "$OUT/$one $AUTO inf")" "$(ms "$OUT/$two $AUTO inf")") =="
 fi
 echo
 echo "== bf16 attention, fused (row statistics) against stored probabilities (bench/attention.sh) =="

@@ -231,6 +231,38 @@ static void check_crossentropy(void) {
     check_arrays_close("cross-entropy in place", l2, c.losses, c.N, 1e-6, 1e-6);
 }
 
+/* The exponentials run sixteen lanes at a time and are then summed in order: every
+ * probability and loss must have the scalar loop's bits (exp_fast, sum i = 0, 1, ...),
+ * clamped exponents, the tail and the padding included, in place or not. */
+static void check_crossentropy_lanes(void) {
+    const int N = 3, V = 16 * 70 + 11, Vp = 16 * 71;
+    float *logits = rand_buf((long)N * Vp, 30.0f);
+    for (int i = 0; i < 40; i++) logits[7 * i] = -150.0f + 7.5f * (float)i; /* past both clamps */
+    logits[Vp + 3] = 120.0f, logits[2 * Vp + V - 1] = -300.0f;
+    int32_t tg[3] = {0, V - 1, 500};
+    float *probs = zeros((long)N * Vp), *losses = zeros(N), *l2 = zeros(N);
+    float *copy = xmalloc(sizeof(float) * (size_t)N * (size_t)Vp);
+    memcpy(copy, logits, sizeof(float) * (size_t)N * (size_t)Vp);
+    crossentropy_forward(losses, probs, logits, tg, N, V, Vp);
+    crossentropy_forward(l2, copy, copy, tg, N, V, Vp);
+    long bad = 0;
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (long)n * Vp;
+        float max = -INFINITY, sum = 0.0f, e[16 * 71];
+        for (int i = 0; i < V; i++) max = l[i] > max ? l[i] : max;
+        for (int i = 0; i < V; i++) e[i] = exp_fast(l[i] - max), sum += e[i];
+        const float inv = 1.0f / sum, loss = -(l[tg[n]] - max - logf(sum));
+        for (int i = 0; i < Vp; i++) {
+            const float want = i < V ? e[i] * inv : 0.0f;
+            bad += memcmp(&probs[(long)n * Vp + i], &want, sizeof want) != 0;
+            bad += memcmp(&copy[(long)n * Vp + i], &want, sizeof want) != 0;
+        }
+        bad += memcmp(&losses[n], &loss, sizeof loss) != 0 || memcmp(&l2[n], &loss, sizeof loss) != 0;
+    }
+    CHECK(bad == 0, "cross-entropy: %ld probabilities or losses differ from the scalar loop's bits", bad);
+    free(logits), free(probs), free(losses), free(l2), free(copy);
+}
+
 /* ---- dense FFN through its interface ---- */
 typedef struct { ffn_layer f; float *params, *in, *out, *R; int64_t n; } ff_ctx;
 static double ff_obj(void *p) {
@@ -276,6 +308,7 @@ int main(void) {
     check_gelu();
     check_gelu_lanes();
     check_crossentropy();
+    check_crossentropy_lanes();
     check_ffn_dense();
     gemm_shutdown();
     return check_finish("gradients: every op and the dense FFN against finite differences");
