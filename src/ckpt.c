@@ -154,18 +154,27 @@ static int global_dims(const tensor_spec *s, hsize_t *dims) {
     return s->ndim;
 }
 
-/* Select in the file space fsp the rows tensor s holds (its shard's blocks). */
-static void select_rows(hid_t fsp, const tensor_spec *s) {
-    hsize_t start[4] = {0}, stride[4], count[4], block[4];
-    for (int i = 0; i < s->ndim; i++) {
-        stride[i] = count[i] = 1;
-        block[i] = (hsize_t)s->shape[i];
-    }
-    start[0] = (hsize_t)s->shard_first;
-    stride[0] = (hsize_t)s->shard_stride;
-    count[0] = (hsize_t)(s->shape[0] / s->shard_block);
+/*
+ * A tensor moves one shard block at a time: block i of tensor s is its rows
+ * [i block, (i + 1) block) in memory and the rows from shard_first + i stride in
+ * the file. Selected as a whole, a strided shard (∞-MoE's units, whose chunks go
+ * round the shards) has a file selection of many blocks and a memory selection of
+ * one, which HDF5 (1.10) cannot match as shapes: it then maps every element to its
+ * chunk one at a time, which made a 2-rank ∞-MoE save and load several times
+ * slower than one rank's. A block against a block is the same shape.
+ */
+static int64_t shard_blocks(const tensor_spec *s) { return s->shape[0] / s->shard_block; }
+
+/* Select block i of tensor s in the file space fsp; returns a memory space of the
+ * block's rows, and their first float's index in the tensor in *first. */
+static hid_t select_block(hid_t fsp, const tensor_spec *s, int64_t i, size_t *first) {
+    hsize_t start[4] = {0}, count[4], block[4];
+    for (int d = 0; d < s->ndim; d++) count[d] = 1, block[d] = (hsize_t)s->shape[d];
+    start[0] = (hsize_t)(s->shard_first + i * s->shard_stride);
     block[0] = (hsize_t)s->shard_block;
-    h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, stride, count, block));
+    h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, block));
+    *first = (size_t)(i * s->shard_block) * (s->numel / (size_t)s->shape[0]);
+    return h5_check(H5Screate_simple(s->ndim, block, NULL));
 }
 
 /* Chunks: one shard block per chunk for sharded tensors; about 16 MiB otherwise. */
@@ -240,19 +249,25 @@ static void write_tensor(const ckpt_saving *save, hid_t group, const tensor_spec
     h5_check(H5Pset_chunk(dcpl, nd, chunk));
     h5_check(H5Pset_fletcher32(dcpl));
     hid_t ds = SAVE_CALL(save, H5Dcreate2(group, s->name, H5T_NATIVE_FLOAT, fsp, H5P_DEFAULT, dcpl, H5P_DEFAULT));
-    /* Replicated tensors: rank 0 writes; shards: the first expert group writes. */
+    /* Replicated tensors: rank 0 writes; shards: the first expert group writes. The
+     * writes are collective, so every rank makes as many as the rank with the most
+     * blocks, selecting nothing in those it has no block for. */
     int writer = s->sharded ? d->edp_rank == 0 : d->rank == 0;
-    hsize_t count[4];
-    for (int i = 0; i < nd; i++) count[i] = (hsize_t)s->shape[i];
-    hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
-    if (writer) {
-        select_rows(fsp, s);
-    } else {
-        h5_check(H5Sselect_none(fsp));
-        h5_check(H5Sselect_none(msp));
+    int64_t nb = shard_blocks(s), calls = nb;
+    if (s->sharded) MPI_CHECK(MPI_Allreduce(&nb, &calls, 1, MPI_INT64_T, MPI_MAX, d->world));
+    for (int64_t i = 0; i < calls; i++) {
+        size_t first = 0;
+        hid_t msp;
+        if (writer && i < nb) {
+            msp = select_block(fsp, s, i, &first);
+        } else {
+            msp = h5_check(H5Screate_simple(nd, dims, NULL));
+            h5_check(H5Sselect_none(fsp));
+            h5_check(H5Sselect_none(msp));
+        }
+        SAVE_CALL(save, H5Dwrite(ds, H5T_NATIVE_FLOAT, msp, fsp, dxpl, buf + s->offset + first));
+        H5Sclose(msp);
     }
-    SAVE_CALL(save, H5Dwrite(ds, H5T_NATIVE_FLOAT, msp, fsp, dxpl, buf + s->offset));
-    H5Sclose(msp);
     H5Dclose(ds);
     H5Pclose(dcpl);
     H5Sclose(fsp);
@@ -547,23 +562,23 @@ static int read_tensor(hid_t group, const char *gname, const tensor_spec *s, flo
         return -1;
     }
     hid_t fsp = h5_check(H5Dget_space(ds));
-    int nd = s->ndim;
-    hsize_t count[4];
-    for (int i = 0; i < nd; i++) count[i] = (hsize_t)s->shape[i];
-    select_rows(fsp, s);
-    hid_t msp = h5_check(H5Screate_simple(nd, count, NULL));
     int rc = 0;
     size_t bad = 0;
-    if (H5Dread(ds, H5T_NATIVE_FLOAT, msp, fsp, H5P_DEFAULT, buf + s->offset) < 0) {
-        snprintf(err, cap, "%s: cannot read tensor %s/%s: checksum mismatch or damaged data",
-                 path, gname, s->name);
-        rc = -1;
-    } else if ((bad = count_non_finite(buf + s->offset, s->numel)) > 0) {
+    for (int64_t i = 0; i < shard_blocks(s) && rc == 0; i++) { /* independent reads */
+        size_t first;
+        hid_t msp = select_block(fsp, s, i, &first);
+        if (H5Dread(ds, H5T_NATIVE_FLOAT, msp, fsp, H5P_DEFAULT, buf + s->offset + first) < 0) {
+            snprintf(err, cap, "%s: cannot read tensor %s/%s: checksum mismatch or damaged data",
+                     path, gname, s->name);
+            rc = -1;
+        }
+        H5Sclose(msp);
+    }
+    if (rc == 0 && (bad = count_non_finite(buf + s->offset, s->numel)) > 0) {
         snprintf(err, cap, "%s: tensor %s/%s holds %zu non-finite values (nan or inf): resume from "
                  "an earlier checkpoint", path, gname, s->name, bad);
         rc = -1;
     }
-    H5Sclose(msp);
     H5Sclose(fsp);
     H5Dclose(ds);
     return rc;
