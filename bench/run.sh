@@ -48,8 +48,8 @@ step() { # name, ranks, threads, args...
     OMP_NUM_THREADS=$t "${MPIRUN[@]}" -np "$p" build/bench/bench_step --seq 1024 --batch 4 --steps "$STEPS" "$@" |
         tee "$OUT/$name"
 }
-# MoE and ∞-MoE run in the precision train.precision auto picks: bf16 with AVX-512
-# BF16, fp32 without (where bf16 is not measured at all).
+# MoE and ∞-MoE run in bf16 where the CPU has AVX-512 BF16, in fp32 where it has
+# not (and bf16 is not measured at all).
 AUTO=fp32
 [ $BF16 -eq 1 ] && AUTO=bf16
 layout() { # label, ranks, threads, ep
@@ -76,7 +76,9 @@ layout() { # label, ranks, threads, ep
     echo "$line =="
 }
 echo
-echo "== GPT-2 small training step, B=4 T=1024, fp32 and bf16 (bench/bench_step, $STEPS timed steps; MoE: 8 experts top-2 of width 1536, equal active FLOPs; ∞-MoE: H 6144, keep 25%, K 2) =="
+PRECS="fp32 and bf16"
+[ $BF16 -eq 1 ] || PRECS="fp32"
+echo "== GPT-2 small training step, B=4 T=1024, $PRECS (bench/bench_step, $STEPS timed steps; MoE: 8 experts top-2 of width 1536, equal active FLOPs; ∞-MoE: H 6144, keep 25%, K 2) =="
 layout "1 rank x $CORES threads" 1 "$CORES" 1
 if [ "$CORES" -ge 2 ]; then
     layout "2 ranks x 1 thread" 2 1 2

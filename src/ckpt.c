@@ -163,7 +163,10 @@ static int global_dims(const tensor_spec *s, hsize_t *dims) {
  * chunk one at a time, which made a 2-rank ∞-MoE save and load several times
  * slower than one rank's. A block against a block is the same shape.
  */
-static int64_t shard_blocks(const tensor_spec *s) { return s->shape[0] / s->shard_block; }
+static int64_t block_rows(const tensor_spec *s) { /* a shard without gaps is one block */
+    return s->shard_stride == s->shard_block ? s->shape[0] : s->shard_block;
+}
+static int64_t shard_blocks(const tensor_spec *s) { return s->shape[0] / block_rows(s); }
 
 /* Select block i of tensor s in the file space fsp; returns a memory space of the
  * block's rows, and their first float's index in the tensor in *first. */
@@ -171,9 +174,9 @@ static hid_t select_block(hid_t fsp, const tensor_spec *s, int64_t i, size_t *fi
     hsize_t start[4] = {0}, count[4], block[4];
     for (int d = 0; d < s->ndim; d++) count[d] = 1, block[d] = (hsize_t)s->shape[d];
     start[0] = (hsize_t)(s->shard_first + i * s->shard_stride);
-    block[0] = (hsize_t)s->shard_block;
+    block[0] = (hsize_t)block_rows(s);
     h5_check(H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start, NULL, count, block));
-    *first = (size_t)(i * s->shard_block) * (s->numel / (size_t)s->shape[0]);
+    *first = (size_t)(i * block_rows(s)) * (s->numel / (size_t)s->shape[0]);
     return h5_check(H5Screate_simple(s->ndim, block, NULL));
 }
 

@@ -134,10 +134,11 @@ void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
 }
 
 /*
- * exp_fast sixteen elements at a time (GCC vector extensions), for the GELU and the
- * attention's softmax rows. gcc leaves loops over exp_fast scalar, even under omp
- * simd: its clamps are branches gcc will not if-convert while the arithmetic after
- * them may trap (-ftrapping-math). Here the clamps are blends and every lane takes
+ * exp_fast sixteen elements at a time (GCC vector extensions), for the GELU, the
+ * attention's softmax rows and (without AVX-512) the cross-entropy. Without AVX-512
+ * gcc leaves loops over exp_fast scalar, even under omp simd: its clamps are
+ * branches gcc will not if-convert while the arithmetic after them may trap
+ * (-ftrapping-math); with AVX-512 it can mask them. Here the clamps are blends and every lane takes
  * exp_fast's operations in exp_fast's order (no contraction: the Makefile's
  * -ffp-contract=off), so each element's bits are the scalar code's; test_grad_ops compares them on every
  * path. The tails run the scalar code.
@@ -305,9 +306,21 @@ void crossentropy_forward(float *losses, float *probs, const float *logits,
         float max = -INFINITY;
 #pragma omp simd reduction(max : max)
         for (int i = 0; i < V; i++) max = l[i] > max ? l[i] : max;
-        /* the exponentials sixteen at a time (each with exp_fast's bits; p may be l),
-         * then summed in order i = 0, 1, ...: the order the loop always had (gcc never
-         * vectorised its simd reduction over exp_fast), so the bits stay */
+#if defined(__AVX512F__)
+        /* With AVX-512 gcc vectorises this simd reduction itself (its clamps as masked
+         * lanes), so the sum runs in its lane order: the order the recordings from
+         * AVX-512 CPUs hold. */
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < V; i++) {
+            p[i] = exp_fast(l[i] - max);
+            sum += p[i];
+        }
+#else
+        /* Without AVX-512 gcc leaves that loop scalar (exp_fast's clamps are branches),
+         * so the sum ran in order i = 0, 1, ...: here the exponentials run sixteen at a
+         * time (each with exp_fast's bits; p may be l) and are then summed in that
+         * order, so the bits stay. */
         int i = 0;
         for (; i + 16 <= V; i += 16) {
             const f32x16 e = exp_fast16(load16(l + i) - max);
@@ -316,6 +329,7 @@ void crossentropy_forward(float *losses, float *probs, const float *logits,
         for (; i < V; i++) p[i] = exp_fast(l[i] - max);
         float sum = 0.0f;
         for (i = 0; i < V; i++) sum += p[i];
+#endif
         float inv = 1.0f / sum;
         for (int i = 0; i < V; i++) p[i] *= inv;
         for (int i = V; i < Vp; i++) p[i] = 0.0f;
