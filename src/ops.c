@@ -138,10 +138,10 @@ void bias_backward_bf16(float *dbias, const bf16 *dout, int64_t N, int OC) {
  * attention's softmax rows and (without AVX-512) the cross-entropy. Without AVX-512
  * gcc leaves loops over exp_fast scalar, even under omp simd: its clamps are
  * branches gcc will not if-convert while the arithmetic after them may trap
- * (-ftrapping-math); with AVX-512 it can mask them. Here the clamps are blends and every lane takes
- * exp_fast's operations in exp_fast's order (no contraction: the Makefile's
- * -ffp-contract=off), so each element's bits are the scalar code's; test_grad_ops compares them on every
- * path. The tails run the scalar code.
+ * (-ftrapping-math); with AVX-512 it can mask them. Here the clamps are blends and
+ * every lane takes exp_fast's operations in exp_fast's order (no contraction: the
+ * Makefile's -ffp-contract=off), so each element's bits are the scalar code's;
+ * test_grad_ops compares them on every path. The tails run the scalar code.
  */
 /* the helpers are inlined, so the 64-byte vectors' calling convention never applies
  * (the Makefile builds this file with -Wno-psabi: gcc's note ignores the pragma) */
@@ -168,6 +168,20 @@ static inline f32x16 load16(const float *p) {
     return v;
 }
 
+/* out[i] = exp_fast(in[i] - shift) for i < n, sixteen at a time (each with exp_fast's
+ * bits; out may be in), and their sum in order i = 0, 1, ..., with no simd reduction */
+static inline float exp_shifted_sum(float *out, const float *in, int n, float shift) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const f32x16 e = exp_fast16(load16(in + i) - shift);
+        memcpy(out + i, &e, sizeof e);
+    }
+    for (; i < n; i++) out[i] = exp_fast(in[i] - shift);
+    float sum = 0.0f;
+    for (i = 0; i < n; i++) sum += out[i];
+    return sum;
+}
+
 /* Row t of causal attention scores: scaled, max-shifted and exponentiated in place
  * over [0, t]; returns 1 / their sum (the caller normalises) and the max in *max_out. */
 static inline float causal_softmax_row_max(float *row, int t, float scale, float *max_out) {
@@ -176,18 +190,10 @@ static inline float causal_softmax_row_max(float *row, int t, float scale, float
         row[j] *= scale;
         if (row[j] > max) max = row[j];
     }
-    /* the exponentials sixteen at a time (each with exp_fast's bits), then summed in
-     * order j = 0, 1, ..., with no simd reduction: one order for every path (fp32,
-     * bf16 stored, bf16 fused, which recomputes from the max and 1/sum) and every
-     * compiler, the order the scalar loop always had, so the bits stay */
-    int j = 0;
-    for (; j + 16 <= t + 1; j += 16) {
-        const f32x16 e = exp_fast16(load16(row + j) - max);
-        memcpy(row + j, &e, sizeof e);
-    }
-    for (; j <= t; j++) row[j] = exp_fast(row[j] - max);
-    float sum = 0.0f;
-    for (j = 0; j <= t; j++) sum += row[j];
+    /* summed in order j = 0, 1, ...: one order for every path (fp32, bf16 stored,
+     * bf16 fused, which recomputes from the max and 1/sum) and every compiler, the
+     * order the scalar loop always had, so the bits stay */
+    const float sum = exp_shifted_sum(row, row, t + 1, max);
     *max_out = max;
     return 1.0f / sum;
 }
@@ -318,17 +324,9 @@ void crossentropy_forward(float *losses, float *probs, const float *logits,
         }
 #else
         /* Without AVX-512 gcc leaves that loop scalar (exp_fast's clamps are branches),
-         * so the sum ran in order i = 0, 1, ...: here the exponentials run sixteen at a
-         * time (each with exp_fast's bits; p may be l) and are then summed in that
-         * order, so the bits stay. */
-        int i = 0;
-        for (; i + 16 <= V; i += 16) {
-            const f32x16 e = exp_fast16(load16(l + i) - max);
-            memcpy(p + i, &e, sizeof e);
-        }
-        for (; i < V; i++) p[i] = exp_fast(l[i] - max);
-        float sum = 0.0f;
-        for (i = 0; i < V; i++) sum += p[i];
+         * so the sum ran in order i = 0, 1, ...: the order exp_shifted_sum keeps (p may
+         * be l), so the bits stay. */
+        const float sum = exp_shifted_sum(p, l, V, max);
 #endif
         float inv = 1.0f / sum;
         for (int i = 0; i < V; i++) p[i] *= inv;

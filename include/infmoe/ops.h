@@ -18,10 +18,11 @@
  * e^x without calls (libm's expf and tanhf are scalar calls and were the largest
  * non-GEMM cost). Range reduction x = n ln2 + r and a degree-6 polynomial for e^r
  * (Cephes coefficients); relative error below 3e-7 over the clamped range [-87, 88].
- * gcc does not vectorise loops over it (the clamps are branches it will not
- * if-convert under -ftrapping-math), which keeps the order of the simd-reduction
- * sums that call it; ops.c's GELU and attention softmax rows run the same steps on
- * vectors (EXP_FAST_REDUCED, for a float or a vector x).
+ * Without AVX-512 gcc does not vectorise loops over it (the clamps are branches it
+ * will not if-convert under -ftrapping-math), so the simd-reduction sums that call
+ * it run in order there; with AVX-512 it masks them and sums in lane order. ops.c's
+ * GELU, attention softmax rows and cross-entropy run the same steps on vectors
+ * (EXP_FAST_REDUCED, for a float or a vector x).
  */
 #define EXP_FAST_REDUCED(T, x, n, p)                                                 \
     T n = ((x) * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */ \
